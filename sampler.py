@@ -1,0 +1,256 @@
+"""Stable Diffusion loading and a DDIM sampler you can backpropagate through.
+
+    sd = load_sd("tiny", "cpu", torch.float32)          # or a hub id, or a local diffusers directory
+    cond, uncond = encode_prompts(sd, ["a cat"]), encode_prompts(sd, [""])
+    latents = torch.randn(1, *latent_shape(sd, 64))      # (B, 4, h, w)
+    images = decode(sd, ddim_sample(sd, cond, uncond, latents, steps=20, backprop=1))   # (B, 3, H, W) in [0, 1]
+    (-images.mean()).backward()                          # gradients reach any trainable UNet parameter
+
+With grad enabled, `ddim_sample` keeps only the latents between steps: every UNet call is wrapped in
+`torch.utils.checkpoint` (non-reentrant), so its activations are recomputed during backward and memory stays flat in
+the number of steps. `backprop` truncates the chain: steps before the window run under `no_grad` and build no graph.
+Under `torch.no_grad()` it is a plain DDIM sampler that matches diffusers' `DDIMScheduler` to fp32 precision.
+
+References: DDIM, Song et al. 2021 (arXiv:2010.02502), Eq. 12 and 16; classifier-free guidance, Ho & Salimans 2022;
+v-prediction, Salimans & Ho 2022 (arXiv:2202.00512); AlignProp, Prabhudesai et al. 2023 (arXiv:2310.03739);
+DRaFT-K, Clark et al. 2023 (arXiv:2309.17400).
+"""
+import json
+import os
+import socket
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass
+class SD:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do instead."""
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
+    """Load a Stable Diffusion: a hub id, a local diffusers-format directory, or "tiny" (built offline).
+
+    All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is always a DDIMScheduler."""
+    if model == "tiny":
+        sd = _build_tiny()
+    else:
+        sd = _from_pretrained(model)
+    for m in (sd.unet, sd.vae, sd.text_encoder):
+        m.requires_grad_(False).eval().to(device)
+        if next(m.parameters()).dtype != dtype:
+            m.to(dtype)
+    return sd
+
+
+def _from_pretrained(model):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def load(local_only):
+        kw = dict(pretrained_model_name_or_path=model, local_files_only=local_only)
+        return SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", **kw),
+                  vae=AutoencoderKL.from_pretrained(subfolder="vae", **kw),
+                  text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", **kw),
+                  tokenizer=CLIPTokenizer.from_pretrained(subfolder="tokenizer", **kw),
+                  scheduler=DDIMScheduler.from_pretrained(subfolder="scheduler", **kw))
+
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "unet", "config.json")):
+            raise ModelLoadError(f"{model} is not a diffusers Stable Diffusion directory (no unet/config.json); "
+                                 "make one with pipe.save_pretrained(dir), or use --model tiny")
+        return load(local_only=True)
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelLoadError(f"no such model directory: {model} (a hub id looks like 'owner/name')")
+    try:  # the Hugging Face cache first: no network needed for a model downloaded before
+        return load(local_only=True)
+    except OSError:
+        pass
+    if not _hub_reachable():  # fail in seconds, not after a minute of retries and a long traceback
+        raise ModelLoadError(f"cannot download {model}: the Hugging Face hub is unreachable and the model is not in "
+                             "the local cache. Pass a local diffusers directory (--model path/to/dir) or --model tiny.")
+    try:
+        return load(local_only=False)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load {model} from the hub: {str(e).splitlines()[0]}") from None
+
+
+def _hub_reachable(timeout=3.0):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    from huggingface_hub import constants
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _build_tiny():
+    """A miniature Stable Diffusion from the real diffusers/transformers classes, with small configs and fixed-seed
+    weights (identical on every call). 64 px images, 8x8x4 latents; a few ms per UNet call on a CPU. The tokenizer is
+    CLIP's BPE over single characters (no merges), since CLIP's real vocabulary cannot be built offline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+    symbols = list(chars) + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as d:  # the portable way to build a CLIPTokenizer: from vocab/merges files
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump({s: i for i, s in enumerate(symbols)}, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        tokenizer = CLIPTokenizer.from_pretrained(d, model_max_length=77)
+
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # fixed-seed weights, without disturbing the caller's RNG stream
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(symbols), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=len(symbols) - 2, eos_token_id=len(symbols) - 1,
+        pad_token_id=len(symbols) - 1))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16)
+    vae = AutoencoderKL(  # four blocks, so the VAE downsamples by 8 like SD's
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=16, sample_size=64)
+    torch.random.set_rng_state(rng_state)
+    scheduler = DDIMScheduler(  # SD 1.x's schedule and conventions
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return SD(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+# -----------------------------------------------------------------------------
+# prompts, shapes, decoding
+
+
+def encode_prompts(sd, prompts):
+    """Token ids padded to the tokenizer's max length -> text-encoder hidden states (B, L, D), as SD pipelines do."""
+    ids = sd.tokenizer(list(prompts), padding="max_length", max_length=sd.tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt").input_ids
+    return sd.text_encoder(ids.to(sd.text_encoder.device))[0]
+
+
+def vae_scale_factor(sd):
+    return 2 ** (len(sd.vae.config.block_out_channels) - 1)  # 8 for SD: one 2x downsample between blocks
+
+
+def latent_shape(sd, resolution):
+    """(C, h, w) of the latents for square images of `resolution` pixels."""
+    f = vae_scale_factor(sd)
+    assert resolution % f == 0, f"resolution {resolution} is not divisible by the VAE's factor {f}"
+    return (sd.unet.config.in_channels, resolution // f, resolution // f)
+
+
+def native_resolution(sd):
+    return sd.unet.config.sample_size * vae_scale_factor(sd)
+
+
+def decode(sd, latents):
+    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]. With grad enabled the VAE decoder is checkpointed, so its
+    activations (the largest in the whole model at 512 px) are not held during the UNet chain's backward."""
+    z = latents / sd.vae.config.scaling_factor
+    if getattr(sd.vae.config, "shift_factor", None):
+        z = z + sd.vae.config.shift_factor
+    run = lambda z: sd.vae.decode(z).sample  # noqa: E731
+    x = checkpoint(run, z, use_reentrant=False) if torch.is_grad_enabled() else run(z)
+    return (x / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
+
+
+# -----------------------------------------------------------------------------
+# the DDIM sampler
+
+
+def backprop_window(backprop, steps, generator=None):
+    """How many final steps get gradients: "all" -> steps, an int K -> K, (lo, hi) -> K ~ U{lo..hi}, drawn once."""
+    if backprop == "all":
+        return steps
+    lo, hi = (backprop, backprop) if isinstance(backprop, int) else backprop
+    if not 1 <= lo <= hi <= steps:
+        raise ValueError(f"backprop window {backprop} must satisfy 1 <= K <= steps ({steps})")
+    if lo == hi:
+        return lo
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
+
+
+def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, backprop="all", generator=None):
+    """Run the DDIM chain from noise `latents` (B, 4, h, w) with text embeddings `cond`, `uncond` (B, L, D).
+
+    Notation (Song et al. 2021, Eq. 12), with a_t = alphas_cumprod[t] (the paper's alpha_t):
+        x0    = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)                      predicted clean latents
+        sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)   Eq. 16; eta=0 is DDIM, 1 is DDPM-like
+        x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps + sigma * z,   z ~ N(0, I) from `generator`
+    eps is classifier-free guided: eps_u + guidance * (eps_c - eps_u), both halves in one batched UNet call.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    k = backprop_window(backprop, steps, generator)
+    sched = sd.scheduler
+    if sched.config.get("thresholding") or sched.config.get("clip_sample"):
+        raise ValueError("scheduler configs with thresholding or clip_sample are not supported (SD uses neither)")
+    sched.set_timesteps(steps)  # diffusers' timestep spacing ("leading", "trailing", ...) from the model's config
+    alphas = sched.alphas_cumprod.double()
+    final_alpha = alphas[0] if not sched.config.set_alpha_to_one else torch.tensor(1.0, dtype=torch.float64)
+    stride = sched.config.num_train_timesteps // steps
+    cfg = guidance > 1.0
+    context = torch.cat([uncond, cond]) if cfg else cond  # (2B, L, D): [unconditional; conditional]
+
+    def model_output(x, t, context):  # one UNet evaluation, guided
+        out = sd.unet(torch.cat([x, x]) if cfg else x, t, encoder_hidden_states=context).sample
+        if cfg:
+            out_u, out_c = out.chunk(2)
+            out = out_u + guidance * (out_c - out_u)
+        return out
+
+    x = latents
+    for i, t in enumerate(sched.timesteps):
+        grad = torch.is_grad_enabled() and i >= steps - k  # truncated backprop: only the last k steps build a graph
+        with torch.set_grad_enabled(grad):
+            if grad:  # keep only x; the UNet's activations are recomputed in backward
+                out = checkpoint(model_output, x, t, context, use_reentrant=False)
+            else:
+                out = model_output(x, t, context)
+            a_t = alphas[t].item()
+            a_prev = alphas[t - stride].item() if t - stride >= 0 else final_alpha.item()
+            eps, x0 = _eps_and_x0(sched.config.prediction_type, out, x, a_t)
+            sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+            x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+            if eta > 0:
+                device = generator.device if generator is not None else x.device
+                z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+                x = x + sigma * z
+    return x
+
+
+def _eps_and_x0(prediction_type, out, x, a_t):
+    """The UNet predicts eps (SD 1.x), v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (SD 2.x), or x0 itself."""
+    if prediction_type == "epsilon":
+        return out, (x - (1 - a_t) ** 0.5 * out) / a_t ** 0.5
+    if prediction_type == "v_prediction":
+        return a_t ** 0.5 * out + (1 - a_t) ** 0.5 * x, a_t ** 0.5 * x - (1 - a_t) ** 0.5 * out
+    if prediction_type == "sample":
+        return (x - a_t ** 0.5 * out) / (1 - a_t) ** 0.5, out
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
