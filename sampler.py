@@ -179,17 +179,49 @@ def decode(sd, latents):
     return (x / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
 
 
+def image_grid(images, nrow, pad=2):
+    """Images (B, 3, H, W) in [0, 1] -> one PIL image, `nrow` images per row, on a white background."""
+    from PIL import Image
+    B, C, H, W = images.shape
+    rows = -(-B // nrow)
+    grid = torch.ones(C, rows * (H + pad) + pad, nrow * (W + pad) + pad)
+    for i, img in enumerate(images.detach().float().cpu()):
+        y, x = pad + (i // nrow) * (H + pad), pad + (i % nrow) * (W + pad)
+        grid[:, y:y + H, x:x + W] = img
+    return Image.fromarray((grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+
+
 # -----------------------------------------------------------------------------
 # the DDIM sampler
+
+
+def parse_backprop(text, steps):
+    """The command-line form, checked against the number of steps: "all", "K" -> K, "lo,hi" -> (lo, hi)."""
+    if text == "all":
+        return "all"
+    try:
+        parts = [int(v) for v in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise ValueError(f"{text!r}: expected all, K or lo,hi")
+    backprop = parts[0] if len(parts) == 1 else tuple(parts)
+    _check_window(backprop, steps)
+    return backprop
+
+
+def _check_window(backprop, steps):  # -> (lo, hi)
+    window = (backprop, backprop) if isinstance(backprop, int) else backprop
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and 1 <= window[0] <= window[1] <= steps):
+        raise ValueError(f"{backprop!r}: K must satisfy 1 <= K <= the number of DDIM steps ({steps})")
+    return window
 
 
 def backprop_window(backprop, steps, generator=None):
     """How many final steps get gradients: "all" -> steps, an int K -> K, (lo, hi) -> K ~ U{lo..hi}, drawn once."""
     if backprop == "all":
         return steps
-    lo, hi = (backprop, backprop) if isinstance(backprop, int) else backprop
-    if not 1 <= lo <= hi <= steps:
-        raise ValueError(f"backprop window {backprop} must satisfy 1 <= K <= steps ({steps})")
+    lo, hi = _check_window(backprop, steps)
     if lo == hi:
         return lo
     device = generator.device if generator is not None else "cpu"

@@ -1,0 +1,240 @@
+"""AlignProp: fine-tune Stable Diffusion's UNet (through LoRA) by backpropagating a differentiable reward through the
+whole DDIM sampling chain (Prabhudesai et al. 2023, arXiv:2310.03739).
+
+    python train.py --reward compress                   # no CUDA GPU: the tiny model, ~2 minutes on 2 CPU cores
+    python train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5 --ddim-steps 50
+    python train.py --resume out/compress --steps 200   # continue a run; flags given here override its saved ones
+
+One optimisation step: draw prompts and noise, sample with DDIM *with gradients on* (each UNet call checkpointed, so
+memory stays flat in the number of steps), decode, score, loss = -mean(reward), backprop into the LoRA weights only,
+clip the gradient norm, AdamW. Writes to --out: config.json, metrics.jsonl (one line per step), lora.safetensors
+(loads in diffusers with pipe.load_lora_weights), checkpoint.pt (for --resume), samples/step_NNNNNN.png.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from lora import inject_lora, save_lora
+from rewards import REWARDS, load_reward
+from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_sample, decode, encode_prompts, image_grid, latent_shape,
+                     load_sd, native_resolution, parse_backprop)
+
+# -----------------------------------------------------------------------------
+# flags
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("--reward", default="compress", help=f"what to maximise: {', '.join(REWARDS)}")
+p.add_argument("--model", default=None, help=f"hub id, local diffusers dir or 'tiny' (default: {DEFAULT_MODEL} on "
+               "CUDA, tiny without a GPU)")
+p.add_argument("--prompts", default="prompts/animals.txt", help="training prompts, one per line")
+p.add_argument("--eval-prompts", default="prompts/animals-eval.txt", help="held-out prompts for the sample grids")
+p.add_argument("--steps", type=int, default=50, help="optimisation steps in total")
+p.add_argument("--batch-size", type=int, default=4, help="images per micro-batch")
+p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimisation step")
+p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-3, AlignProp's for SD; "
+               "1e-2 for the tiny model)")
+p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (alpha = rank)")
+p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps per sample")
+p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables CFG")
+p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic DDIM, 1 = DDPM-like")
+p.add_argument("--backprop", default="all", help="gradient through: all steps | K (the last K) | lo,hi (K drawn "
+               "uniformly per trajectory)")
+p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
+p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision of the frozen model and "
+               "autocast (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
+p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 = no clipping")
+p.add_argument("--seed", type=int, default=0, help="seeds the LoRA init, prompts, noise and eval images")
+p.add_argument("--out", default=None, help="output directory (default: out/<reward>)")
+p.add_argument("--resume", default=None, help="continue the run in this directory from its last checkpoint")
+p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps; 0 = only at the end")
+p.add_argument("--eval-every", type=int, default=10, help="eval grid every N steps; 0 = only at start and end")
+p.add_argument("--eval-n", type=int, default=8, help="eval images (held-out prompts x fixed seeds)")
+args = p.parse_args()
+
+
+def die(msg):  # bad input: one line, exit status 2, no traceback
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+if args.resume:  # the saved flags become the defaults; flags on this command line still win
+    cfg_path = os.path.join(args.resume, "config.json")
+    if not os.path.isfile(os.path.join(args.resume, "checkpoint.pt")) or not os.path.isfile(cfg_path):
+        die(f"--resume {args.resume}: no checkpoint.pt and config.json there")
+    with open(cfg_path) as f:
+        p.set_defaults(**{k: v for k, v in json.load(f).items() if k in vars(args)})
+    args = p.parse_args()
+    args.out = args.resume
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+if args.model is None:
+    args.model = DEFAULT_MODEL if device == "cuda" else "tiny"
+    if device == "cpu":
+        print("no CUDA GPU: using --model tiny (random weights, 64 px); full-size SD would take hours per step on a CPU")
+if args.lr is None:
+    args.lr = 1e-2 if args.model == "tiny" else 1e-3
+if args.dtype is None:
+    args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
+args.out = args.out or os.path.join("out", args.reward)
+
+if args.reward not in REWARDS:
+    die(f"unknown reward {args.reward!r}; valid: {', '.join(REWARDS)}")
+for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
+    if not os.path.isfile(path):
+        die(f"{name} {path}: no such file")
+    with open(path) as f:
+        if not [line for line in f if line.strip()]:
+            die(f"{name} {path}: the file has no prompts")
+try:
+    backprop = parse_backprop(args.backprop, args.ddim_steps)
+except ValueError as e:
+    die(f"--backprop {e}")
+if args.resolution % 8:
+    die(f"--resolution {args.resolution} is not divisible by 8 (the VAE's downsampling factor)")
+if args.dtype == "fp16" and device == "cpu":
+    die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
+for name in ("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n"):
+    if getattr(args, name) < 1:
+        die(f"--{name.replace('_', '-')} must be >= 1")
+if args.eta < 0 or args.lr <= 0:
+    die("--eta must be >= 0 and --lr > 0")
+if not args.resume and os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
+    die(f"{args.out} already holds a run: continue it with --resume {args.out}, or pick another --out")
+
+# -----------------------------------------------------------------------------
+# setup
+
+torch.manual_seed(args.seed)
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+try:
+    sd = load_sd(args.model, device, dtype)  # frozen, in the run's precision: half the memory in bf16/fp16
+except ModelLoadError as e:
+    die(str(e))
+resolution = args.resolution or native_resolution(sd)
+shape = latent_shape(sd, resolution)  # (4, H/8, W/8)
+params = inject_lora(sd.unet, rank=args.lora_rank, dtype=torch.float32)  # the only trainable weights, kept in fp32
+opt = torch.optim.AdamW(params, lr=args.lr)
+autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 gradients underflow without it
+reward_fn = load_reward(args.reward, device, dtype)
+
+with open(args.prompts) as f:
+    prompts = [line.strip() for line in f if line.strip()]
+with open(args.eval_prompts) as f:
+    eval_prompts = [line.strip() for line in f if line.strip()]
+eval_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(args.eval_n)]
+with torch.no_grad(), autocast:  # the text encoder is frozen: encode every prompt once
+    cond_all = encode_prompts(sd, prompts)  # (N, L, D)
+    eval_cond = encode_prompts(sd, eval_prompts)
+    uncond = encode_prompts(sd, [""])  # (1, L, D)
+eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual_seed(args.seed + 1))
+
+# one CPU generator drives prompts, initial noise, eta noise and random K: the run is reproducible and resumable
+rng = torch.Generator().manual_seed(args.seed)
+os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+step, eval_before = 0, None
+
+
+def atomic_save(save, path):  # a crash mid-write leaves the previous file intact
+    save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def checkpoint_run(step):
+    state = dict(step=step, lora={n: p.detach() for n, p in sd.unet.named_parameters() if p.requires_grad},
+                 opt=opt.state_dict(), scaler=scaler.state_dict(), rng=rng.get_state(),
+                 torch_rng=torch.get_rng_state(), eval_before=eval_before)
+    atomic_save(lambda path: torch.save(state, path), os.path.join(args.out, "checkpoint.pt"))
+    atomic_save(lambda path: save_lora(sd.unet, path), os.path.join(args.out, "lora.safetensors"))
+
+
+def sample(cond, noise, generator, backprop):  # noise (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]
+    with autocast:
+        latents = ddim_sample(sd, cond, uncond.expand(len(cond), -1, -1), noise.to(device), args.ddim_steps,
+                              args.guidance, args.eta, backprop, generator)
+        return decode(sd, latents)
+
+
+@torch.no_grad()
+def evaluate(step):  # the same held-out prompts and seeds every time, so grids and rewards compare across steps
+    generator = torch.Generator().manual_seed(args.seed + 2)  # eta noise, also fixed
+    images = torch.cat([sample(eval_cond[i:i + args.batch_size], eval_noise[i:i + args.batch_size], generator, "all")
+                        for i in range(0, args.eval_n, args.batch_size)])
+    image_grid(images, nrow=min(args.eval_n, 8)).save(os.path.join(args.out, "samples", f"step_{step:06d}.png"))
+    return reward_fn(images.float(), eval_prompts).mean().item()
+
+
+if args.resume:
+    ckpt = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    named = dict(sd.unet.named_parameters())
+    with torch.no_grad():
+        for n, v in ckpt["lora"].items():
+            named[n].copy_(v)
+    opt.load_state_dict(ckpt["opt"])
+    scaler.load_state_dict(ckpt["scaler"])
+    rng.set_state(ckpt["rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    step, eval_before = ckpt["step"], ckpt["eval_before"]
+    with open(os.path.join(args.out, "metrics.jsonl")) as f:  # drop lines logged after the checkpoint was taken
+        kept = [line for line in f if json.loads(line)["step"] < step]
+    with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
+        f.writelines(kept)
+    print(f"resuming {args.out} at step {step}")
+else:
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    eval_before = evaluate(0)
+    checkpoint_run(0)
+
+n_params = sum(p.numel() for p in params)
+print(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers ({n_params / 1e6:.2f}M params), {device} "
+      f"{args.dtype}, {args.batch_size * args.grad_accum} images/step, eval reward {eval_before:.4f}")
+
+# -----------------------------------------------------------------------------
+# training loop
+
+pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=args.reward, dynamic_ncols=True)
+for step in pbar:
+    t0 = time.time()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rewards = []
+    for _ in range(args.grad_accum):
+        idx = torch.randint(len(prompts), (args.batch_size,), generator=rng)
+        noise = torch.randn(args.batch_size, *shape, generator=rng)  # (B, 4, h, w), drawn on the CPU: reproducible
+        images = sample(cond_all[idx], noise, rng, backprop)  # with gradients through the chain
+        r = reward_fn(images, [prompts[i] for i in idx])  # (B,)
+        loss = -r.mean() / args.grad_accum
+        scaler.scale(loss).backward()
+        rewards.append(r.detach().float())
+    scaler.unscale_(opt)  # so that clipping sees the true gradient norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+    rewards = torch.cat(rewards)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
+    log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+               loss=-rewards.mean().item(), grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak)
+    done = step + 1
+    if done == args.steps or (args.eval_every and done % args.eval_every == 0):
+        log["eval_reward"] = evaluate(done)
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(log) + "\n")
+    if done == args.steps or (args.save_every and done % args.save_every == 0):
+        checkpoint_run(done)
+    pbar.set_postfix(reward=f"{log['reward_mean']:.4f}", **({"eval": f"{log['eval_reward']:.4f}"}
+                                                            if "eval_reward" in log else {}))
+
+last = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))][-1]
+print(f"{args.reward} reward on held-out prompts: {eval_before:.4f} -> {last.get('eval_reward', float('nan')):.4f} "
+      f"after {args.steps} steps; LoRA in {os.path.join(args.out, 'lora.safetensors')}")
