@@ -20,6 +20,7 @@ import os
 import socket
 import tempfile
 import urllib.parse
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -66,11 +67,13 @@ def _from_pretrained(model):
 
     def load(local_only):
         kw = dict(pretrained_model_name_or_path=model, local_files_only=local_only)
-        return SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", **kw),
-                  vae=AutoencoderKL.from_pretrained(subfolder="vae", **kw),
-                  text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", **kw),
-                  tokenizer=CLIPTokenizer.from_pretrained(subfolder="tokenizer", **kw),
-                  scheduler=DDIMScheduler.from_pretrained(subfolder="scheduler", **kw))
+        with warnings.catch_warnings():  # diffusers passes an argument that newer huggingface_hub deprecates
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
+            return SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", **kw),
+                      vae=AutoencoderKL.from_pretrained(subfolder="vae", **kw),
+                      text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", **kw),
+                      tokenizer=CLIPTokenizer.from_pretrained(subfolder="tokenizer", **kw),
+                      scheduler=DDIMScheduler.from_pretrained(subfolder="scheduler", **kw))
 
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "unet", "config.json")):

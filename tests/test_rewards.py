@@ -1,6 +1,5 @@
 """The compress reward tracks the real JPEG codec (Pillow) and is differentiable."""
 import io
-import math
 
 import pytest
 import torch
@@ -99,3 +98,38 @@ def test_compress_tracks_real_jpeg_size_at_one_size():  # harder: no help from t
     images = [(n, img) for n, img in varied_images() if img.shape[1:] == (64, 64)]
     est, real = estimate_and_real(images)
     assert spearman(est, real) >= 0.9
+
+
+def test_gradients_reach_the_pixels():
+    images = torch.stack([img for _, img in varied_images() if img.shape[1:] == (64, 64)][:6]).requires_grad_(True)
+    r = load_reward("compress")(images, ["a cat"] * 6)
+    assert r.shape == (6,) and torch.isfinite(r).all()
+    (g,) = torch.autograd.grad(r.sum(), images)
+    assert torch.isfinite(g).all() and (g.abs().sum((1, 2, 3)) > 0).all()
+    # a small step along the gradient raises the reward, i.e. the gradient points somewhere useful
+    stepped = (images + 1e-3 * g / g.abs().max()).clamp(0, 1)
+    new = load_reward("compress")(stepped, None)
+    assert (new >= r - 1e-6).all() and new.sum() > r.sum() + 1e-3
+
+
+def test_incompress_is_minus_compress():
+    images = torch.rand(2, 3, 32, 48)
+    torch.testing.assert_close(load_reward("incompress")(images, None), -load_reward("compress")(images, None))
+
+
+def test_registry():
+    assert {"compress", "incompress"} <= set(REWARDS)
+    with pytest.raises(ValueError, match="valid: compress"):
+        load_reward("nope")
+
+
+def test_quant_tables_follow_libjpeg():
+    from rewards import JPEG_LUMA_Q50, quant_table
+    assert quant_table(JPEG_LUMA_Q50, 50).flatten().tolist() == JPEG_LUMA_Q50
+    assert (quant_table(JPEG_LUMA_Q50, 100) == 1).all()
+    assert quant_table(JPEG_LUMA_Q50, 75)[0, 0] == 8  # (16 * 50 + 50) // 100
+
+
+def test_flat_images_compress_best():
+    flat, noisy = torch.full((1, 3, 64, 64), 0.5), torch.rand(1, 3, 64, 64)
+    assert load_reward("compress")(flat, None) > load_reward("compress")(noisy, None)

@@ -1,0 +1,123 @@
+"""LoRA injection is a no-op, merges exactly, round-trips through safetensors, and loads in stock diffusers."""
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import pipeline
+from lora import LoRALinear, inject_lora, load_lora, lora_layers, merge_lora, read_lora_config, save_lora
+from sampler import load_sd
+
+
+def unet_out(sd, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, sd.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return sd.unet(x, 500, encoder_hidden_states=ctx).sample
+
+
+def randomise(params, std=0.05):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, std)
+
+
+def test_injection_is_a_noop_and_only_lora_trains(tiny):
+    before = unet_out(tiny)
+    n_linear = sum(isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v")
+                   for name, m in tiny.unet.named_modules())
+    params = inject_lora(tiny.unet, rank=4)
+    assert type(params) is list and all(isinstance(p, torch.nn.Parameter) for p in params)
+    assert torch.equal(unet_out(tiny), before)
+    layers = lora_layers(tiny.unet)
+    assert len(layers) == n_linear // 3 * 4  # to_q, to_k, to_v and to_out.0 of every attention
+    assert all(name.endswith(("to_q", "to_k", "to_v", "to_out.0")) for name in layers)
+    trainable = {id(p) for p in tiny.unet.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in params} and len(params) == 2 * len(layers)
+    m = next(iter(layers.values()))
+    assert m.down.shape == (4, m.base.in_features) and m.up.shape == (m.base.out_features, 4)
+    assert not m.up.any() and m.scale == 1.0
+
+
+def test_alpha_sets_the_scale(tiny):
+    inject_lora(tiny.unet, rank=4, alpha=8)
+    assert all(m.scale == 2.0 for m in lora_layers(tiny.unet).values())
+
+
+def test_merge_gives_the_same_outputs_and_a_plain_module(tiny):
+    keys = set(tiny.unet.state_dict())
+    randomise(inject_lora(tiny.unet, rank=4, alpha=2))
+    unmerged = unet_out(tiny)
+    merge_lora(tiny.unet)
+    torch.testing.assert_close(unet_out(tiny), unmerged, rtol=1e-5, atol=1e-5)
+    assert not lora_layers(tiny.unet) and set(tiny.unet.state_dict()) == keys
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    randomise(inject_lora(tiny.unet, rank=4, alpha=4))
+    want = unet_out(tiny)
+    save_lora(tiny.unet, tmp_path / "lora.safetensors")
+    assert read_lora_config(tmp_path / "lora.safetensors") == dict(rank=4, alpha=4.0,
+                                                                   targets=["to_q", "to_k", "to_v", "to_out.0"])
+    tensors = load_file(tmp_path / "lora.safetensors")
+    assert len(tensors) == 2 * len(lora_layers(tiny.unet))
+    assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+
+    fresh = load_sd("tiny")
+    load_lora(fresh.unet, tmp_path / "lora.safetensors")  # injects with the file's rank/alpha/targets
+    torch.testing.assert_close(unet_out(fresh), want)
+    again = load_sd("tiny")
+    inject_lora(again.unet, rank=4)
+    load_lora(again.unet, tmp_path / "lora.safetensors")  # into an already-injected module
+    torch.testing.assert_close(unet_out(again), want)
+
+
+def test_load_fails_clearly_on_mismatch(tiny, tmp_path):
+    path = tmp_path / "lora.safetensors"
+    inject_lora(tiny.unet, rank=4)
+    save_lora(tiny.unet, path)
+
+    other = load_sd("tiny")
+    inject_lora(other.unet, rank=2)
+    with pytest.raises(ValueError, match="rank mismatch"):
+        load_lora(other.unet, path)
+    other = load_sd("tiny")
+    inject_lora(other.unet, rank=4, targets=("to_q", "to_v"))
+    with pytest.raises(ValueError, match="targets mismatch"):
+        load_lora(other.unet, path)
+
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = sorted(tensors)[0]
+    bad = dict(tensors, **{key: torch.zeros(4, 3)})
+    save_file(bad, tmp_path / "bad_shape.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match="has shape"):
+        load_lora(load_sd("tiny").unet, tmp_path / "bad_shape.safetensors")
+    missing = {k: v for k, v in tensors.items() if k != key}
+    save_file(missing, tmp_path / "missing.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match="1 LoRA tensors missing"):
+        load_lora(load_sd("tiny").unet, tmp_path / "missing.safetensors")
+    save_file(tensors, tmp_path / "no_meta.safetensors")
+    with pytest.raises(ValueError, match="no LoRA metadata"):
+        load_lora(load_sd("tiny").unet, tmp_path / "no_meta.safetensors")
+
+
+def test_inject_errors(tiny):
+    with pytest.raises(ValueError, match="matches the targets"):
+        inject_lora(tiny.unet, targets=("no_such_layer",))
+    inject_lora(tiny.unet)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        inject_lora(tiny.unet)
+
+
+def test_stock_diffusers_loads_our_file(tiny, tmp_path):
+    # diffusers' load_lora_weights runs on PEFT (requirements-dev.txt)
+    randomise(inject_lora(tiny.unet, rank=4, alpha=16))  # scale 4, folded into lora_B in the file
+    want = unet_out(tiny)
+    save_lora(tiny.unet, tmp_path / "lora.safetensors")
+    pipe = pipeline(load_sd("tiny"))
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    assert not any(isinstance(m, LoRALinear) for m in pipe.unet.modules())
+    torch.testing.assert_close(unet_out(pipe), want, rtol=1e-5, atol=1e-6)

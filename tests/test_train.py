@@ -1,0 +1,131 @@
+"""End to end on the tiny model: train.py raises the reward, resumes exactly, and rejects bad input in one line;
+sample.py compares base and LoRA."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+FAST = ["--batch-size", "2", "--ddim-steps", "8", "--eval-n", "4"]
+
+
+def run(script, *args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "compress"
+    proc = run("train.py", "--reward", "compress", "--out", out, "--steps", 10, "--lr", 3e-2, "--eval-every", 5, *FAST)
+    return out, proc
+
+
+def test_training_raises_the_reward(trained):
+    out, proc = trained
+    m = metrics(out)
+    assert [x["step"] for x in m] == list(range(10))
+    for key in ("step", "reward_mean", "reward_std", "loss", "grad_norm", "seconds", "peak_mem_mb"):
+        assert all(key in x for x in m), key
+    first, last = m[0]["reward_mean"], sum(x["reward_mean"] for x in m[-3:]) / 3
+    assert last > first + 0.02, (first, last)
+    before, after = (float(v) for v in proc.stdout.strip().splitlines()[-1].split(":")[1].split("after")[0].split("->"))
+    assert after > before + 0.02 and m[-1]["eval_reward"] == pytest.approx(after, abs=1e-4)
+    assert "using --model tiny" in proc.stdout
+
+
+def test_run_directory(trained):
+    out, _ = trained
+    assert {"config.json", "metrics.jsonl", "lora.safetensors", "checkpoint.pt"} <= set(os.listdir(out))
+    assert sorted(os.listdir(out / "samples")) == ["step_000000.png", "step_000005.png", "step_000010.png"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["steps"] == 10 and cfg["lr"] == 3e-2 and cfg["model"] == "tiny"
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_sample_compares_base_and_lora(trained, tmp_path):
+    out, _ = trained
+    proc = run("sample.py", "--lora", out / "lora.safetensors", "--prompts", "a llama", "a seal", "--n", 2,
+               "--reward", "compress", "--out", tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").is_file()
+    base, lora = (float(v) for v in proc.stdout.strip().splitlines()[-1].split("base")[1].split("-> LoRA"))
+    assert lora > base
+
+
+def test_resume_after_a_kill_continues_exactly(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run("train.py", "--out", whole, "--steps", 6, "--save-every", 3, "--eval-every", 0, *FAST)
+    # the same run, killed (SIGKILL: no chance to clean up) after its 5th logged step, i.e. 2 past the checkpoint
+    args = ["--out", cut, "--steps", 6, "--save-every", 3, "--eval-every", 0, *FAST]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (cut / "metrics.jsonl").is_file() and len((cut / "metrics.jsonl").read_text().splitlines()) >= 5:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = run("train.py", "--resume", cut)
+    assert "resuming" in resumed.stdout and "at step 3" in resumed.stdout
+    a, b = metrics(whole), metrics(cut)
+    assert [x["step"] for x in b] == list(range(6))  # no step lost or logged twice
+    for x, y in zip(a, b):
+        assert x["reward_mean"] == pytest.approx(y["reward_mean"], abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_resume_refuses_to_overwrite_or_resume_nothing(trained, tmp_path):
+    out, _ = trained
+    proc = run("train.py", "--out", out, check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    proc = run("train.py", "--resume", tmp_path, check=False)
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "notsd").mkdir()
+    (tmp_path / "notsd" / "README").write_text("hello")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--reward", "shiny"], "unknown reward 'shiny'; valid: compress"),
+    (["--prompts", "no/such/file.txt"], "no such file"),
+    (["--prompts", "{tmp}/empty.txt"], "has no prompts"),
+    (["--backprop", "30", "--ddim-steps", "20"], "1 <= K <= the number of DDIM steps (20)"),
+    (["--backprop", "5,2"], "K must satisfy"),
+    (["--resolution", "60"], "not divisible by 8"),
+    (["--model", "{tmp}/notsd"], "is not a diffusers Stable Diffusion directory"),
+    (["--model", "{tmp}/no/such/dir"], "no such model directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
+    args = [a.replace("{tmp}", str(prompt_files)) for a in args]
+    proc = run("train.py", "--out", prompt_files / "out", *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+def test_unreachable_hub_is_a_short_message(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "nobody/no-such-model",
+                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--model tiny" in proc.stderr
