@@ -177,7 +177,7 @@ def decode(sd, latents):
     z = latents / sd.vae.config.scaling_factor
     if getattr(sd.vae.config, "shift_factor", None):
         z = z + sd.vae.config.shift_factor
-    run = lambda z: sd.vae.decode(z).sample  # noqa: E731
+    run = lambda z: sd.vae.decode(z.to(sd.vae.dtype)).sample.float()  # noqa: E731
     x = checkpoint(run, z, use_reentrant=False) if torch.is_grad_enabled() else run(z)
     return (x / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
 
@@ -247,18 +247,19 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     if sched.config.get("thresholding") or sched.config.get("clip_sample"):
         raise ValueError("scheduler configs with thresholding or clip_sample are not supported (SD uses neither)")
     sched.set_timesteps(steps)  # diffusers' timestep spacing ("leading", "trailing", ...) from the model's config
-    alphas = sched.alphas_cumprod.double()
-    final_alpha = alphas[0] if not sched.config.set_alpha_to_one else torch.tensor(1.0, dtype=torch.float64)
+    alphas = sched.alphas_cumprod.tolist()  # python floats: scalar * tensor saves nothing for backward
+    final_alpha = 1.0 if sched.config.set_alpha_to_one else alphas[0]  # a_prev after the last step
     stride = sched.config.num_train_timesteps // steps
     cfg = guidance > 1.0
     context = torch.cat([uncond, cond]) if cfg else cond  # (2B, L, D): [unconditional; conditional]
+    context = context.to(sd.unet.dtype)
 
-    def model_output(x, t, context):  # one UNet evaluation, guided
-        out = sd.unet(torch.cat([x, x]) if cfg else x, t, encoder_hidden_states=context).sample
+    def model_output(x, t, context):  # one UNet evaluation, guided; the UNet runs in its dtype, the chain in x's
+        out = sd.unet((torch.cat([x, x]) if cfg else x).to(sd.unet.dtype), t, encoder_hidden_states=context).sample
         if cfg:
             out_u, out_c = out.chunk(2)
             out = out_u + guidance * (out_c - out_u)
-        return out
+        return out.to(x.dtype)
 
     x = latents
     for i, t in enumerate(sched.timesteps):
@@ -268,8 +269,7 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
                 out = checkpoint(model_output, x, t, context, use_reentrant=False)
             else:
                 out = model_output(x, t, context)
-            a_t = alphas[t].item()
-            a_prev = alphas[t - stride].item() if t - stride >= 0 else final_alpha.item()
+            a_t, a_prev = alphas[t], alphas[t - stride] if t >= stride else final_alpha
             eps, x0 = _eps_and_x0(sched.config.prediction_type, out, x, a_t)
             sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
             x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps

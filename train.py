@@ -1,7 +1,7 @@
 """AlignProp: fine-tune Stable Diffusion's UNet (through LoRA) by backpropagating a differentiable reward through the
 whole DDIM sampling chain (Prabhudesai et al. 2023, arXiv:2310.03739).
 
-    python train.py --reward compress                   # no CUDA GPU: the tiny model, ~2 minutes on 2 CPU cores
+    python train.py --reward compress                   # no CUDA GPU: the tiny model, ~70 s on 2 CPU cores
     python train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5 --ddim-steps 50
     python train.py --resume out/compress --steps 200   # continue a run; flags given here override its saved ones
 
@@ -138,6 +138,8 @@ eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual
 # one CPU generator drives prompts, initial noise, eta noise and random K: the run is reproducible and resumable
 rng = torch.Generator().manual_seed(args.seed)
 os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+with open(os.path.join(args.out, "config.json"), "w") as f:  # the flags of the latest (re)start
+    json.dump(vars(args), f, indent=2)
 step, eval_before = 0, None
 
 
@@ -146,8 +148,8 @@ def atomic_save(save, path):  # a crash mid-write leaves the previous file intac
     os.replace(path + ".tmp", path)
 
 
-def checkpoint_run(step):
-    state = dict(step=step, lora={n: p.detach() for n, p in sd.unet.named_parameters() if p.requires_grad},
+def checkpoint_run(done):  # after `done` optimisation steps
+    state = dict(step=done, lora={n: p.detach() for n, p in sd.unet.named_parameters() if p.requires_grad},
                  opt=opt.state_dict(), scaler=scaler.state_dict(), rng=rng.get_state(),
                  torch_rng=torch.get_rng_state(), eval_before=eval_before)
     atomic_save(lambda path: torch.save(state, path), os.path.join(args.out, "checkpoint.pt"))
@@ -181,14 +183,12 @@ if args.resume:
     rng.set_state(ckpt["rng"])
     torch.set_rng_state(ckpt["torch_rng"])
     step, eval_before = ckpt["step"], ckpt["eval_before"]
-    with open(os.path.join(args.out, "metrics.jsonl")) as f:  # drop lines logged after the checkpoint was taken
-        kept = [line for line in f if json.loads(line)["step"] < step]
+    with open(os.path.join(args.out, "metrics.jsonl")) as f:  # one line per step: drop those after the checkpoint
+        kept = f.readlines()[:step]
     with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
         f.writelines(kept)
     print(f"resuming {args.out} at step {step}")
 else:
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
     open(os.path.join(args.out, "metrics.jsonl"), "w").close()
     eval_before = evaluate(0)
     checkpoint_run(0)
