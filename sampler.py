@@ -199,39 +199,43 @@ def image_grid(images, nrow, pad=2):
 
 
 def parse_backprop(text, steps):
-    """The command-line form, checked against the number of steps: "all", "K" -> K, "lo,hi" -> (lo, hi)."""
+    """The command-line form, checked against the number of steps: "all", "K" -> K, "lo,hi" -> (lo, hi),
+    "lv:N" -> ("lv", N)."""
     if text == "all":
         return "all"
     try:
-        parts = [int(v) for v in text.split(",")]
+        if text.startswith("lv:"):
+            backprop = ("lv", int(text[3:]))
+        else:
+            parts = [int(v) for v in text.split(",")]
+            backprop = parts[0] if len(parts) == 1 else tuple(parts)
     except ValueError:
-        parts = []
-    if len(parts) not in (1, 2):
-        raise ValueError(f"{text!r}: expected all, K or lo,hi")
-    backprop = parts[0] if len(parts) == 1 else tuple(parts)
-    _check_window(backprop, steps)
+        raise ValueError(f"{text!r}: expected all, K, lo,hi or lv:N") from None
+    backprop_window(backprop, steps, check_only=True)
     return backprop
 
 
-def _check_window(backprop, steps):  # -> (lo, hi)
+def backprop_window(backprop, steps, generator=None, check_only=False):
+    """How many final steps of the chain get gradients: "all" -> steps, an int K -> K, (lo, hi) -> K ~ U{lo..hi}
+    drawn once, ("lv", N) -> 0 (DRaFT-LV takes its gradient from N re-noised copies of the last step instead)."""
+    if backprop == "all":
+        return steps
+    if isinstance(backprop, (tuple, list)) and len(backprop) == 2 and backprop[0] == "lv":
+        if not (isinstance(backprop[1], int) and backprop[1] >= 1):
+            raise ValueError(f"{backprop!r}: DRaFT-LV needs N >= 1 noise draws")
+        return 0
     window = (backprop, backprop) if isinstance(backprop, int) else backprop
     if not (isinstance(window, (tuple, list)) and len(window) == 2 and 1 <= window[0] <= window[1] <= steps):
         raise ValueError(f"{backprop!r}: K must satisfy 1 <= K <= the number of DDIM steps ({steps})")
-    return window
-
-
-def backprop_window(backprop, steps, generator=None):
-    """How many final steps get gradients: "all" -> steps, an int K -> K, (lo, hi) -> K ~ U{lo..hi}, drawn once."""
-    if backprop == "all":
-        return steps
-    lo, hi = _check_window(backprop, steps)
-    if lo == hi:
+    lo, hi = window
+    if lo == hi or check_only:
         return lo
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
 
 
-def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, backprop="all", generator=None):
+def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, backprop="all", generator=None,
+                keep_activations=0):
     """Run the DDIM chain from noise `latents` (B, 4, h, w) with text embeddings `cond`, `uncond` (B, L, D).
 
     Notation (Song et al. 2021, Eq. 12), with a_t = alphas_cumprod[t] (the paper's alpha_t):
@@ -239,6 +243,12 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
         sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)   Eq. 16; eta=0 is DDIM, 1 is DDPM-like
         x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps + sigma * z,   z ~ N(0, I) from `generator`
     eps is classifier-free guided: eps_u + guidance * (eps_c - eps_u), both halves in one batched UNet call.
+
+    backprop: see backprop_window. With ("lv", N) the result has N * B rows (draw-major): the finished sample,
+    re-noised N times to the last timestep and denoised once more with gradients (DRaFT-LV, Clark et al. 2023,
+    Sec. 4.1); score all of them and average, and the gradient is the mean over the N draws.
+    keep_activations: the last n steps with gradients keep their UNet activations instead of checkpointing
+    (no recomputation in backward, but memory grows by one UNet forward's activations per step); 0 = flat memory.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -251,8 +261,6 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     final_alpha = 1.0 if sched.config.set_alpha_to_one else alphas[0]  # a_prev after the last step
     stride = sched.config.num_train_timesteps // steps
     cfg = guidance > 1.0
-    context = torch.cat([uncond, cond]) if cfg else cond  # (2B, L, D): [unconditional; conditional]
-    context = context.to(sd.unet.dtype)
 
     def model_output(x, t, context):  # one UNet evaluation, guided; the UNet runs in its dtype, the chain in x's
         out = sd.unet((torch.cat([x, x]) if cfg else x).to(sd.unet.dtype), t, encoder_hidden_states=context).sample
@@ -261,11 +269,9 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
             out = out_u + guidance * (out_c - out_u)
         return out.to(x.dtype)
 
-    x = latents
-    for i, t in enumerate(sched.timesteps):
-        grad = torch.is_grad_enabled() and i >= steps - k  # truncated backprop: only the last k steps build a graph
+    def denoise(x, t, context, grad, keep):  # one DDIM update x_t -> x_prev
         with torch.set_grad_enabled(grad):
-            if grad:  # keep only x; the UNet's activations are recomputed in backward
+            if grad and not keep:  # store only x; the UNet's activations are recomputed in backward
                 out = checkpoint(model_output, x, t, context, use_reentrant=False)
             else:
                 out = model_output(x, t, context)
@@ -274,10 +280,26 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
             sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
             x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
             if eta > 0:
-                device = generator.device if generator is not None else x.device
-                z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-                x = x + sigma * z
+                x = x + sigma * _randn(x, generator)
+        return x
+
+    context = (torch.cat([uncond, cond]) if cfg else cond).to(sd.unet.dtype)  # (2B, L, D): [uncond; cond]
+    x = latents
+    for i, t in enumerate(sched.timesteps):
+        grad = torch.is_grad_enabled() and i >= steps - k  # truncated backprop: only the last k steps build a graph
+        x = denoise(x, t, context, grad, keep=i >= steps - keep_activations)
+    if k == 0 and torch.is_grad_enabled():  # DRaFT-LV: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) z, then one step, N times
+        n, t = backprop[1], sched.timesteps[-1]
+        x0 = x.repeat(n, 1, 1, 1)  # (N * B, 4, h, w), draw-major
+        x = alphas[t] ** 0.5 * x0 + (1 - alphas[t]) ** 0.5 * _randn(x0, generator)
+        context = (torch.cat([uncond.repeat(n, 1, 1), cond.repeat(n, 1, 1)]) if cfg else cond.repeat(n, 1, 1))
+        x = denoise(x, t, context.to(sd.unet.dtype), grad=True, keep=keep_activations > 0)
     return x
+
+
+def _randn(like, generator):  # N(0, I) noise like `like`, drawn on the generator's device: reproducible anywhere
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 def _eps_and_x0(prediction_type, out, x, a_t):

@@ -44,7 +44,7 @@ p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps per s
 p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables CFG")
 p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic DDIM, 1 = DDPM-like")
 p.add_argument("--backprop", default="all", help="gradient through: all steps | K (the last K) | lo,hi (K drawn "
-               "uniformly per trajectory)")
+               "uniformly per trajectory) | lv:N (DRaFT-LV: the last step, N noise draws averaged)")
 p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
 p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision of the frozen model and "
                "autocast (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
@@ -209,8 +209,8 @@ for step in pbar:
     for _ in range(args.grad_accum):
         idx = torch.randint(len(prompts), (args.batch_size,), generator=rng)
         noise = torch.randn(args.batch_size, *shape, generator=rng)  # (B, 4, h, w), drawn on the CPU: reproducible
-        images = sample(cond_all[idx], noise, rng, backprop)  # with gradients through the chain
-        r = reward_fn(images, [prompts[i] for i in idx])  # (B,)
+        images = sample(cond_all[idx], noise, rng, backprop)  # with gradients; (B, ...), or (N * B, ...) for lv:N
+        r = reward_fn(images, [prompts[i] for i in idx] * (len(images) // args.batch_size))
         loss = -r.mean() / args.grad_accum
         scaler.scale(loss).backward()
         rewards.append(r.detach().float())

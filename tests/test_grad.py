@@ -58,3 +58,43 @@ def test_truncation_changes_the_gradient(tiny):  # guards against a window that 
     params, x, cond, uncond = setup(tiny)
     g = [grads(params, ddim_sample(tiny, cond, uncond, x, steps=STEPS, backprop=b).square().mean()) for b in ("all", 1)]
     assert not torch.allclose(g[0][0], g[1][0])
+
+
+def test_keeping_activations_gives_the_same_gradient(tiny):
+    params, x, cond, uncond = setup(tiny)
+    g = [grads(params, -compress(decode(tiny, ddim_sample(tiny, cond, uncond, x, steps=STEPS, keep_activations=n)))
+               .mean()) for n in (0, 2, STEPS)]
+    for a, b, c in zip(*g):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_draft_lv_gradient_is_the_mean_of_single_draw_gradients(tiny, eta):
+    n = 3
+    params, x, cond, uncond = setup(tiny)
+    lv = ddim_sample(tiny, cond, uncond, x, steps=STEPS, guidance=5.0, eta=eta, backprop=("lv", n),
+                     generator=torch.Generator().manual_seed(4))
+    assert lv.shape == (n * 2, *x.shape[1:])
+    g_lv = grads(params, -compress(decode(tiny, lv)).mean())
+
+    # by hand: the finished sample without gradient, then n independent re-noise + last-step denoises (diffusers' step)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        x0 = reference_latents(tiny, cond, uncond, x, 5.0, eta, 0, generator)
+    sched = DDIMScheduler.from_config(tiny.scheduler.config)
+    sched.set_timesteps(STEPS)
+    t = sched.timesteps[-1]
+    a = sched.alphas_cumprod[t]
+    z = torch.randn((n * 2, *x.shape[1:]), generator=generator).chunk(n)
+    singles = []
+    for i in range(n):
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * z[i]
+        eps_u, eps_c = tiny.unet(torch.cat([xt, xt]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        x_prev = sched.step(eps_u + 5.0 * (eps_c - eps_u), t, xt, eta=eta, generator=generator).prev_sample
+        singles.append(grads(params, -compress(decode(tiny, x_prev)).mean()))
+    s0, s1 = singles[0][0], singles[1][0]
+    assert (s0 - s1).abs().max() > 1e-2 * s0.abs().max()  # the draws differ
+    for j, g in enumerate(g_lv):
+        want = torch.stack([s[j] for s in singles]).mean(0)
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

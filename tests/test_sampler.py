@@ -82,12 +82,12 @@ def test_random_window_covers_its_range():
     assert ks == {2, 3, 4, 5}
 
 
-@pytest.mark.parametrize("text,steps,want", [("all", 5, "all"), ("3", 5, 3), ("2,5", 5, (2, 5))])
+@pytest.mark.parametrize("text,steps,want", [("all", 5, "all"), ("3", 5, 3), ("2,5", 5, (2, 5)), ("lv:4", 5, ("lv", 4))])
 def test_parse_backprop(text, steps, want):
     assert parse_backprop(text, steps) == want
 
 
-@pytest.mark.parametrize("text", ["6", "0", "3,2", "1,9", "x", "1,2,3", ""])
+@pytest.mark.parametrize("text", ["6", "0", "3,2", "1,9", "x", "1,2,3", "", "lv:0", "lv:", "lv:a"])
 def test_parse_backprop_rejects(text):
     with pytest.raises(ValueError):
         parse_backprop(text, 5)

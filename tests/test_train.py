@@ -89,6 +89,11 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
 
+def test_draft_lv_run(tmp_path):
+    run("train.py", "--out", tmp_path, "--steps", 2, "--backprop", "lv:2", *FAST)
+    assert len(metrics(tmp_path)) == 2 and all(x["grad_norm"] > 0 for x in metrics(tmp_path))
+
+
 def test_resume_refuses_to_overwrite_or_resume_nothing(trained, tmp_path):
     out, _ = trained
     proc = run("train.py", "--out", out, check=False)
@@ -111,6 +116,7 @@ def prompt_files(tmp_path):
     (["--prompts", "{tmp}/empty.txt"], "has no prompts"),
     (["--backprop", "30", "--ddim-steps", "20"], "1 <= K <= the number of DDIM steps (20)"),
     (["--backprop", "5,2"], "K must satisfy"),
+    (["--backprop", "lv:0"], "N >= 1"),
     (["--resolution", "60"], "not divisible by 8"),
     (["--model", "{tmp}/notsd"], "is not a diffusers Stable Diffusion directory"),
     (["--model", "{tmp}/no/such/dir"], "no such model directory"),
