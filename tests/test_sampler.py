@@ -51,29 +51,49 @@ def test_eta_noise_comes_from_the_generator(tiny):
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
-def grad_flags(sd, x, steps, backprop, generator=None):
-    """Which UNet calls ran with grad enabled, in order."""
-    flags = []
-    hook = sd.unet.register_forward_pre_hook(lambda *_: flags.append(torch.is_grad_enabled()))
+def graph_stats(sd, x, steps, backprop, generator=None):
+    """(UNet calls in forward, UNet calls in backward (recomputation), tensors saved for backward)."""
+    calls, saved = [], []
+    hook = sd.unet.register_forward_pre_hook(lambda *_: calls.append(1))
     cond, uncond = encode_prompts(sd, PROMPTS), encode_prompts(sd, [""] * 2)
-    ddim_sample(sd, cond, uncond, x, steps=steps, backprop=backprop, generator=generator)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ddim_sample(sd, cond, uncond, x, steps=steps, backprop=backprop, generator=generator)
+    forward = len(calls)
+    out.square().mean().backward()
     hook.remove()
-    return flags
+    return forward, len(calls) - forward, len(saved)
 
 
 def test_truncation_builds_no_graph_before_the_window(tiny):
     x = noise(tiny)
-    tiny.unet.conv_out.weight.requires_grad_(True)  # something trainable, so a graph could be built
-    flags = grad_flags(tiny, x, 6, 2)
-    # checkpoint reruns a step's UNet call in backward, not in forward: 6 calls, the last 2 with grad
-    assert flags == [False] * 4 + [True] * 2
-    assert grad_flags(tiny, x, 6, "all") == [True] * 6
+    tiny.unet.conv_out.weight.requires_grad_(True)  # something trainable, so that a graph is built
+    assert graph_stats(tiny, x, 6, "all")[:2] == (6, 6)  # every step recomputed once in backward
+    fwd, bwd, saved = graph_stats(tiny, x, 6, 2)
+    assert (fwd, bwd) == (6, 2)
+    assert graph_stats(tiny, x, 12, 2)[2] == saved  # the steps before the window leave nothing for backward
+    assert graph_stats(tiny, x, 6, "all")[2] > saved
     for seed in range(5):
-        f = grad_flags(tiny, x, 6, (2, 4), torch.Generator().manual_seed(seed))
-        k = sum(f)
-        assert 2 <= k <= 4 and f == [False] * (6 - k) + [True] * k
+        assert 2 <= graph_stats(tiny, x, 6, (2, 4), torch.Generator().manual_seed(seed))[1] <= 4
     with torch.no_grad():
-        assert grad_flags(tiny, x, 6, "all") == [False] * 6
+        assert not ddim_sample(tiny, encode_prompts(tiny, PROMPTS), encode_prompts(tiny, [""] * 2), x, 4).requires_grad
+
+
+def test_checkpointing_keeps_one_latent_per_step(tiny):
+    """What backward holds grows by about one latent (B, 4, h, w) per step: nothing of the UNet's activations."""
+    x = noise(tiny)
+    tiny.unet.conv_out.weight.requires_grad_(True)
+    cond, uncond = encode_prompts(tiny, PROMPTS), encode_prompts(tiny, [""] * 2)
+    held = {}
+    for steps in (5, 25):
+        storages = {}
+
+        def pack(t):  # count each saved storage once
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ddim_sample(tiny, cond, uncond, x, steps=steps)
+        held[steps] = sum(storages.values())
+    assert held[25] - held[5] <= 20 * x.numel() * x.element_size() * 1.05
 
 
 def test_random_window_covers_its_range():

@@ -1,0 +1,228 @@
+"""Benchmark: what one AlignProp training step costs against plain sampling, in seconds and peak memory.
+
+    python bench.py                                     # the tiny model on a CPU, well under a minute
+    python bench.py --arch sd15 --resolution 512        # Stable Diffusion 1.5's architecture, random weights (GPU)
+    python bench.py --steps-sweep 10,25,50              # peak memory against DDIM steps, with and without checkpointing
+    python bench.py --model path/to/diffusers/dir       # anything load_sd accepts
+
+All modes run in this one process on the same batch, steps and guidance: `sample` is DDIM + decode under no_grad;
+the others are one optimisation step (DDIM with grad, decode, reward, backward, AdamW on LoRA rank 4) with backprop
+through all steps, the last 1 (DRaFT-1), a random K in 1..T (AlignProp) or DRaFT-LV. Each is timed as the median of
+--repeats runs after --warmup; peak memory is torch.cuda.max_memory_allocated on a GPU, and on a CPU the peak resident
+set size sampled every millisecond, with MALLOC_MMAP_THRESHOLD_=65536 (set here) so that RSS follows live memory.
+The default reward is a smoothness proxy (minus the mean |difference| of adjacent pixels) that costs nothing, so the
+figures measure the method's own machinery; --reward NAME uses one from rewards.py.
+"""
+import os
+import sys
+
+if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc reads it at start-up: re-run this script with it set
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from lora import inject_lora  # noqa: E402
+from rewards import load_reward  # noqa: E402
+from sampler import (ddim_sample, decode, encode_prompts, latent_shape, load_sd, native_resolution,  # noqa: E402
+                     parse_backprop)
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("--model", default="tiny", help="hub id, local diffusers dir or 'tiny'")
+p.add_argument("--arch", default=None, choices=["sd15", "sd21"], help="a real SD architecture with random weights "
+               "(no download): sd15 = SD 1.x, sd21 = SD 2.x (v-prediction); overrides --model")
+p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
+p.add_argument("--batch-size", type=int, default=1, help="images per step")
+p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps T")
+p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (one batched UNet call for both halves)")
+p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+p.add_argument("--modes", default="sample,all,1,rand,lv:2", help="comma list: sample, all, K, rand (K ~ U{1..T}), "
+               "lv:N")
+p.add_argument("--keep-activations", type=int, default=0, help="last n grad steps not checkpointed (faster, more "
+               "memory); 0 = checkpoint every step")
+p.add_argument("--reward", default="smooth", help="smooth (a free proxy) or a reward name from rewards.py")
+p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
+p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
+p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
+p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+p.add_argument("--steps-sweep", default="", help="e.g. 10,25,50: peak memory of a full-backprop step against T, with "
+               "and without checkpointing (replaces the mode table)")
+p.add_argument("--json", default=None, help="also write the results to this JSON file")
+args = p.parse_args()
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+args.dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+if args.threads:
+    torch.set_num_threads(args.threads)
+torch.manual_seed(0)
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def build_arch(arch):
+    """SD 1.x / 2.x networks at full size with random weights; tokenizer and scheduler from the tiny model (the real
+    CLIP vocabulary cannot be built offline; token ids only index the embedding, so speed and memory are the same)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    sd = load_sd("tiny")
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    if arch == "sd15":  # UNet2DConditionModel's defaults are SD 1.x's UNet; text: CLIP ViT-L/14's
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                              num_attention_heads=12, hidden_act="quick_gelu")
+    else:  # SD 2.x: linear projections, per-block head dims, OpenCLIP ViT-H/14's text tower, v-prediction at 768 px
+        unet = UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                    use_linear_projection=True)
+        text = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                              num_attention_heads=16, hidden_act="gelu")
+        sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config, prediction_type="v_prediction")
+    sd.unet, sd.vae, sd.text_encoder = unet, vae, CLIPTextModel(text)
+    for m in (sd.unet, sd.vae, sd.text_encoder):
+        m.requires_grad_(False).eval().to(device, dtype)
+    return sd
+
+
+sd = build_arch(args.arch) if args.arch else load_sd(args.model, device, dtype)
+model_mb = sum(t.numel() * t.element_size() for m in (sd.unet, sd.vae, sd.text_encoder)
+               for t in [*m.parameters(), *m.buffers()]) / 2**20
+params = inject_lora(sd.unet, rank=4, dtype=torch.float32)
+opt = torch.optim.AdamW(params, lr=1e-4)
+if args.channels_last:
+    sd.unet.to(memory_format=torch.channels_last)
+    sd.vae.to(memory_format=torch.channels_last)
+if args.compile:
+    sd.unet = torch.compile(sd.unet)
+resolution = args.resolution or native_resolution(sd)
+autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+reward_fn = ((lambda images, prompts: -(images[..., 1:] - images[..., :-1]).abs().mean((1, 2, 3))
+              - (images[..., 1:, :] - images[..., :-1, :]).abs().mean((1, 2, 3)))
+             if args.reward == "smooth" else load_reward(args.reward, device, dtype))
+prompts = ["a photo of a cat", "a dog", "a horse", "a monkey"]
+prompts = [prompts[i % len(prompts)] for i in range(args.batch_size)]
+with torch.no_grad(), autocast:
+    cond, uncond = encode_prompts(sd, prompts), encode_prompts(sd, [""] * len(prompts))
+noise = torch.randn(args.batch_size, *latent_shape(sd, resolution), generator=torch.Generator().manual_seed(0))
+noise = noise.to(device)
+
+# -----------------------------------------------------------------------------
+# one run of each mode, and how to measure it
+
+
+rng = torch.Generator().manual_seed(1)  # random K and DRaFT-LV noise: a new draw on every run
+
+
+def run(mode, steps, keep_activations):
+    if mode == "sample":
+        with torch.no_grad(), autocast:
+            decode(sd, ddim_sample(sd, cond, uncond, noise, steps, args.guidance, 0.0))
+        return
+    backprop = (1, steps) if mode == "rand" else parse_backprop(mode, steps)
+    with autocast:
+        images = decode(sd, ddim_sample(sd, cond, uncond, noise, steps, args.guidance, 0.0, backprop, rng,
+                                        keep_activations))
+        loss = -reward_fn(images.float(), prompts * (len(images) // len(prompts))).mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb(fn):
+    """Peak memory while fn() runs: CUDA's allocator statistics, or this process's RSS sampled every millisecond."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak, done = [rss_mb()], threading.Event()
+
+    def watch():
+        while not done.wait(0.001):
+            peak.append(rss_mb())
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak + [rss_mb()])
+
+
+def seconds(fn, repeats, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+header = (f"{args.arch or args.model}: {resolution}px, batch {args.batch_size}, CFG {args.guidance}, {args.dtype}, "
+          f"{device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'})"
+          f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}; "
+          f"model {model_mb:.0f} MB")
+print(header)
+results = dict(config=dict(vars(args), device=device, resolution=resolution, model_mb=model_mb), rows=[])
+
+# -----------------------------------------------------------------------------
+# peak memory against the number of steps
+
+if args.steps_sweep:
+    print(f"{'DDIM steps':>10} {'checkpointed':>12} {'s/step':>8} {'peak MB':>9} {'growth MB':>10}")
+    first = {}
+    for steps in [int(v) for v in args.steps_sweep.split(",")]:
+        for ckpt in (True, False):
+            keep = 0 if ckpt else steps
+            run("all", steps, keep)  # warm-up: allocator caches, lazy inits
+            s = seconds(lambda: run("all", steps, keep), 1, 0)
+            peak = peak_mb(lambda: run("all", steps, keep))
+            first.setdefault(ckpt, peak)
+            row = dict(ddim_steps=steps, checkpointed=ckpt, seconds=s, peak_mb=peak, growth_mb=peak - first[ckpt])
+            results["rows"].append(row)
+            print(f"{steps:>10} {'yes' if ckpt else 'no':>12} {s:>8.2f} {peak:>9.1f} {row['growth_mb']:>10.1f}")
+
+# -----------------------------------------------------------------------------
+# the modes
+
+else:
+    T = args.ddim_steps
+    modes = ["sample"] + [m for m in args.modes.split(",") if m != "sample"]  # ratios are to sampling
+    print(f"{'mode':>8} {'backprop':>14} {'s/step':>8} {'x sample':>9} {'peak MB':>9}")
+    base = None
+    for mode in modes:
+        s = seconds(lambda: run(mode, T, args.keep_activations), args.repeats, args.warmup)
+        peak = peak_mb(lambda: run(mode, T, args.keep_activations))
+        base = base or s
+        what = {"sample": "none (no_grad)", "all": f"all {T}", "rand": f"K ~ U{{1..{T}}}"}.get(
+            mode, f"DRaFT-LV, N={mode[3:]}" if mode.startswith("lv:") else f"last {mode}")
+        results["rows"].append(dict(mode=mode, backprop=what, seconds=s, ratio=s / base, peak_mb=peak))
+        print(f"{mode:>8} {what:>14} {s:>8.3f} {s / base:>9.2f} {peak:>9.1f}")
+
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
