@@ -22,10 +22,14 @@ if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc reads it at start-up: re
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import weakref  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from lora import inject_lora  # noqa: E402
 from rewards import load_reward  # noqa: E402
@@ -53,6 +57,7 @@ p.add_argument("--channels-last", action="store_true", help="UNet and VAE in cha
 p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
 p.add_argument("--steps-sweep", default="", help="e.g. 10,25,50: peak memory of a full-backprop step against T, with "
                "and without checkpointing (replaces the mode table)")
+p.add_argument("--sweep-point", default=None, help=argparse.SUPPRESS)  # "T,keep": one point, in a child
 p.add_argument("--json", default=None, help="also write the results to this JSON file")
 args = p.parse_args()
 
@@ -147,18 +152,46 @@ def rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def peak_mb(fn):
-    """Peak memory while fn() runs: CUDA's allocator statistics, or this process's RSS sampled every millisecond."""
+class TensorMemory(TorchDispatchMode):
+    """Bytes of the tensor storages created while active, and their peak: on a CPU, the exact analogue of CUDA's
+    allocator statistics (at a small model's scale, RSS is blurred by the C allocator's own bookkeeping)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.seen:
+                storage = t.untyped_storage()  # one Python object per live storage: finalize fires when it dies
+                self.seen.add(id(storage))
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self._free, id(storage), storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def _free(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+
+def memory(fn):
+    """(peak MB of the process while fn() runs, peak MB that fn() itself allocated). On a GPU both come from CUDA's
+    allocator; on a CPU the first is the resident set size sampled every millisecond, the second TensorMemory's."""
     if device == "cuda":
+        sync()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         sync()
-        return torch.cuda.max_memory_allocated() / 2**20
-    peak, done = [rss_mb()], threading.Event()
+        return torch.cuda.max_memory_allocated() / 2**20, (torch.cuda.max_memory_allocated() - before) / 2**20
+    peaks, done = [rss_mb()], threading.Event()
 
     def watch():
         while not done.wait(0.001):
-            peak.append(rss_mb())
+            peaks.append(rss_mb())
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
@@ -166,7 +199,9 @@ def peak_mb(fn):
     finally:
         done.set()
         watcher.join()
-    return max(peak + [rss_mb()])
+    with TensorMemory() as tensors:  # a second run: the dispatch mode slows it, so RSS is sampled without it
+        fn()
+    return max(peaks + [rss_mb()]), tensors.peak / 2**20
 
 
 def seconds(fn, repeats, warmup):
@@ -182,46 +217,64 @@ def seconds(fn, repeats, warmup):
     return sorted(times)[len(times) // 2]
 
 
+memory_name = "peak alloc" if device == "cuda" else "peak RSS"
 header = (f"{args.arch or args.model}: {resolution}px, batch {args.batch_size}, CFG {args.guidance}, {args.dtype}, "
           f"{device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'})"
           f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}; "
           f"model {model_mb:.0f} MB")
-print(header)
 results = dict(config=dict(vars(args), device=device, resolution=resolution, model_mb=model_mb), rows=[])
 
 # -----------------------------------------------------------------------------
-# peak memory against the number of steps
+# peak memory against the number of steps: each point in a fresh process, so that no run inherits another's heap
+
+if args.sweep_point:
+    steps, keep = (int(v) for v in args.sweep_point.split(","))
+    run("all", steps, keep)  # warm-up: allocator caches, lazy initialisations, optimiser state
+    s = seconds(lambda: run("all", steps, keep), 1, 0)
+    peak, step_peak = memory(lambda: run("all", steps, keep))
+    print(json.dumps(dict(ddim_steps=steps, checkpointed=keep == 0, seconds=s, peak_mb=peak, step_mb=step_peak)))
+    sys.exit(0)
 
 if args.steps_sweep:
-    print(f"{'DDIM steps':>10} {'checkpointed':>12} {'s/step':>8} {'peak MB':>9} {'growth MB':>10}")
-    first = {}
-    for steps in [int(v) for v in args.steps_sweep.split(",")]:
-        for ckpt in (True, False):
-            keep = 0 if ckpt else steps
-            run("all", steps, keep)  # warm-up: allocator caches, lazy inits
-            s = seconds(lambda: run("all", steps, keep), 1, 0)
-            peak = peak_mb(lambda: run("all", steps, keep))
-            first.setdefault(ckpt, peak)
-            row = dict(ddim_steps=steps, checkpointed=ckpt, seconds=s, peak_mb=peak, growth_mb=peak - first[ckpt])
+    print(header)
+    print(f"{'DDIM steps':>10} {'checkpointed':>12} {'s/step':>8} {memory_name + ' MB':>13} {'step MB':>9} "
+          f"{'step growth MB':>15}")
+    child = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--resolution", str(resolution),
+             "--batch-size", str(args.batch_size), "--guidance", str(args.guidance), "--dtype", args.dtype,
+             "--threads", str(args.threads), "--reward", args.reward, *(["--arch", args.arch] if args.arch else []),
+             *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else [])]
+    for ckpt in (True, False):
+        first = None
+        for steps in [int(v) for v in args.steps_sweep.split(",")]:
+            out = subprocess.run(child + ["--sweep-point", f"{steps},{0 if ckpt else steps}"], capture_output=True,
+                                 text=True)
+            if out.returncode:
+                sys.exit(f"sweep point T={steps} failed:\n{out.stderr[-2000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            first = first if first is not None else row["step_mb"]
+            row["growth_mb"] = row["step_mb"] - first
             results["rows"].append(row)
-            print(f"{steps:>10} {'yes' if ckpt else 'no':>12} {s:>8.2f} {peak:>9.1f} {row['growth_mb']:>10.1f}")
+            print(f"{steps:>10} {'yes' if ckpt else 'no':>12} {row['seconds']:>8.2f} {row['peak_mb']:>13.1f} "
+                  f"{row['step_mb']:>9.2f} {row['growth_mb']:>15.2f}")
 
 # -----------------------------------------------------------------------------
 # the modes
 
 else:
+    print(header)
     T = args.ddim_steps
     modes = ["sample"] + [m for m in args.modes.split(",") if m != "sample"]  # ratios are to sampling
-    print(f"{'mode':>8} {'backprop':>14} {'s/step':>8} {'x sample':>9} {'peak MB':>9}")
+    print(f"{'mode':>8} {'backprop':>14} {'s/step':>8} {'x sample':>9} {memory_name + ' MB':>13} {'step MB':>9}")
     base = None
     for mode in modes:
         s = seconds(lambda: run(mode, T, args.keep_activations), args.repeats, args.warmup)
-        peak = peak_mb(lambda: run(mode, T, args.keep_activations))
+        peak, step_peak = memory(lambda: run(mode, T, args.keep_activations))
         base = base or s
         what = {"sample": "none (no_grad)", "all": f"all {T}", "rand": f"K ~ U{{1..{T}}}"}.get(
             mode, f"DRaFT-LV, N={mode[3:]}" if mode.startswith("lv:") else f"last {mode}")
-        results["rows"].append(dict(mode=mode, backprop=what, seconds=s, ratio=s / base, peak_mb=peak))
-        print(f"{mode:>8} {what:>14} {s:>8.3f} {s / base:>9.2f} {peak:>9.1f}")
+        results["rows"].append(dict(mode=mode, backprop=what, seconds=s, ratio=s / base, peak_mb=peak,
+                                    step_mb=step_peak))
+        print(f"{mode:>8} {what:>14} {s:>8.3f} {s / base:>9.2f} {peak:>13.1f} {step_peak:>9.1f}")
 
 if args.json:
     with open(args.json, "w") as f:

@@ -6,16 +6,18 @@
     images = decode(sd, ddim_sample(sd, cond, uncond, latents, steps=20, backprop=1))   # (B, 3, H, W) in [0, 1]
     (-images.mean()).backward()                          # gradients reach any trainable UNet parameter
 
-With grad enabled, `ddim_sample` keeps only the latents between steps: every UNet call is wrapped in
-`torch.utils.checkpoint` (non-reentrant), so its activations are recomputed during backward and memory stays flat in
-the number of steps. `backprop` truncates the chain: steps before the window run under `no_grad` and build no graph.
-Under `torch.no_grad()` it is a plain DDIM sampler that matches diffusers' `DDIMScheduler` to fp32 precision.
+With grad enabled, `ddim_sample` keeps only the latents between steps: the steps run through `checkpoint` (gradient
+checkpointing, written out below), so each step's UNet activations are recomputed during backward and memory stays
+flat in the number of steps. `backprop` truncates the chain: steps before the window run under `no_grad` and build
+no graph. Under `torch.no_grad()` it is a plain DDIM sampler that matches diffusers' `DDIMScheduler` to fp32 precision.
 
 References: DDIM, Song et al. 2021 (arXiv:2010.02502), Eq. 12 and 16; classifier-free guidance, Ho & Salimans 2022;
 v-prediction, Salimans & Ho 2022 (arXiv:2202.00512); AlignProp, Prabhudesai et al. 2023 (arXiv:2310.03739);
-DRaFT-K, Clark et al. 2023 (arXiv:2309.17400).
+DRaFT-K and DRaFT-LV, Clark et al. 2023 (arXiv:2309.17400); gradient checkpointing, Chen et al. 2016
+(arXiv:1604.06174).
 """
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -149,42 +151,53 @@ def _build_tiny():
 # gradient checkpointing
 
 
-def checkpoint(fn, x, weights=()):
-    """fn(x) that keeps only x for backward and recomputes fn's activations there: memory flat in the number of calls.
+def checkpoint(fns, x, weights=()):
+    """x -> fns[-1](... fns[1](fns[0](x))), keeping for backward only the input of each function, a tensor like x.
 
-    Gradients flow to x (if it requires grad) and to `weights`: pass the trainable parameters fn uses, since what a
-    closure reads cannot be found automatically. Anything else fn reads gets no gradient. fn must be deterministic
-    (a model in eval mode: no dropout), since it runs twice."""
-    return _Recompute.apply(fn, x, *weights)
+    Backward re-runs the functions with gradients one at a time, last first, so memory holds one function's
+    activations at a time, plus one input per function: flat in the number of functions (DDIM steps). Gradients flow
+    to x (if it requires grad) and to `weights`: pass the trainable parameters the functions use, since what a
+    closure reads cannot be found automatically; nothing else they read gets a gradient. The functions must be
+    deterministic (models in eval mode, any noise drawn beforehand), since they run twice."""
+    return _Recompute.apply(fns, x, *weights)
 
 
 class _Recompute(torch.autograd.Function):
-    """Forward runs fn under no_grad and saves only x; backward re-runs it with grad and differentiates with respect to
-    x and the weights. The weights are inputs of this node, so their gradients flow through the one outer graph
-    (correct with autograd.grad, gradient accumulation and DDP). Why not torch.utils.checkpoint: its non-reentrant
-    mode runs the forward with grad on and keeps the whole graph of each call, minus the tensors: measured ~1.2 MB per
-    call for the tiny UNet (8x its weights over 40 steps), and slower; its reentrant mode sends weight gradients
-    around the outer graph, which breaks autograd.grad and DDP."""
+    """One autograd node for the whole sequence: forward runs under no_grad and builds no graph; the weights are
+    inputs of the node, so their gradients flow through the one outer graph (correct with autograd.grad, gradient
+    accumulation and DDP). Why not torch.utils.checkpoint around each call: its non-reentrant mode runs the forward
+    with grad on and keeps each call's whole graph minus the tensors, measured at ~1.2 MB per tiny-UNet call (8x the
+    model's weights over 40 steps), and is slower; its reentrant mode sends weight gradients around the outer graph,
+    which breaks autograd.grad and DDP; and either adds a node per call, with an edge to every LoRA tensor."""
 
     @staticmethod
-    def forward(ctx, fn, x, *weights):
-        ctx.fn, ctx.weights = fn, weights
+    def forward(ctx, fns, x, *weights):
+        ctx.fns, ctx.weights = fns, weights
         ctx.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
-        ctx.save_for_backward(x)
+        inputs = []
         with torch.no_grad():
-            return fn(x)
+            for fn in fns:
+                inputs.append(x)
+                x = fn(x)
+        ctx.save_for_backward(*inputs)
+        return x
 
     @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        x = x.detach().requires_grad_(ctx.needs_input_grad[1])
-        with torch.enable_grad(), contextlib.ExitStack() as stack:
-            for device_type, dtype in ctx.autocast:  # recompute under the forward's autocast, as it ran then
-                stack.enter_context(torch.autocast(device_type, dtype=dtype))
-            out = ctx.fn(x)
-        wanted = [t for t, need in zip((x, *ctx.weights), ctx.needs_input_grad[1:]) if need]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-        return (None, *(next(grads) if need else None for need in ctx.needs_input_grad[1:]))
+    def backward(ctx, grad):
+        weights = [w for w, need in zip(ctx.weights, ctx.needs_input_grad[2:]) if need]
+        total = [None] * len(weights)
+        for fn, x in zip(reversed(ctx.fns), reversed(ctx.saved_tensors)):
+            x = x.detach().requires_grad_()
+            with torch.enable_grad(), contextlib.ExitStack() as stack:
+                for device_type, dtype in ctx.autocast:  # recompute under the forward's autocast, as it ran then
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype))
+                out = fn(x)
+            grad, *grads = torch.autograd.grad(out, [x, *weights], grad, allow_unused=True)
+            for j, g in enumerate(grads):  # summed in place: no new buffers per step
+                if g is not None:
+                    total[j] = g if total[j] is None else total[j].add_(g)
+        total = iter(total)
+        return None, grad, *(next(total) if need else None for need in ctx.needs_input_grad[2:])
 
 
 # -----------------------------------------------------------------------------
@@ -221,7 +234,7 @@ def decode(sd, latents):
         z = z + sd.vae.config.shift_factor
     run = lambda z: sd.vae.decode(z.to(sd.vae.dtype)).sample.float()  # noqa: E731
     trainable = [p for p in sd.vae.parameters() if p.requires_grad]
-    x = checkpoint(run, z, trainable) if torch.is_grad_enabled() else run(z)
+    x = checkpoint([run], z, trainable) if torch.is_grad_enabled() else run(z)
     return (x / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
 
 
@@ -295,7 +308,8 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    k = backprop_window(backprop, steps, generator)
+    grad = torch.is_grad_enabled()
+    k = backprop_window(backprop, steps, generator) if grad else 0
     sched = sd.scheduler
     if sched.config.get("thresholding") or sched.config.get("clip_sample"):
         raise ValueError("scheduler configs with thresholding or clip_sample are not supported (SD uses neither)")
@@ -306,38 +320,39 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     cfg = guidance > 1.0
     trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
 
-    def model_output(x, t, context):  # one UNet evaluation, guided; the UNet runs in its dtype, the chain in x's
+    def step(x, t, z, context):  # one DDIM update x_t -> x_prev; z is this step's noise (eta > 0)
         out = sd.unet((torch.cat([x, x]) if cfg else x).to(sd.unet.dtype), t, encoder_hidden_states=context).sample
-        if cfg:
+        if cfg:  # guided: eps_u + guidance * (eps_c - eps_u)
             out_u, out_c = out.chunk(2)
             out = out_u + guidance * (out_c - out_u)
-        return out.to(x.dtype)
+        a_t, a_prev = alphas[t], alphas[t - stride] if t >= stride else final_alpha
+        eps, x0 = _eps_and_x0(sched.config.prediction_type, out.to(x.dtype), x, a_t)
+        sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+        x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+        return x + sigma * z if eta > 0 else x
 
-    def denoise(x, t, context, grad, keep):  # one DDIM update x_t -> x_prev
-        with torch.set_grad_enabled(grad):
-            if grad and not keep:  # store only x; the UNet's activations are recomputed in backward
-                out = checkpoint(lambda x: model_output(x, t, context), x, trainable)
-            else:
-                out = model_output(x, t, context)
-            a_t, a_prev = alphas[t], alphas[t - stride] if t >= stride else final_alpha
-            eps, x0 = _eps_and_x0(sched.config.prediction_type, out, x, a_t)
-            sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
-            x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
-            if eta > 0:
-                x = x + sigma * _randn(x, generator)
-        return x
+    def noise(like):  # drawn in step order, once: a recomputed step reuses its own
+        return _randn(like, generator) if eta > 0 else None
 
     context = (torch.cat([uncond, cond]) if cfg else cond).to(sd.unet.dtype)  # (2B, L, D): [uncond; cond]
+    ts = sched.timesteps
     x = latents
-    for i, t in enumerate(sched.timesteps):
-        grad = torch.is_grad_enabled() and i >= steps - k  # truncated backprop: only the last k steps build a graph
-        x = denoise(x, t, context, grad, keep=i >= steps - keep_activations)
-    if k == 0 and torch.is_grad_enabled():  # DRaFT-LV: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) z, then one step, N times
-        n, t = backprop[1], sched.timesteps[-1]
+    with torch.no_grad():  # the steps before the truncation window build no graph at all
+        for t in ts[:steps - k]:
+            x = step(x, t, noise(x), context)
+    window = [functools.partial(step, t=t, z=noise(x), context=context) for t in ts[steps - k:]]
+    if k == 0 and grad:  # DRaFT-LV: re-noise the sample N times to the last timestep, x_t = sqrt(a_t) x_0 +
+        n, t = backprop[1], ts[-1]  # sqrt(1 - a_t) z, and take the last step again, with gradients
         x0 = x.repeat(n, 1, 1, 1)  # (N * B, 4, h, w), draw-major
         x = alphas[t] ** 0.5 * x0 + (1 - alphas[t]) ** 0.5 * _randn(x0, generator)
         context = (torch.cat([uncond.repeat(n, 1, 1), cond.repeat(n, 1, 1)]) if cfg else cond.repeat(n, 1, 1))
-        x = denoise(x, t, context.to(sd.unet.dtype), grad=True, keep=keep_activations > 0)
+        context = context.to(sd.unet.dtype)
+        window = [functools.partial(step, t=t, z=noise(x), context=context)]
+    recompute = len(window) - min(keep_activations, len(window))
+    if recompute:  # checkpointed: only the latents entering each step are kept for backward
+        x = checkpoint(window[:recompute], x, trainable)
+    for fn in window[recompute:]:  # plain autograd: activations kept, no recomputation
+        x = fn(x)
     return x
 
 

@@ -1,0 +1,32 @@
+"""bench.py runs and prints its table; memory is flat in the number of DDIM steps with checkpointing (measured, not
+timed: each point in a fresh process, tensor bytes counted exactly)."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def bench(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *args, "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_memory_is_flat_in_the_number_of_steps(tmp_path):
+    # 128 px: one step's activations (~30 MB at the peak) dwarf the tiny model's 5 MB of weights
+    _, res = bench(tmp_path, "--steps-sweep", "10,50", "--resolution", "128")
+    model_mb = res["config"]["model_mb"]
+    growth = {row["checkpointed"]: row["growth_mb"] for row in res["rows"] if row["ddim_steps"] == 50}
+    assert 0 <= growth[True] < 0.05 * model_mb, growth  # 40 more latents of 4 KB, nothing else
+    assert growth[False] > 20 * model_mb, growth  # the measurement does see activations when they are kept
+
+
+def test_bench_prints_every_mode(tmp_path):
+    stdout, res = bench(tmp_path, "--repeats", "1", "--warmup", "0", "--ddim-steps", "4")
+    assert [row["mode"] for row in res["rows"]] == ["sample", "all", "1", "rand", "lv:2"]
+    assert all(row["seconds"] > 0 and row["step_mb"] > 0 for row in res["rows"])
+    assert "x sample" in stdout and "DRaFT-LV, N=2" in stdout
