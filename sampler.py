@@ -227,15 +227,20 @@ def native_resolution(sd):
 
 
 def decode(sd, latents):
-    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]. With grad enabled the VAE decoder is checkpointed, so its
-    activations (the largest in the whole model at 512 px) are not held during the UNet chain's backward."""
+    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]. With grad enabled the VAE decoder is checkpointed stage
+    by stage (its mid block, each up block, the output head), so backward holds one stage's activations at a time:
+    at 512 px the decoder's activations are the largest in the whole model."""
     z = latents / sd.vae.config.scaling_factor
     if getattr(sd.vae.config, "shift_factor", None):
         z = z + sd.vae.config.shift_factor
-    run = lambda z: sd.vae.decode(z.to(sd.vae.dtype)).sample.float()  # noqa: E731
-    trainable = [p for p in sd.vae.parameters() if p.requires_grad]
-    x = checkpoint([run], z, trainable) if torch.is_grad_enabled() else run(z)
-    return (x / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
+    z = z.to(sd.vae.dtype)
+    if not torch.is_grad_enabled():
+        return (sd.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
+    vae, dec = sd.vae, sd.vae.decoder  # diffusers' AutoencoderKL.decode, written out as a sequence of stages
+    stages = [lambda z: dec.mid_block(dec.conv_in(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)),
+              *dec.up_blocks, lambda x: dec.conv_out(dec.conv_act(dec.conv_norm_out(x))).float()]
+    x = checkpoint(stages, z, [p for p in vae.parameters() if p.requires_grad])
+    return (x / 2 + 0.5).clamp(0, 1)
 
 
 def image_grid(images, nrow, pad=2):

@@ -45,6 +45,8 @@ p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guid
 p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic DDIM, 1 = DDPM-like")
 p.add_argument("--backprop", default="all", help="gradient through: all steps | K (the last K) | lo,hi (K drawn "
                "uniformly per trajectory) | lv:N (DRaFT-LV: the last step, N noise draws averaged)")
+p.add_argument("--keep-activations", type=int, default=0, help="the last N steps with gradients keep their UNet "
+               "activations instead of recomputing them: faster, more memory; 0 = recompute all (flat memory)")
 p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
 p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision of the frozen model and "
                "autocast (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
@@ -102,6 +104,8 @@ if args.dtype == "fp16" and device == "cpu":
 for name in ("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n"):
     if getattr(args, name) < 1:
         die(f"--{name.replace('_', '-')} must be >= 1")
+if args.keep_activations < 0:
+    die("--keep-activations must be >= 0")
 if args.eta < 0 or args.lr <= 0:
     die("--eta must be >= 0 and --lr > 0")
 if not args.resume and os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
@@ -159,7 +163,7 @@ def checkpoint_run(done):  # after `done` optimisation steps
 def sample(cond, noise, generator, backprop):  # noise (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]
     with autocast:
         latents = ddim_sample(sd, cond, uncond.expand(len(cond), -1, -1), noise.to(device), args.ddim_steps,
-                              args.guidance, args.eta, backprop, generator)
+                              args.guidance, args.eta, backprop, generator, args.keep_activations)
         return decode(sd, latents)
 
 
