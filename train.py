@@ -1,7 +1,7 @@
 """AlignProp: fine-tune Stable Diffusion's UNet (through LoRA) by backpropagating a differentiable reward through the
 whole DDIM sampling chain (Prabhudesai et al. 2023, arXiv:2310.03739).
 
-    python train.py --reward compress                   # no CUDA GPU: the tiny model, ~70 s on 2 CPU cores
+    python train.py --reward compress                   # no CUDA GPU: the tiny model, ~60 s on 2 CPU cores
     python train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5 --ddim-steps 50
     python train.py --resume out/compress --steps 200   # continue a run; flags given here override its saved ones
 
