@@ -306,8 +306,8 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     eps is classifier-free guided: eps_u + guidance * (eps_c - eps_u), both halves in one batched UNet call.
 
     backprop: see backprop_window. With ("lv", N) the result has N * B rows (draw-major): the finished sample,
-    re-noised N times to the last timestep and denoised once more with gradients (DRaFT-LV, Clark et al. 2023,
-    Sec. 4.1); score all of them and average, and the gradient is the mean over the N draws.
+    re-noised N times to the last timestep and denoised once more with gradients (DRaFT-LV, Clark et al. 2023);
+    score all of them and average, and the gradient is the mean over the N draws.
     keep_activations: the last n steps with gradients keep their UNet activations instead of checkpointing
     (no recomputation in backward, but memory grows by one UNet forward's activations per step); 0 = flat memory.
     """
