@@ -4,7 +4,7 @@
     cond, uncond = encode_prompts(sd, ["a cat"]), encode_prompts(sd, [""])
     latents = torch.randn(1, *latent_shape(sd, 64))      # (B, 4, h, w)
     images = decode(sd, ddim_sample(sd, cond, uncond, latents, steps=20, backprop=1))   # (B, 3, H, W) in [0, 1]
-    (-images.mean()).backward()                          # gradients reach any trainable UNet parameter
+    (-images.mean()).backward()                          # reaches the UNet's trainable weights (e.g. LoRA)
 
 With grad enabled, `ddim_sample` keeps only the latents between steps: the steps run through `checkpoint` (gradient
 checkpointing, written out below), so each step's UNet activations are recomputed during backward and memory stays
