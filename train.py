@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -51,6 +52,8 @@ p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 
 p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision of the frozen model and "
                "autocast (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
 p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 = no clipping")
+p.add_argument("--max-skips", type=int, default=5, help="stop after this many steps in a row with a non-finite "
+               "loss or gradient (each one is skipped: no update)")
 p.add_argument("--seed", type=int, default=0, help="seeds the LoRA init, prompts, noise and eval images")
 p.add_argument("--out", default=None, help="output directory (default: out/<reward>)")
 p.add_argument("--resume", default=None, help="continue the run in this directory from its last checkpoint")
@@ -101,7 +104,7 @@ if args.resolution % 8:
     die(f"--resolution {args.resolution} is not divisible by 8 (the VAE's downsampling factor)")
 if args.dtype == "fp16" and device == "cpu":
     die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
-for name in ("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n"):
+for name in ("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n", "max_skips"):
     if getattr(args, name) < 1:
         die(f"--{name.replace('_', '-')} must be >= 1")
 if args.keep_activations < 0:
@@ -183,6 +186,8 @@ if args.resume:
         for n, v in ckpt["lora"].items():
             named[n].copy_(v)
     opt.load_state_dict(ckpt["opt"])
+    for group in opt.param_groups:  # the checkpoint brings its own lr: this run's --lr wins
+        group["lr"] = args.lr
     scaler.load_state_dict(ckpt["scaler"])
     rng.set_state(ckpt["rng"])
     torch.set_rng_state(ckpt["torch_rng"])
@@ -204,6 +209,16 @@ print(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers ({n_params 
 # -----------------------------------------------------------------------------
 # training loop
 
+stop_signal, skipped, skipped_in_a_row = [], 0, 0
+
+
+def on_signal(signum, frame):  # the first SIGTERM / Ctrl-C stops cleanly after this step; a second one, at once
+    stop_signal.append(signal.Signals(signum).name)
+    signal.signal(signum, signal.SIG_DFL)
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
 pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=args.reward, dynamic_ncols=True)
 for step in pbar:
     t0 = time.time()
@@ -220,25 +235,39 @@ for step in pbar:
         rewards.append(r.detach().float())
     scaler.unscale_(opt)  # so that clipping sees the true gradient norm
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-
     rewards = torch.cat(rewards)
+    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(rewards).all())
+    if finite:  # a non-finite loss or gradient would poison the weights and AdamW's moments: skip the update
+        scaler.step(opt)
+    scaler.update()  # fp16: a non-finite step also lowers the loss scale
+    opt.zero_grad(set_to_none=True)
+    skipped, skipped_in_a_row = skipped + (not finite), 0 if finite else skipped_in_a_row + 1
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
     log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-               loss=-rewards.mean().item(), grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak)
+               loss=-rewards.mean().item(), grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak,
+               skipped=not finite, skipped_total=skipped)
     done = step + 1
     if done == args.steps or (args.eval_every and done % args.eval_every == 0):
         log["eval_reward"] = evaluate(done)
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(log) + "\n")
+        f.write(json.dumps({k: None if v != v else v for k, v in log.items()}) + "\n")  # NaN -> null: valid JSON
     if done == args.steps or (args.save_every and done % args.save_every == 0):
         checkpoint_run(done)
     pbar.set_postfix(reward=f"{log['reward_mean']:.4f}", **({"eval": f"{log['eval_reward']:.4f}"}
                                                             if "eval_reward" in log else {}))
+    if skipped_in_a_row >= args.max_skips:
+        pbar.close()
+        print(f"error: {skipped_in_a_row} steps in a row had a non-finite loss or gradient; stopping. The last "
+              f"checkpoint in {args.out} is intact: lower --lr or check the reward, then --resume.", file=sys.stderr)
+        sys.exit(3)
+    if stop_signal:  # SIGTERM / Ctrl-C: finish the step, save, exit
+        checkpoint_run(done)
+        pbar.close()
+        print(f"stopped by {stop_signal[0]} after step {done}, checkpoint saved: continue with --resume {args.out}")
+        sys.exit(130 if stop_signal[0] == "SIGINT" else 143)
 
-last = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))][-1]
-print(f"{args.reward} reward on held-out prompts: {eval_before:.4f} -> {last.get('eval_reward', float('nan')):.4f} "
+with open(os.path.join(args.out, "metrics.jsonl")) as f:
+    after = [json.loads(line) for line in f][-1].get("eval_reward")
+print(f"{args.reward} reward on held-out prompts: {eval_before:.4f} -> {'nan' if after is None else f'{after:.4f}'} "
       f"after {args.steps} steps; LoRA in {os.path.join(args.out, 'lora.safetensors')}")

@@ -94,6 +94,37 @@ def test_draft_lv_run(tmp_path):
     assert len(metrics(tmp_path)) == 2 and all(x["grad_norm"] > 0 for x in metrics(tmp_path))
 
 
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+    # lr 1e30 without clipping: the first update blows the LoRA weights up, every later step is NaN
+    proc = run("train.py", "--out", tmp_path, "--steps", 20, "--lr", 1e30, "--max-grad-norm", 0, "--max-skips", 3,
+               *FAST, check=False)
+    assert proc.returncode == 3
+    assert "3 steps in a row had a non-finite loss or gradient" in proc.stderr.strip().splitlines()[-1]
+    m = metrics(tmp_path)
+    assert [x["skipped"] for x in m] == [False, True, True, True] and m[-1]["skipped_total"] == 3
+    assert m[-1]["reward_mean"] is None  # NaN is logged as null: the file stays valid JSON
+    resumed = run("train.py", "--resume", tmp_path, "--steps", 2, "--lr", 1e-2)  # the checkpoint (step 0) is intact
+    assert [x["step"] for x in metrics(tmp_path)] == [0, 1]
+
+
+def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
+    args = ["--out", tmp_path, "--steps", 40, "--save-every", 0, "--eval-every", 0, *FAST]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "metrics.jsonl").is_file() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in stdout
+    done = len(metrics(tmp_path))
+    resumed = run("train.py", "--resume", tmp_path, "--steps", done + 2)
+    assert f"at step {done}" in resumed.stdout
+    assert [x["step"] for x in metrics(tmp_path)] == list(range(done + 2))
+
+
 def test_resume_refuses_to_overwrite_or_resume_nothing(trained, tmp_path):
     out, _ = trained
     proc = run("train.py", "--out", out, check=False)
