@@ -65,21 +65,26 @@ def test_sample_compares_base_and_lora(trained, tmp_path):
     assert lora > base
 
 
+def signal_after(lines, sig, out, *args):
+    """Start train.py, send `sig` once metrics.jsonl has `lines` lines; returns (exit status, stdout)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), *map(str, args)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= lines:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    stdout, _ = proc.communicate(timeout=300)
+    return proc.returncode, stdout
+
+
 def test_resume_after_a_kill_continues_exactly(tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run("train.py", "--out", whole, "--steps", 6, "--save-every", 3, "--eval-every", 0, *FAST)
     # the same run, killed (SIGKILL: no chance to clean up) after its 5th logged step, i.e. 2 past the checkpoint
-    args = ["--out", cut, "--steps", 6, "--save-every", 3, "--eval-every", 0, *FAST]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (cut / "metrics.jsonl").is_file() and len((cut / "metrics.jsonl").read_text().splitlines()) >= 5:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    status, _ = signal_after(5, signal.SIGKILL, cut, "--steps", 6, "--save-every", 3, "--eval-every", 0, *FAST)
+    assert status == -signal.SIGKILL, "the run ended before it could be killed"
     resumed = run("train.py", "--resume", cut)
     assert "resuming" in resumed.stdout and "at step 3" in resumed.stdout
     a, b = metrics(whole), metrics(cut)
@@ -103,22 +108,14 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     m = metrics(tmp_path)
     assert [x["skipped"] for x in m] == [False, True, True, True] and m[-1]["skipped_total"] == 3
     assert m[-1]["reward_mean"] is None  # NaN is logged as null: the file stays valid JSON
-    resumed = run("train.py", "--resume", tmp_path, "--steps", 2, "--lr", 1e-2)  # the checkpoint (step 0) is intact
+    run("train.py", "--resume", tmp_path, "--steps", 2, "--lr", 1e-2)  # the checkpoint (step 0) is intact
     assert [x["step"] for x in metrics(tmp_path)] == [0, 1]
 
 
 def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
-    args = ["--out", tmp_path, "--steps", 40, "--save-every", 0, "--eval-every", 0, *FAST]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (tmp_path / "metrics.jsonl").is_file() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
-    stdout, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 143 and "stopped by SIGTERM" in stdout
+    status, stdout = signal_after(2, signal.SIGTERM, tmp_path, "--steps", 40, "--save-every", 0, "--eval-every", 0,
+                                  *FAST)
+    assert status == 143 and "stopped by SIGTERM" in stdout
     done = len(metrics(tmp_path))
     resumed = run("train.py", "--resume", tmp_path, "--steps", done + 2)
     assert f"at step {done}" in resumed.stdout
