@@ -4,11 +4,16 @@ whole DDIM sampling chain (Prabhudesai et al. 2023, arXiv:2310.03739).
     python train.py --reward compress                   # no CUDA GPU: the tiny model, ~60 s on 2 CPU cores
     python train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5 --ddim-steps 50
     python train.py --resume out/compress --steps 200   # continue a run; flags given here override its saved ones
+    torchrun --standalone --nproc_per_node=4 train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5
 
 One optimisation step: draw prompts and noise, sample with DDIM *with gradients on* (each UNet call checkpointed, so
 memory stays flat in the number of steps), decode, score, loss = -mean(reward), backprop into the LoRA weights only,
 clip the gradient norm, AdamW. Writes to --out: config.json, metrics.jsonl (one line per step), lora.safetensors
 (loads in diffusers with pipe.load_lora_weights), checkpoint.pt (for --resume), samples/step_NNNNNN.png.
+
+Under torchrun each process takes its share of every global batch of prompts and noise, and the LoRA gradients are
+averaged across processes once per optimisation step, so N processes give the same weights as one process with an
+N times larger --batch-size. Process 0 alone writes files.
 """
 import argparse
 import json
@@ -19,6 +24,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from lora import inject_lora, save_lora
@@ -62,9 +68,23 @@ p.add_argument("--eval-every", type=int, default=10, help="eval grid every N ste
 p.add_argument("--eval-n", type=int, default=8, help="eval images (held-out prompts x fixed seeds)")
 args = p.parse_args()
 
+ddp = "RANK" in os.environ  # started by torchrun: one process per GPU (or CPU process, with gloo)
+if ddp:
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+master = rank == 0  # writes logs, grids and checkpoints; every rank computes the same decisions from the same data
 
-def die(msg):  # bad input: one line, exit status 2, no traceback
-    print(f"error: {msg}", file=sys.stderr)
+
+def info(*msg):
+    if master:
+        print(*msg)
+
+
+def die(msg):  # bad input: one line, exit status 2, no traceback (every rank sees the same input and stops)
+    if master:
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -77,15 +97,16 @@ if args.resume:  # the saved flags become the defaults; flags on this command li
     args = p.parse_args()
     args.out = args.resume
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device_type = "cuda" if torch.cuda.is_available() else "cpu"
+device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
 if args.model is None:
-    args.model = DEFAULT_MODEL if device == "cuda" else "tiny"
-    if device == "cpu":
-        print("no CUDA GPU: using --model tiny (random weights, 64 px); full-size SD would take hours per step on a CPU")
+    args.model = DEFAULT_MODEL if device_type == "cuda" else "tiny"
+    if device_type == "cpu":
+        info("no CUDA GPU: using --model tiny (random weights, 64 px); full-size SD would take hours per step on a CPU")
 if args.lr is None:
     args.lr = 1e-2 if args.model == "tiny" else 1e-3
 if args.dtype is None:
-    args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
+    args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
 args.out = args.out or os.path.join("out", args.reward)
 
 if args.reward not in REWARDS:
@@ -102,7 +123,7 @@ except ValueError as e:
     die(f"--backprop {e}")
 if args.resolution % 8:
     die(f"--resolution {args.resolution} is not divisible by 8 (the VAE's downsampling factor)")
-if args.dtype == "fp16" and device == "cpu":
+if args.dtype == "fp16" and device_type == "cpu":
     die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
 for name in ("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n", "max_skips"):
     if getattr(args, name) < 1:
@@ -113,6 +134,8 @@ if args.eta < 0 or args.lr <= 0:
     die("--eta must be >= 0 and --lr > 0")
 if not args.resume and os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
     die(f"{args.out} already holds a run: continue it with --resume {args.out}, or pick another --out")
+if ddp:
+    dist.barrier()  # every rank has checked the output directory before rank 0 writes to it
 
 # -----------------------------------------------------------------------------
 # setup
@@ -127,8 +150,8 @@ resolution = args.resolution or native_resolution(sd)
 shape = latent_shape(sd, resolution)  # (4, H/8, W/8)
 params = inject_lora(sd.unet, rank=args.lora_rank, dtype=torch.float32)  # the only trainable weights, kept in fp32
 opt = torch.optim.AdamW(params, lr=args.lr)
-autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
-scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 gradients underflow without it
+autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # fp16 gradients underflow without it
 reward_fn = load_reward(args.reward, device, dtype)
 
 with open(args.prompts) as f:
@@ -142,12 +165,31 @@ with torch.no_grad(), autocast:  # the text encoder is frozen: encode every prom
     uncond = encode_prompts(sd, [""])  # (1, L, D)
 eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual_seed(args.seed + 1))
 
-# one CPU generator drives prompts, initial noise, eta noise and random K: the run is reproducible and resumable
+# One CPU generator, in the same state on every rank, draws each global batch of prompts and initial noise; a rank
+# keeps its rows. The run is reproducible, resumable, and the same for any number of processes.
 rng = torch.Generator().manual_seed(args.seed)
-os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-with open(os.path.join(args.out, "config.json"), "w") as f:  # the flags of the latest (re)start
-    json.dump(vars(args), f, indent=2)
+rows = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+global_batch = args.batch_size * args.grad_accum * world
+if master:
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as f:  # the flags of the latest (re)start
+        json.dump(dict(vars(args), world_size=world, global_batch=global_batch), f, indent=2)
 step, eval_before = 0, None
+
+
+def loop_generator(step, micro):
+    """Eta noise and random K inside the sampler: different on every rank, and a function of the step alone, so a
+    resumed run draws what the uninterrupted one did (hash() of a tuple of ints does not change between runs)."""
+    return torch.Generator().manual_seed(hash((args.seed, step, micro, rank)) % 2**63)
+
+
+def weights_in_sync():  # max |difference| between this rank's LoRA weights and rank 0's, over all ranks
+    flat = torch.cat([p.detach().flatten() for p in params])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
 
 
 def atomic_save(save, path):  # a crash mid-write leaves the previous file intact
@@ -155,7 +197,11 @@ def atomic_save(save, path):  # a crash mid-write leaves the previous file intac
     os.replace(path + ".tmp", path)
 
 
-def checkpoint_run(done):  # after `done` optimisation steps
+def checkpoint_run(done):  # after `done` optimisation steps; called on every rank
+    if ddp and weights_in_sync() != 0:  # cheap insurance against silently wrong gradient synchronisation
+        die(f"the LoRA weights differ between ranks at step {done}: the gradient all-reduce is broken")
+    if not master:
+        return
     state = dict(step=done, lora={n: p.detach() for n, p in sd.unet.named_parameters() if p.requires_grad},
                  opt=opt.state_dict(), scaler=scaler.state_dict(), rng=rng.get_state(),
                  torch_rng=torch.get_rng_state(), eval_before=eval_before)
@@ -192,19 +238,22 @@ if args.resume:
     rng.set_state(ckpt["rng"])
     torch.set_rng_state(ckpt["torch_rng"])
     step, eval_before = ckpt["step"], ckpt["eval_before"]
-    with open(os.path.join(args.out, "metrics.jsonl")) as f:  # one line per step: drop those after the checkpoint
-        kept = f.readlines()[:step]
-    with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-        f.writelines(kept)
-    print(f"resuming {args.out} at step {step}")
+    if master:
+        with open(os.path.join(args.out, "metrics.jsonl")) as f:  # one line per step: drop those after the checkpoint
+            kept = f.readlines()[:step]
+        with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
+            f.writelines(kept)
+    info(f"resuming {args.out} at step {step}")
 else:
-    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
-    eval_before = evaluate(0)
+    if master:
+        open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+        eval_before = evaluate(0)
     checkpoint_run(0)
 
 n_params = sum(p.numel() for p in params)
-print(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers ({n_params / 1e6:.2f}M params), {device} "
-      f"{args.dtype}, {args.batch_size * args.grad_accum} images/step, eval reward {eval_before:.4f}")
+info(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers ({n_params / 1e6:.2f}M params), {device_type} "
+     f"{args.dtype}, global batch {global_batch} images/step = {args.batch_size} x {args.grad_accum} grad-accum x "
+     f"{world} processes" + (f", eval reward {eval_before:.4f}" if master else ""))
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -219,55 +268,74 @@ def on_signal(signum, frame):  # the first SIGTERM / Ctrl-C stops cleanly after 
 
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
-pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=args.reward, dynamic_ncols=True)
+pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=args.reward, dynamic_ncols=True,
+            disable=not master)
 for step in pbar:
     t0 = time.time()
-    if device == "cuda":
+    if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rewards = []
-    for _ in range(args.grad_accum):
-        idx = torch.randint(len(prompts), (args.batch_size,), generator=rng)
-        noise = torch.randn(args.batch_size, *shape, generator=rng)  # (B, 4, h, w), drawn on the CPU: reproducible
-        images = sample(cond_all[idx], noise, rng, backprop)  # with gradients; (B, ...), or (N * B, ...) for lv:N
+    for micro in range(args.grad_accum):
+        idx = torch.randint(len(prompts), (world * args.batch_size,), generator=rng)[rows]  # this rank's rows
+        noise = torch.randn(world * args.batch_size, *shape, generator=rng)[rows]  # (B, 4, h, w), on the CPU
+        images = sample(cond_all[idx], noise, loop_generator(step, micro), backprop)  # (B, ...); (N * B, ...) lv:N
         r = reward_fn(images, [prompts[i] for i in idx] * (len(images) // args.batch_size))
         loss = -r.mean() / args.grad_accum
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # gradients add up locally: no communication per micro-batch
         rewards.append(r.detach().float())
+    rewards = torch.cat(rewards)
+    if ddp:  # average the gradients over ranks: one all-reduce of one flat buffer; gather the rewards for the log
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)  # sum; gloo has no average
+        for g, avg in zip(grads, (flat / world).split([g.numel() for g in grads])):
+            g.copy_(avg.view_as(g))
+        parts = [torch.empty_like(rewards) for _ in range(world)]
+        dist.all_gather(parts, rewards)
+        rewards = torch.cat(parts)
     scaler.unscale_(opt)  # so that clipping sees the true gradient norm
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-    rewards = torch.cat(rewards)
     finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(rewards).all())
     if finite:  # a non-finite loss or gradient would poison the weights and AdamW's moments: skip the update
         scaler.step(opt)
     scaler.update()  # fp16: a non-finite step also lowers the loss scale
     opt.zero_grad(set_to_none=True)
     skipped, skipped_in_a_row = skipped + (not finite), 0 if finite else skipped_in_a_row + 1
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
     log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                loss=-rewards.mean().item(), grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak,
                skipped=not finite, skipped_total=skipped)
     done = step + 1
-    if done == args.steps or (args.eval_every and done % args.eval_every == 0):
+    if master and (done == args.steps or (args.eval_every and done % args.eval_every == 0)):
         log["eval_reward"] = evaluate(done)
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({k: None if v != v else v for k, v in log.items()}) + "\n")  # NaN -> null: valid JSON
-    if done == args.steps or (args.save_every and done % args.save_every == 0):
+    if master:
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({k: None if v != v else v for k, v in log.items()}) + "\n")  # NaN -> null: valid JSON
+    stop = torch.tensor(float(bool(stop_signal)), device=device)
+    if ddp:  # a signal may reach the ranks at different steps: stop together after the first one that saw it
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    if done == args.steps or (args.save_every and done % args.save_every == 0) or stop:
         checkpoint_run(done)
     pbar.set_postfix(reward=f"{log['reward_mean']:.4f}", **({"eval": f"{log['eval_reward']:.4f}"}
                                                             if "eval_reward" in log else {}))
     if skipped_in_a_row >= args.max_skips:
         pbar.close()
-        print(f"error: {skipped_in_a_row} steps in a row had a non-finite loss or gradient; stopping. The last "
-              f"checkpoint in {args.out} is intact: lower --lr or check the reward, then --resume.", file=sys.stderr)
+        if master:
+            print(f"error: {skipped_in_a_row} steps in a row had a non-finite loss or gradient; stopping. The "
+                  f"last checkpoint in {args.out} is intact: lower --lr or check the reward, then --resume.", file=sys.stderr)
         sys.exit(3)
-    if stop_signal:  # SIGTERM / Ctrl-C: finish the step, save, exit
-        checkpoint_run(done)
+    if stop:  # SIGTERM / Ctrl-C: the step is finished and saved
         pbar.close()
-        print(f"stopped by {stop_signal[0]} after step {done}, checkpoint saved: continue with --resume {args.out}")
-        sys.exit(130 if stop_signal[0] == "SIGINT" else 143)
+        name = stop_signal[0] if stop_signal else "SIGTERM"  # what another rank received
+        info(f"stopped by {name} after step {done}, checkpoint saved: continue with --resume {args.out}")
+        sys.exit(130 if name == "SIGINT" else 143)
 
-with open(os.path.join(args.out, "metrics.jsonl")) as f:
-    after = [json.loads(line) for line in f][-1].get("eval_reward")
-print(f"{args.reward} reward on held-out prompts: {eval_before:.4f} -> {'nan' if after is None else f'{after:.4f}'} "
-      f"after {args.steps} steps; LoRA in {os.path.join(args.out, 'lora.safetensors')}")
+if ddp:
+    info(f"LoRA weights identical on all {world} processes (checked at every checkpoint)")
+    dist.destroy_process_group()
+if master:
+    with open(os.path.join(args.out, "metrics.jsonl")) as f:
+        after = [json.loads(line) for line in f][-1].get("eval_reward")
+    print(f"{args.reward} reward on held-out prompts: {eval_before:.4f} -> {'nan' if after is None else f'{after:.4f}'} "
+          f"after {args.steps} steps; LoRA in {os.path.join(args.out, 'lora.safetensors')}")

@@ -8,14 +8,15 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT
 
 FAST = ["--batch-size", "2", "--ddim-steps", "8", "--eval-n", "4"]
 
 
-def run(script, *args, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+def run(script, *args, check=True, launcher=()):
+    proc = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,10 +66,10 @@ def test_sample_compares_base_and_lora(trained, tmp_path):
     assert lora > base
 
 
-def signal_after(lines, sig, out, *args):
+def signal_after(lines, sig, out, *args, launcher=()):
     """Start train.py, send `sig` once metrics.jsonl has `lines` lines; returns (exit status, stdout)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), *map(str, args)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, *launcher, os.path.join(ROOT, "train.py"), "--out", str(out),
+                             *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= lines:
@@ -163,3 +164,52 @@ def test_unreachable_hub_is_a_short_message(tmp_path):
                            "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--model tiny" in proc.stderr
+
+
+def test_same_seed_same_rewards(tmp_path):
+    for out in ("a", "b"):
+        run("train.py", "--out", tmp_path / out, "--steps", 3, "--eval-every", 0, "--eta", 1, "--backprop", "1,8",
+            *FAST)
+    assert metrics(tmp_path / "a") == [dict(x, seconds=y["seconds"], peak_mem_mb=y["peak_mem_mb"])
+                                       for x, y in zip(metrics(tmp_path / "b"), metrics(tmp_path / "a"))]
+
+
+# -----------------------------------------------------------------------------
+# several processes: torchrun with gloo on the CPU
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    args = ["--steps", 3, "--eval-every", 0, "--ddim-steps", 8, "--eval-n", 4]
+    two = run("train.py", "--out", tmp_path / "two", "--batch-size", 2, *args, launcher=TORCHRUN)
+    assert "global batch 4 images/step = 2 x 1 grad-accum x 2 processes" in two.stdout
+    assert "LoRA weights identical on all 2 processes" in two.stdout  # rank 1's weights are rank 0's, bit for bit
+    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["global_batch"] == 4
+    run("train.py", "--out", tmp_path / "one", "--batch-size", 4, *args)
+    for x, y in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one"), strict=True):
+        for key in ("reward_mean", "reward_std", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "two" / "lora.safetensors"), load_file(tmp_path / "one" / "lora.safetensors")
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in b])
+    # The gradients agree to fp32 rounding, but AdamW moves each weight by about lr * sign(gradient), so a gradient
+    # within rounding of 0 can flip its step: allow a few such entries, each by at most 2 * lr per step.
+    assert (diff > 1e-5).float().mean() < 0.03 and diff.max() < 2 * 1e-2 * 3
+
+
+def test_two_processes_skip_non_finite_steps_stop_and_resume_after_sigterm(tmp_path):
+    proc = run("train.py", "--out", tmp_path / "nan", "--steps", 20, "--lr", 1e30, "--max-grad-norm", 0,
+               "--max-skips", 2, *FAST, launcher=TORCHRUN, check=False)
+    assert proc.returncode != 0 and "2 steps in a row had a non-finite loss" in proc.stderr  # both ranks stopped
+    assert [x["skipped"] for x in metrics(tmp_path / "nan")] == [False, True, True]
+    # torchrun passes SIGTERM on to every rank: they finish the step together, rank 0 saves
+    out = tmp_path / "term"
+    status, stdout = signal_after(2, signal.SIGTERM, out, "--steps", 40, "--save-every", 0, "--eval-every", 0,
+                                  *FAST, launcher=TORCHRUN)
+    assert "stopped by SIGTERM" in stdout
+    done = len(metrics(out))
+    resumed = run("train.py", "--resume", out, "--steps", done + 2, launcher=TORCHRUN)
+    assert f"at step {done}" in resumed.stdout and "identical on all 2 processes" in resumed.stdout
+    assert [x["step"] for x in metrics(out)] == list(range(done + 2))
