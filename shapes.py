@@ -85,7 +85,9 @@ def split_captions():
 # -----------------------------------------------------------------------------
 # rendering
 
-MIN_SIZE, MAX_SIZE = 10, 20  # side of a shape's (square) bounding box, in pixels at RESOLUTION; scaled with size
+# Side of a shape's (square) bounding box, in pixels at RESOLUTION, scaled with the image size. describe() needs
+# 10 px: a rasterised circle of 9 px fills its box as much as a blurred square, so it is exact from size 64 up.
+MIN_SIZE, MAX_SIZE = 10, 20
 GAP = 3  # pixels at least between two shapes' bounding boxes: a blur of sigma <~ 1 px does not join them
 BORDER = 2  # pixels at least between a shape and the image edge, so blurred edges stay inside the image
 MAX_TRIES = 100  # placements tried for one shape before the whole layout is drawn again
