@@ -16,6 +16,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS_PER_CAPTION = 64  # 48 captions x 64 seeds = 3072 images
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """describe() is a chain of many small tensor ops: spread over 2 threads on a machine whose other core is busy,
+    each op waits for that core (measured: 4 ms per image on 2 threads against 0.3 on 1, with another job running;
+    0.2 against 0.3 on an idle machine). One thread keeps this file at a few seconds either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def truth(text):
     count, colour, shape = parse_caption(text)
     return dict(count=count, colour=colour, shape=shape)
