@@ -14,7 +14,7 @@ import sys
 import torch
 
 from lora import load_lora
-from rewards import REWARDS, load_reward
+from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
 from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_sample, decode, encode_prompts, image_grid, latent_shape,
                      load_sd, native_resolution)
 
@@ -23,7 +23,8 @@ p.add_argument("--lora", required=True, help="a LoRA file written by train.py (o
 p.add_argument("--prompts", nargs="+", default=["a cat", "a dog"], help="prompts, one grid row each")
 p.add_argument("--n", type=int, default=4, help="samples per prompt and model")
 p.add_argument("--model", default=None, help="hub id, local diffusers dir or 'tiny' (default: the run's)")
-p.add_argument("--reward", default=None, help=f"also score both models: {', '.join(REWARDS)}")
+p.add_argument("--reward", default=None,
+               help=f"also score both models: {', '.join(REWARDS)}, or a weighted mix such as aesthetic,compress:0.5")
 p.add_argument("--ddim-steps", type=int, default=None, help="denoising steps (default: the run's, else 50)")
 p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the run's, else 7.5)")
 p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic")
@@ -40,8 +41,11 @@ def die(msg):
 
 if not os.path.isfile(args.lora):
     die(f"--lora {args.lora}: no such file")
-if args.reward is not None and args.reward not in REWARDS:
-    die(f"unknown reward {args.reward!r}; valid: {', '.join(REWARDS)}")
+if args.reward is not None:
+    try:
+        parse_reward_spec(args.reward)
+    except ValueError as e:
+        die(str(e))
 run_cfg = {}
 if os.path.isfile(os.path.join(os.path.dirname(args.lora), "config.json")):
     with open(os.path.join(os.path.dirname(args.lora), "config.json")) as f:
@@ -53,6 +57,12 @@ steps = args.ddim_steps or run_cfg.get("ddim_steps", 50)
 guidance = args.guidance if args.guidance is not None else run_cfg.get("guidance", 7.5)
 out = args.out or os.path.join(os.path.dirname(args.lora) or ".", "compare.png")
 
+reward_fn = None
+if args.reward:  # before sampling: a reward whose weights are missing fails in seconds
+    try:
+        reward_fn = load_reward(args.reward, device, dtype)
+    except RewardLoadError as e:
+        die(str(e))
 try:
     sd = load_sd(model, device, dtype)
 except ModelLoadError as e:
@@ -83,7 +93,12 @@ tuned = generate()
 rows = torch.cat([base.unflatten(0, (len(args.prompts), args.n)), tuned.unflatten(0, (len(args.prompts), args.n))], 1)
 image_grid(rows.flatten(0, 1), nrow=2 * args.n).save(out)
 print(f"{model}, {resolution}px, {steps} DDIM steps: wrote {out} (left: base, right: LoRA)")
-if args.reward:
-    reward_fn = load_reward(args.reward, device, dtype)
-    print(f"{args.reward} reward, mean over {len(prompts)} images: base {reward_fn(base, prompts).mean():.4f} -> "
-          f"LoRA {reward_fn(tuned, prompts).mean():.4f}")
+if reward_fn is not None:  # the reward, then each part of a mix
+    scores = []
+    for images in (base, tuned):
+        scores.append({args.reward: reward_fn(images, prompts).mean().item()})
+        if len(reward_fn.components) > 1:
+            scores[-1].update({name: r.mean().item() for name, r in reward_fn.components.items()})
+    for name in scores[0]:
+        print(f"{name} reward, mean over {len(prompts)} images: base {scores[0][name]:.4f} -> "
+              f"LoRA {scores[1][name]:.4f}")
