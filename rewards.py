@@ -535,6 +535,8 @@ REWARDS = {  # name -> loader(device, dtype) -> fn(images, prompts) -> (B,)
     "compress": lambda device, dtype: compress,
     "incompress": lambda device, dtype: incompress,
     "aesthetic": load_aesthetic,
+    # HPSv2 scores with the longest side resized to 224 and zero padding, the same as laion's shortest side and centre
+    # crop for the square images Stable Diffusion makes
     "hps": lambda device, dtype: load_clip_score("clip-h14", load_hps_clip(device, dtype), device, dtype),
     "pickscore": lambda device, dtype: load_clip_score(
         "clip-h14", from_hub("pickscore", "CLIPModel", device, dtype), device, dtype, use_logit_scale=True),
@@ -566,7 +568,8 @@ def parse_reward_spec(spec):
 
 class WeightedSum:
     """fn(images, prompts) -> sum of weight * reward, (B,) fp32. After each call, `components` maps each reward's name
-    to its own value (B,), unweighted and detached, for logging. A reward of weight 0 runs under no_grad."""
+    to its own value (B,), unweighted and detached, for logging (a single reward is a mix of one: one entry);
+    `weights` maps it to its weight. A reward of weight 0 runs under no_grad."""
 
     def __init__(self, terms):  # [(name, weight, fn)]
         self.terms, self.weights, self.components = terms, {name: w for name, w, _ in terms}, {}
