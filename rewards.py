@@ -406,6 +406,55 @@ class ObjectCount(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# shapes-count: the same question for the coloured-shapes model (shapes.py), asked of a small learned counter
+
+SHAPE_COUNTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes", "counter.safetensors")
+
+
+class ShapeCounter(nn.Module):
+    """images (B, 3, H, W) in [0, 1] -> soft count of shapes (B,): a small CNN predicts a density map, one unit of
+    mass per shape, and sums it (counting by density, Lempitsky & Zisserman 2010). `python shapes.py --train` fits it
+    to rendered images of 0 to 5 shapes, blurred and noised; like any learned reward it can be fooled, which is what
+    shapes.describe(), an exact count, is there to catch."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(  # 64 px -> 8x8 density cells, each seeing ~40 px: a whole shape
+            nn.Conv2d(3, w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(w, w, 3, padding=1, stride=2), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1, stride=2), nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * w, 1, 1))
+
+    def forward(self, images):
+        return F.softplus(self.net(images * 2 - 1)).sum((1, 2, 3))
+
+
+class ShapesCount(nn.Module):
+    """-|counted shapes - n| for prompts of shapes.py's grammar ("three red circles": n = 3, by parse_count)."""
+
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def forward(self, images, prompts):
+        targets = torch.tensor([parse_count(p)[0] for p in prompts], dtype=torch.float32, device=images.device)
+        return -(self.counter(images.to(next(self.counter.parameters()).dtype)).float() - targets).abs()
+
+
+def load_shapes_count(device, dtype):
+    from safetensors.torch import load_file
+    if not os.path.isfile(SHAPE_COUNTER):
+        raise RewardLoadError(f"no counter weights at {SHAPE_COUNTER}: they ship with the repository, or train them "
+                              "with python shapes.py --train")
+    counter = ShapeCounter()
+    counter.load_state_dict(load_file(SHAPE_COUNTER))
+    return frozen(ShapesCount(counter), device, dtype)
+
+
+# -----------------------------------------------------------------------------
 # weights: from an environment variable's path, the Hugging Face cache, or the hub
 
 SOURCES = {  # name -> (environment variable naming a local copy, hub repo, file in it; None: a transformers directory)
@@ -543,6 +592,7 @@ REWARDS = {  # name -> loader(device, dtype) -> fn(images, prompts) -> (B,)
     "clip": lambda device, dtype: load_clip_score(
         "clip-l14", from_hub("clip-l14", "CLIPModel", device, dtype), device, dtype),
     "count": load_count,
+    "shapes-count": load_shapes_count,
 }
 
 

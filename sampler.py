@@ -1,6 +1,6 @@
 """Stable Diffusion loading and a DDIM sampler you can backpropagate through.
 
-    sd = load_sd("tiny", "cpu", torch.float32)          # or a hub id, or a local diffusers directory
+    sd = load_sd("tiny", "cpu", torch.float32)          # or "shapes", a hub id, or a local diffusers directory
     cond, uncond = encode_prompts(sd, ["a cat"]), encode_prompts(sd, [""])
     latents = torch.randn(1, *latent_shape(sd, 64))      # (B, 4, h, w)
     images = decode(sd, ddim_sample(sd, cond, uncond, latents, steps=20, backprop=1))   # (B, 3, H, W) in [0, 1]
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SHAPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes")  # load_sd("shapes")
 
 
 @dataclass
@@ -49,13 +50,18 @@ class ModelLoadError(RuntimeError):
 
 
 def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
-    """Load a Stable Diffusion: a hub id, a local diffusers-format directory, or "tiny" (built offline).
+    """Load a Stable Diffusion: a hub id, a local diffusers-format directory, "tiny" (random weights, built offline) or
+    "shapes" (the coloured-shapes model trained by shapes.py and shipped in models/shapes).
 
     All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is always a DDIMScheduler."""
     if model == "tiny":
         sd = _build_tiny()
+    elif model == "shapes":
+        if not os.path.isfile(os.path.join(SHAPES_DIR, "unet", "config.json")):
+            raise ModelLoadError(f"no shapes model in {SHAPES_DIR}: train it with python shapes.py --train")
+        sd = _from_pretrained(SHAPES_DIR, dtype)
     else:
-        sd = _from_pretrained(model)
+        sd = _from_pretrained(model, dtype)
     for m in (sd.unet, sd.vae, sd.text_encoder):
         m.requires_grad_(False).eval().to(device)
         if next(m.parameters()).dtype != dtype:
@@ -63,17 +69,17 @@ def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     return sd
 
 
-def _from_pretrained(model):
+def _from_pretrained(model, dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    def load(local_only):
+    def load(local_only):  # weights come in the run's dtype: no full-precision copy on the way
         kw = dict(pretrained_model_name_or_path=model, local_files_only=local_only)
         with warnings.catch_warnings():  # diffusers passes an argument that newer huggingface_hub deprecates
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
-            return SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", **kw),
-                      vae=AutoencoderKL.from_pretrained(subfolder="vae", **kw),
-                      text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", **kw),
+            return SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", torch_dtype=dtype, **kw),
+                      vae=AutoencoderKL.from_pretrained(subfolder="vae", torch_dtype=dtype, **kw),
+                      text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", dtype=dtype, **kw),
                       tokenizer=CLIPTokenizer.from_pretrained(subfolder="tokenizer", **kw),
                       scheduler=DDIMScheduler.from_pretrained(subfolder="scheduler", **kw))
 

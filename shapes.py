@@ -21,12 +21,14 @@ References: connected-component labelling by label propagation with pointer jump
 byte-pair encoding, Sennrich et al. 2016 (arXiv:1508.07909), as CLIP's tokenizer uses it (Radford et al. 2021).
 """
 import collections
+import copy
 import functools
 import itertools
 import json
 import math
 import os
 import random
+import time
 
 import torch
 
@@ -311,7 +313,237 @@ def _merge(word, pair):
 # -----------------------------------------------------------------------------
 # the model (trained by python shapes.py --train)
 
-# TODO(lead): a tiny text-to-image diffusion model trained from scratch on sample_batch, with build_tokenizer's tokens.
+MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes")
+VAE_CONFIG = dict(  # three blocks: 64 px images <-> 16x16x4 latents (SD's VAE has four: 8x smaller latents)
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+    sample_size=RESOLUTION)
+TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=MAX_TOKENS)
+UNET_CONFIG = dict(  # cross-attention at 8x8 and 4x4, where a shape is a few cells and counting is a global question
+    in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
+SCHEDULER_CONFIG = dict(  # SD 1.x's noise schedule and DDIM conventions, so the model samples like SD
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+    set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+CAPTION_DROPOUT = 0.1  # captions replaced by "" in training: the unconditional model classifier-free guidance needs
+EMA_DECAY = 0.999  # the shipped UNet and text encoder are exponential moving averages of the trained weights
+
+
+SAVE_EVERY = 250  # optimisation steps between training checkpoints: a stopped --train resumes from the last one
+
+
+def _optimise(name, modules, steps, lr, loss_fn, generator, state_dir, after_step=None):
+    """AdamW on the parameters of `modules` (a ModuleList) for `steps` steps of loss_fn(step), with a linear warm-up
+    and a cosine decay, a progress bar, and a checkpoint in state_dir/name.pt every SAVE_EVERY steps (the modules,
+    optimiser, data generator and step), from which a new call continues."""
+    from tqdm import tqdm
+    params = [p for p in modules.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = min(200, steps // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    path, start = os.path.join(state_dir, f"{name}.pt"), 0
+    if os.path.isfile(path):
+        state = torch.load(path, weights_only=True)
+        modules.load_state_dict(state["modules"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc=name, dynamic_ncols=True):
+        loss_fn(step).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if after_step:
+            after_step(step)
+        if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
+            state = dict(modules=modules.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                         generator=generator.get_state(), step=step + 1)
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+
+def train_vae(steps, batch, generator, state_dir):
+    """An AutoencoderKL for rendered images: L1 + MSE reconstruction and a small KL term (as SD's, which keeps the
+    latents near N(0, I) in scale but lets them carry detail). Returns it with scaling_factor set to 1 / the std of
+    its latents, the role of SD's 0.18215."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(**VAE_CONFIG)
+
+    def loss(step):
+        x = sample_batch(batch, generator)[0] * 2 - 1  # (B, 3, 64, 64): the VAE works in [-1, 1], as SD's
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        return (recon - x).abs().mean() + (recon - x).square().mean() + 1e-6 * posterior.kl().mean()
+
+    _optimise("vae", torch.nn.ModuleList([vae]), steps, 1e-3, loss, generator, state_dir)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = vae.encode(sample_batch(512, torch.Generator().manual_seed(0))[0] * 2 - 1).latent_dist.mode()
+    vae.register_to_config(scaling_factor=1 / z.std().item())
+    return vae
+
+
+@torch.no_grad()
+def encode_pool(vae, n, generator, chunk=256):
+    """n rendered training images as scaled latents (n, 4, 16, 16) and their captions: rendering and encoding once
+    is cheaper than doing it for every UNet step."""
+    latents, captions = [], []
+    for i in range(0, n, chunk):
+        images, caps = sample_batch(min(chunk, n - i), generator)
+        latents.append(vae.encode(images * 2 - 1).latent_dist.mode() * vae.config.scaling_factor)
+        captions += caps
+    return torch.cat(latents), captions
+
+
+def train_text_to_image(latents, captions, tokenizer, steps, batch, generator, state_dir):
+    """The UNet and the text encoder, from scratch and together: the epsilon objective of DDPM (Ho et al. 2020,
+    Eq. 14) on SD's schedule, with captions dropped to "" at random so one model is both conditional and
+    unconditional (classifier-free guidance, Ho & Salimans 2022). Returns EMA copies of both."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG))
+    unet = UNet2DConditionModel(sample_size=latents.shape[-1], **UNET_CONFIG)
+    models = torch.nn.ModuleList([unet, text_encoder, copy.deepcopy(unet), copy.deepcopy(text_encoder)])
+    ema = models[2:].requires_grad_(False)  # checkpointed with the rest: a resumed run keeps its average
+    alphas = DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod  # (1000,): a_t, the fraction of signal variance at t
+    ids = tokenizer(captions + [""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    ids, empty = ids[:-1], ids[-1]  # (N, MAX_TOKENS): every caption tokenised once
+
+    def loss(step):
+        i = torch.randint(len(latents), (batch,), generator=generator)
+        x0, tokens = latents[i], ids[i].clone()  # (B, 4, 16, 16), (B, MAX_TOKENS)
+        tokens[torch.rand(batch, generator=generator) < CAPTION_DROPOUT] = empty
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(len(alphas), (batch,), generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise  # DDPM Eq. 4: the forward process in one jump
+        eps = unet(x_t, t, text_encoder(tokens)[0]).sample
+        return (eps - noise).square().mean()
+
+    def update_ema(step):  # the decay warms up, so that the random initial weights fade fast
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), models[:2].parameters()):
+                e.lerp_(p, 1 - decay)
+
+    _optimise("unet", models, steps, 1e-3, loss, generator, state_dir, after_step=update_ema)
+    return ema[0], ema[1]
+
+
+def train_counter(steps, batch, generator, state_dir):
+    """rewards.ShapeCounter, supervised on rendered images with 0 to MAX_COUNT + 1 shapes of any colours and kinds,
+    blurred and noised a little so that it also reads the softer images of a diffusion model."""
+    from rewards import ShapeCounter
+    counter = ShapeCounter()
+
+    def loss(step):
+        images, counts = counting_batch(batch, generator)
+        return (counter(images) - counts).square().mean()
+
+    _optimise("counter", torch.nn.ModuleList([counter]), steps, 2e-3, loss, generator, state_dir)
+    return counter.eval().requires_grad_(False)
+
+
+def counting_batch(n, generator, size=RESOLUTION):
+    """(images (n, 3, size, size) in [0, 1], counts (n,)): shapes of mixed colours and kinds, 0 to 5 of them."""
+    counts = torch.randint(len(COUNT_WORDS) + 2, (n,), generator=generator)
+    images = []
+    for c in counts.tolist():
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        rng = random.Random(seed)
+        image = torch.tensor(BACKGROUND, dtype=torch.uint8)[:, None, None].repeat(1, size, size)
+        for x, y, s in (_layout(c, size, rng) if c else []):
+            image[:, y:y + s, x:x + s][:, _mask(rng.choice(SHAPES), s)] = torch.tensor(
+                COLOURS[rng.choice(list(COLOURS))], dtype=torch.uint8)[:, None]
+        images.append(image)
+    images = torch.stack(images).float() / 255
+    sigma = 0.3 + 0.7 * torch.rand(n, 1, 1, 1, generator=generator)  # blur of 0.3 to 1 px, as generated images have
+    images = _blur(images, sigma) + 0.03 * torch.randn(images.shape, generator=generator)
+    return images.clamp(0, 1), counts.float()
+
+
+def _blur(images, sigma):  # Gaussian blur, one sigma (n, 1, 1, 1) per image, 5x5 taps
+    x = torch.arange(-2, 3, dtype=images.dtype)
+    k = torch.exp(-x.square() / (2 * sigma.view(-1, 1).square()))
+    k = k / k.sum(1, keepdim=True)  # (n, 5)
+    n, c, h, w = images.shape
+    flat = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate").reshape(1, n * c, h + 4, w + 4)
+    kh = k.repeat_interleave(c, 0)[:, None, None, :]  # (n * c, 1, 1, 5)
+    flat = torch.nn.functional.conv2d(flat, kh, groups=n * c)
+    flat = torch.nn.functional.conv2d(flat, kh.transpose(2, 3), groups=n * c)
+    return flat.reshape(n, c, h, w)
+
+
+def save_model(out, vae, unet, text_encoder, tokenizer, counter):
+    """A diffusers-format directory that sampler.load_sd (and StableDiffusionPipeline.from_pretrained) reads, weights
+    in fp16 safetensors (half the size; load_sd casts them to the run's dtype), plus counter.safetensors."""
+    from diffusers import DDIMScheduler
+    from safetensors.torch import save_file
+    for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
+        module.to(torch.float16).save_pretrained(os.path.join(out, name))
+        module.to(torch.float32)
+    tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
+    DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(os.path.join(out, "scheduler"))
+    save_file(counter.state_dict(), os.path.join(out, "counter.safetensors"))
+    index = dict(_class_name="StableDiffusionPipeline", vae=["diffusers", "AutoencoderKL"],
+                 unet=["diffusers", "UNet2DConditionModel"], text_encoder=["transformers", "CLIPTextModel"],
+                 tokenizer=["transformers", "CLIPTokenizer"], scheduler=["diffusers", "DDIMScheduler"],
+                 safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+@torch.no_grad()
+def evaluate(sd, prompts, n=256, steps=20, guidance=7.5, seed=0, batch=64, reward_fn=None):
+    """Sample n images over `prompts` (cycled; fixed seeds) and read them with describe(): the accuracy of count,
+    colour and shape (and all three), plus the mean of reward_fn if given. Returns (results, images)."""
+    from sampler import ddim_sample, decode, encode_prompts, latent_shape
+    captions = [prompts[i % len(prompts)] for i in range(n)]
+    noise = torch.randn(n, *latent_shape(sd, RESOLUTION), generator=torch.Generator().manual_seed(seed))
+    images = []
+    for i in range(0, n, batch):
+        cond = encode_prompts(sd, captions[i:i + batch])
+        uncond = encode_prompts(sd, [""]).expand(len(cond), -1, -1)
+        images.append(decode(sd, ddim_sample(sd, cond, uncond, noise[i:i + batch], steps, guidance)).float())
+    images = torch.cat(images)
+    results = score(describe(images), captions)
+    if reward_fn is not None:
+        results["reward"] = reward_fn(images, captions).mean().item()
+    return results, images
+
+
+def train(out=MODEL_DIR, vae_steps=1500, unet_steps=8000, counter_steps=1500, pool=40000, seed=0):
+    """The whole model, from nothing: VAE, then UNet + text encoder on a pool of encoded images, then the counter;
+    saved to `out`. Every phase checkpoints to out/.train, so an interrupted run picks up where it stopped."""
+    state_dir = os.path.join(out, ".train")
+    os.makedirs(state_dir, exist_ok=True)
+    t0 = time.time()
+    vae = train_vae(vae_steps, 32, torch.Generator().manual_seed(seed), state_dir)
+    check = sample_batch(256, torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():  # the VAE's round trip must keep what describe() reads, or no diffusion model can
+        recon = (vae.decode(vae.encode(check[0] * 2 - 1).latent_dist.mode()).sample / 2 + 0.5).clamp(0, 1)
+    print(f"vae: {time.time() - t0:.0f} s, describe() on its reconstructions: {score(describe(recon), check[1])}")
+    latents, captions = encode_pool(vae, pool, torch.Generator().manual_seed(seed + 2))
+    tokenizer = build_tokenizer(os.path.join(state_dir, "tokenizer"))
+    unet, text_encoder = train_text_to_image(latents, captions, tokenizer, unet_steps, 64,
+                                             torch.Generator().manual_seed(seed + 3), state_dir)
+    print(f"unet + text encoder: {time.time() - t0:.0f} s")
+    counter = train_counter(counter_steps, 64, torch.Generator().manual_seed(seed + 4), state_dir)
+    images, counts = counting_batch(512, torch.Generator().manual_seed(seed + 5))
+    with torch.no_grad():
+        right = (counter(images).round() == counts).float().mean().item()
+    print(f"counter: {time.time() - t0:.0f} s, rounded count right on blurred, noised renders: {right:.3f}")
+    save_model(out, vae, unet, text_encoder, tokenizer, counter)
+    print(f"saved to {out} after {(time.time() - t0) / 60:.1f} minutes")
 
 
 # -----------------------------------------------------------------------------
@@ -332,14 +564,55 @@ def show(out, seed):
     print(f"wrote {out}")
 
 
+def eval_table(model, lora, prompts, n, steps, guidance, seed, grid):
+    """Print describe()'s accuracy (and the shapes-count reward) of the base model and, with `lora`, of the LoRA
+    model, on the same prompts and initial noise; write their first samples to `grid` (base above, LoRA below)."""
+    from lora import load_lora
+    from rewards import load_reward
+    from sampler import image_grid, load_sd
+    sd, reward_fn = load_sd(model), load_reward("shapes-count")
+    with open(prompts) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    rows = [("base", *evaluate(sd, prompts, n, steps, guidance, seed, reward_fn=reward_fn))]
+    if lora:
+        load_lora(sd.unet, lora)
+        rows.append(("LoRA", *evaluate(sd, prompts, n, steps, guidance, seed, reward_fn=reward_fn)))
+    print(f"{n} samples over {len(prompts)} prompts, {steps} DDIM steps, guidance {guidance}, read by describe():")
+    print(f"{'':6}{'count':>8}{'colour':>8}{'shape':>8}{'all':>8}{'shapes-count reward':>21}")
+    for name, r, _ in rows:
+        print(f"{name:6}{r['count']:8.3f}{r['colour']:8.3f}{r['shape']:8.3f}{r['all']:8.3f}{r['reward']:21.3f}")
+    if grid:
+        image_grid(torch.cat([images[:16] for _, _, images in rows]), nrow=16).save(grid)
+        print(f"wrote {grid}")
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--show", action="store_true", help="render examples into --out and print what describe() reads")
-    p.add_argument("--out", default="shapes_grid.png", help="where --show writes its grid")
-    p.add_argument("--seed", type=int, default=0, help="the first seed --show renders")
+    p.add_argument("--train", action="store_true", help="train the model from scratch into --out (default "
+                   "models/shapes; about an hour on 2 CPU cores); an interrupted run continues where it stopped")
+    p.add_argument("--eval", action="store_true", help="describe() accuracy of --model's samples, with and without "
+                   "--lora, on --prompts")
+    p.add_argument("--out", default=None, help="--show: the grid PNG (shapes_grid.png); --train: the model directory")
+    p.add_argument("--seed", type=int, default=0, help="the first seed --show renders; --eval's noise seed")
+    p.add_argument("--model", default="shapes", help="--eval: 'shapes' or a diffusers directory")
+    p.add_argument("--lora", default=None, help="--eval: a LoRA file from train.py, compared with the base model")
+    p.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts",
+                   "shapes-eval.txt"), help="--eval: prompts, cycled")
+    p.add_argument("--n", type=int, default=256, help="--eval: samples per model")
+    p.add_argument("--ddim-steps", type=int, default=20, help="--eval: denoising steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="--eval: classifier-free guidance scale")
+    p.add_argument("--grid", default=None, help="--eval: also write the first 16 samples of each model to this PNG")
+    p.add_argument("--vae-steps", type=int, default=1500, help="--train: VAE steps (batch 32)")
+    p.add_argument("--unet-steps", type=int, default=8000, help="--train: UNet + text encoder steps (batch 64)")
+    p.add_argument("--counter-steps", type=int, default=1500, help="--train: counter steps (batch 64)")
     args = p.parse_args()
     if args.show:
-        show(args.out, args.seed)
+        show(args.out or "shapes_grid.png", args.seed)
+    elif args.train:
+        train(args.out or MODEL_DIR, args.vae_steps, args.unet_steps, args.counter_steps)
+    elif args.eval:
+        eval_table(args.model, args.lora, args.prompts, args.n, args.ddim_steps, args.guidance, args.seed, args.grid)
     else:
         p.print_help()

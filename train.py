@@ -1,7 +1,7 @@
 """AlignProp: fine-tune Stable Diffusion's UNet (through LoRA) by backpropagating a differentiable reward through the
 whole DDIM sampling chain (Prabhudesai et al. 2023, arXiv:2310.03739).
 
-    python train.py --reward compress                   # no CUDA GPU: the tiny model, ~60 s on 2 CPU cores
+    python train.py --reward shapes-count               # no CUDA GPU: the shipped coloured-shapes model, on a CPU
     python train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5 --ddim-steps 50
     python train.py --resume out/compress --steps 200   # continue a run; flags given here override its saved ones
     torchrun --standalone --nproc_per_node=4 train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5
@@ -28,19 +28,22 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lora import inject_lora, save_lora
-from rewards import REWARDS, load_reward
+from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
 from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_sample, decode, encode_prompts, image_grid, latent_shape,
-                     load_sd, native_resolution, parse_backprop)
+                     load_sd, native_resolution, parse_backprop, vae_scale_factor)
 
 # -----------------------------------------------------------------------------
 # flags
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--reward", default="compress", help=f"what to maximise: {', '.join(REWARDS)}")
-p.add_argument("--model", default=None, help=f"hub id, local diffusers dir or 'tiny' (default: {DEFAULT_MODEL} on "
-               "CUDA, tiny without a GPU)")
-p.add_argument("--prompts", default="prompts/animals.txt", help="training prompts, one per line")
-p.add_argument("--eval-prompts", default="prompts/animals-eval.txt", help="held-out prompts for the sample grids")
+p.add_argument("--reward", default="compress", help=f"what to maximise: {', '.join(REWARDS)}, or a weighted mix "
+               "such as aesthetic,compress:0.5")
+p.add_argument("--model", default=None, help=f"hub id, local diffusers dir, 'shapes' (shipped, trained) or 'tiny' "
+               f"(random weights) (default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
+p.add_argument("--prompts", default=None, help="training prompts, one per line (default: prompts/shapes.txt for "
+               "the shapes model, else prompts/animals.txt)")
+p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: the -eval.txt "
+               "beside the default --prompts)")
 p.add_argument("--steps", type=int, default=50, help="optimisation steps in total")
 p.add_argument("--batch-size", type=int, default=4, help="images per micro-batch")
 p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimisation step")
@@ -100,17 +103,23 @@ if args.resume:  # the saved flags become the defaults; flags on this command li
 device_type = "cuda" if torch.cuda.is_available() else "cpu"
 device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
 if args.model is None:
-    args.model = DEFAULT_MODEL if device_type == "cuda" else "tiny"
+    args.model = DEFAULT_MODEL if device_type == "cuda" else "shapes"
     if device_type == "cpu":
-        info("no CUDA GPU: using --model tiny (random weights, 64 px); full-size SD would take hours per step on a CPU")
+        info("no CUDA GPU: using --model shapes (coloured shapes, 64 px); full-size SD would take hours per step here")
+prompt_set = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts",
+                          "shapes" if args.model == "shapes" else "animals")
+args.prompts = args.prompts or prompt_set + ".txt"
+args.eval_prompts = args.eval_prompts or prompt_set + "-eval.txt"
 if args.lr is None:
-    args.lr = 1e-2 if args.model == "tiny" else 1e-3
+    args.lr = 1e-3 if args.model not in ("tiny", "shapes") else 1e-2
 if args.dtype is None:
     args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
-args.out = args.out or os.path.join("out", args.reward)
+args.out = args.out or os.path.join("out", args.reward.replace(",", "+").replace(":", ""))
 
-if args.reward not in REWARDS:
-    die(f"unknown reward {args.reward!r}; valid: {', '.join(REWARDS)}")
+try:
+    parse_reward_spec(args.reward)
+except ValueError as e:
+    die(str(e))
 for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
     if not os.path.isfile(path):
         die(f"{name} {path}: no such file")
@@ -121,8 +130,6 @@ try:
     backprop = parse_backprop(args.backprop, args.ddim_steps)
 except ValueError as e:
     die(f"--backprop {e}")
-if args.resolution % 8:
-    die(f"--resolution {args.resolution} is not divisible by 8 (the VAE's downsampling factor)")
 if args.dtype == "fp16" and device_type == "cpu":
     die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
 for name in ("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n", "max_skips"):
@@ -146,13 +153,18 @@ try:
     sd = load_sd(args.model, device, dtype)  # frozen, in the run's precision: half the memory in bf16/fp16
 except ModelLoadError as e:
     die(str(e))
+if args.resolution % vae_scale_factor(sd):
+    die(f"--resolution {args.resolution} is not divisible by {vae_scale_factor(sd)} (the VAE's downsampling factor)")
 resolution = args.resolution or native_resolution(sd)
 shape = latent_shape(sd, resolution)  # (4, H/8, W/8)
 params = inject_lora(sd.unet, rank=args.lora_rank, dtype=torch.float32)  # the only trainable weights, kept in fp32
 opt = torch.optim.AdamW(params, lr=args.lr)
 autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # fp16 gradients underflow without it
-reward_fn = load_reward(args.reward, device, dtype)
+try:
+    reward_fn = load_reward(args.reward, device, dtype)  # .components: each reward of a mix, for the log
+except RewardLoadError as e:
+    die(str(e))
 
 with open(args.prompts) as f:
     prompts = [line.strip() for line in f if line.strip()]
@@ -181,6 +193,14 @@ def loop_generator(step, micro):
     """Eta noise and random K inside the sampler: different on every rank, and a function of the step alone, so a
     resumed run draws what the uninterrupted one did (hash() of a tuple of ints does not change between runs)."""
     return torch.Generator().manual_seed(hash((args.seed, step, micro, rank)) % 2**63)
+
+
+def gather(t):  # this rank's values (n,) -> the global batch's (world * n,), for the log
+    if not ddp:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
 
 
 def weights_in_sync():  # max |difference| between this rank's LoRA weights and rank 0's, over all ranks
@@ -274,7 +294,7 @@ for step in pbar:
     t0 = time.time()
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rewards = []
+    rewards, components = [], {}
     for micro in range(args.grad_accum):
         idx = torch.randint(len(prompts), (world * args.batch_size,), generator=rng)[rows]  # this rank's rows
         noise = torch.randn(world * args.batch_size, *shape, generator=rng)[rows]  # (B, 4, h, w), on the CPU
@@ -283,16 +303,15 @@ for step in pbar:
         loss = -r.mean() / args.grad_accum
         scaler.scale(loss).backward()  # gradients add up locally: no communication per micro-batch
         rewards.append(r.detach().float())
-    rewards = torch.cat(rewards)
-    if ddp:  # average the gradients over ranks: one all-reduce of one flat buffer; gather the rewards for the log
+        for name, value in reward_fn.components.items():  # each reward of a mix on its own
+            components.setdefault(name, []).append(value.float())
+    rewards = gather(torch.cat(rewards))
+    if ddp:  # average the gradients over ranks: one all-reduce of one flat buffer
         grads = [p.grad for p in params]
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)  # sum; gloo has no average
         for g, avg in zip(grads, (flat / world).split([g.numel() for g in grads])):
             g.copy_(avg.view_as(g))
-        parts = [torch.empty_like(rewards) for _ in range(world)]
-        dist.all_gather(parts, rewards)
-        rewards = torch.cat(parts)
     scaler.unscale_(opt)  # so that clipping sees the true gradient norm
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
     finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(rewards).all())
@@ -306,6 +325,8 @@ for step in pbar:
     log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                loss=-rewards.mean().item(), grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak,
                skipped=not finite, skipped_total=skipped)
+    if len(components) > 1:
+        log.update({f"reward_{name}": gather(torch.cat(v)).mean().item() for name, v in components.items()})
     done = step + 1
     if master and (done == args.steps or (args.eval_every and done % args.eval_every == 0)):
         log["eval_reward"] = evaluate(done)

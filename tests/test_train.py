@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT
 
-FAST = ["--batch-size", "2", "--ddim-steps", "8", "--eval-n", "4"]
+FAST = ["--model", "tiny", "--batch-size", "2", "--ddim-steps", "8", "--eval-n", "4"]
 
 
 def run(script, *args, check=True, launcher=()):
@@ -45,7 +45,6 @@ def test_training_raises_the_reward(trained):
     assert last > first + 0.02, (first, last)
     before, after = (float(v) for v in proc.stdout.strip().splitlines()[-1].split(":")[1].split("after")[0].split("->"))
     assert after > before + 0.02 and m[-1]["eval_reward"] == pytest.approx(after, abs=1e-4)
-    assert "using --model tiny" in proc.stdout
 
 
 def test_run_directory(trained):
@@ -93,6 +92,13 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     for x, y in zip(a, b):
         assert x["reward_mean"] == pytest.approx(y["reward_mean"], abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_a_mix_of_rewards_logs_each(tmp_path):
+    run("train.py", "--out", tmp_path, "--steps", 2, "--reward", "compress,incompress:0.25", *FAST)
+    for x in metrics(tmp_path):  # incompress is minus compress: the mix is 0.75 x compress
+        assert x["reward_mean"] == pytest.approx(x["reward_compress"] + 0.25 * x["reward_incompress"], rel=1e-5)
+        assert x["reward_incompress"] == pytest.approx(-x["reward_compress"], rel=1e-6)
 
 
 def test_draft_lv_run(tmp_path):
@@ -152,7 +158,7 @@ def prompt_files(tmp_path):
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]
-    proc = run("train.py", "--out", prompt_files / "out", *args, check=False)
+    proc = run("train.py", "--out", prompt_files / "out", "--model", "tiny", *args, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
@@ -181,7 +187,7 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    args = ["--steps", 3, "--eval-every", 0, "--ddim-steps", 8, "--eval-n", 4]
+    args = ["--model", "tiny", "--steps", 3, "--eval-every", 0, "--ddim-steps", 8, "--eval-n", 4]
     two = run("train.py", "--out", tmp_path / "two", "--batch-size", 2, *args, launcher=TORCHRUN)
     assert "global batch 4 images/step = 2 x 1 grad-accum x 2 processes" in two.stdout
     assert "LoRA weights identical on all 2 processes" in two.stdout  # rank 1's weights are rank 0's, bit for bit

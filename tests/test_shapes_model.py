@@ -1,0 +1,67 @@
+"""The shipped coloured-shapes model (models/shapes): it loads like any Stable Diffusion, draws the colour it is asked
+for, its learned counter has a gradient, and a short shapes-count run raises that reward. Plus the training code end
+to end on a few steps, so `python shapes.py --train` cannot rot."""
+import json
+import os
+
+import pytest
+import torch
+
+import shapes
+from rewards import load_reward
+from sampler import ddim_sample, decode, encode_prompts, latent_shape, load_sd, vae_scale_factor
+from test_train import metrics, run
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return load_sd("shapes")
+
+
+def test_shipped_model_loads_and_draws_the_right_colour(sd):
+    assert vae_scale_factor(sd) == 4 and latent_shape(sd, shapes.RESOLUTION) == (4, 16, 16)
+    assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(shapes.MODEL_DIR) for f in fs) < 20e6
+    captions = ["a red circle", "two green squares", "three blue triangles", "four yellow circles"] * 2
+    results, images = shapes.evaluate(sd, captions, n=len(captions), steps=10, batch=8)
+    assert images.shape == (8, 3, 64, 64)
+    assert results["colour"] >= 0.75, results  # the shipped model's colour accuracy is >= 0.9 on 256 samples
+
+
+def test_counter_counts_renders_and_its_gradient_reaches_the_pixels():
+    reward = load_reward("shapes-count")
+    images, counts = shapes.counting_batch(64, torch.Generator().manual_seed(0))
+    counter = reward.terms[0][2].counter
+    assert (counter(images).round() == counts).float().mean() > 0.9
+    prompts = ["three red circles"] * 4
+    x = images[:4].clone().requires_grad_(True)
+    r = reward(x, prompts)
+    assert r.shape == (4,) and torch.isfinite(r).all()
+    r.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_short_shapes_count_run_raises_the_counter_reward(tmp_path):
+    run("train.py", "--reward", "shapes-count", "--out", tmp_path, "--steps", 8, "--batch-size", 4,
+        "--ddim-steps", 8, "--eval-every", 0, "--eval-n", 8)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model"] == "shapes" and cfg["prompts"].endswith("shapes.txt")  # the CPU default
+    m = metrics(tmp_path)
+    assert "eval_reward" in m[-1]
+    first, last = sum(x["reward_mean"] for x in m[:3]) / 3, sum(x["reward_mean"] for x in m[-3:]) / 3
+    assert last > first, (first, last)
+
+
+def test_training_code_end_to_end_on_a_few_steps(tmp_path):
+    out = str(tmp_path / "model")
+    shapes.train(out, vae_steps=2, unet_steps=2, counter_steps=2, pool=64)
+    sd = load_sd(out)
+    assert sd.vae.config.scaling_factor > 0 and sd.tokenizer.model_max_length == shapes.MAX_TOKENS
+    latents = ddim_sample(sd, encode_prompts(sd, ["a red circle"]), encode_prompts(sd, [""]),
+                          torch.randn(1, *latent_shape(sd, 64)), steps=2)
+    assert decode(sd, latents).shape == (1, 3, 64, 64)
+    assert os.path.isfile(os.path.join(out, "counter.safetensors")) and os.path.isdir(os.path.join(out, ".train"))
+    # a stopped run continues from its checkpoints: here every phase is done, so nothing is trained again
+    state = torch.load(os.path.join(out, ".train", "unet.pt"), weights_only=True)
+    assert state["step"] == 2
+    shapes.train(out, vae_steps=2, unet_steps=3, counter_steps=2, pool=64)  # one more UNet step
+    assert torch.load(os.path.join(out, ".train", "unet.pt"), weights_only=True)["step"] == 3
