@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lora import inject_lora, save_lora
-from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
+from rewards import REWARDS, RewardLoadError, load_reward, parse_count, parse_reward_spec
 from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_sample, decode, encode_prompts, image_grid, latent_shape,
                      load_sd, native_resolution, parse_backprop, vae_scale_factor)
 
@@ -100,14 +100,18 @@ if args.resume:  # the saved flags become the defaults; flags on this command li
     args = p.parse_args()
     args.out = args.resume
 
+try:
+    reward_names = [name for name, _ in parse_reward_spec(args.reward)]
+except ValueError as e:
+    die(str(e))
 device_type = "cuda" if torch.cuda.is_available() else "cpu"
 device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
 if args.model is None:
     args.model = DEFAULT_MODEL if device_type == "cuda" else "shapes"
     if device_type == "cpu":
         info("no CUDA GPU: using --model shapes (coloured shapes, 64 px); full-size SD would take hours per step here")
-prompt_set = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts",
-                          "shapes" if args.model == "shapes" else "animals")
+prompt_set = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "shapes" if args.model == "shapes"
+                          else "count" if "count" in reward_names else "animals")
 args.prompts = args.prompts or prompt_set + ".txt"
 args.eval_prompts = args.eval_prompts or prompt_set + "-eval.txt"
 if args.lr is None:
@@ -115,17 +119,18 @@ if args.lr is None:
 if args.dtype is None:
     args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
 args.out = args.out or os.path.join("out", args.reward.replace(",", "+").replace(":", ""))
-
-try:
-    parse_reward_spec(args.reward)
-except ValueError as e:
-    die(str(e))
 for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
     if not os.path.isfile(path):
         die(f"{name} {path}: no such file")
     with open(path) as f:
-        if not [line for line in f if line.strip()]:
-            die(f"{name} {path}: the file has no prompts")
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        die(f"{name} {path}: the file has no prompts")
+    for line in lines if {"count", "shapes-count"} & set(reward_names) else []:
+        try:
+            parse_count(line)
+        except ValueError as e:
+            die(f"{name} {path}: {e} (the count rewards need one in every prompt)")
 try:
     backprop = parse_backprop(args.backprop, args.ddim_steps)
 except ValueError as e:

@@ -140,6 +140,7 @@ def test_resume_refuses_to_overwrite_or_resume_nothing(trained, tmp_path):
 @pytest.fixture
 def prompt_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "nocount.txt").write_text("three apples on a table\ncats on a sofa\n")
     (tmp_path / "notsd").mkdir()
     (tmp_path / "notsd" / "README").write_text("hello")
     return tmp_path
@@ -147,6 +148,8 @@ def prompt_files(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--reward", "shiny"], "unknown reward 'shiny'; valid: compress"),
+    (["--reward", "compress:x"], "bad weight 'x' for reward 'compress'"),
+    (["--reward", "count", "--prompts", "{tmp}/nocount.txt"], "no object count in the prompt 'cats on a sofa'"),
     (["--prompts", "no/such/file.txt"], "no such file"),
     (["--prompts", "{tmp}/empty.txt"], "has no prompts"),
     (["--backprop", "30", "--ddim-steps", "20"], "1 <= K <= the number of DDIM steps (20)"),
