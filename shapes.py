@@ -7,6 +7,8 @@
     score(describe(images), captions)                    # {"count": 1.0, "colour": 1.0, "shape": 1.0, "all": 1.0}
     tokenizer = build_tokenizer("out/shapes/tokenizer")  # CLIP's BPE, one token per word of the grammar
     python shapes.py --show                              # a grid of examples and what describe() says of them
+    python shapes.py --eval --lora out/shapes-count/lora.safetensors   # describe()'s verdict on base vs LoRA samples
+    python shapes.py --train                             # the model in models/shapes, from scratch (~45 min, 2 cores)
 
 Captions come from a small grammar: a count (one to four, as words), a colour and a shape, e.g. "a blue square",
 "four yellow triangles". An image holds `count` non-overlapping shapes of that colour and shape, of random size and
@@ -17,7 +19,13 @@ shapes apart by where their mass lies and how much of their bounding box they fi
 ground truth for count, colour and shape accuracy, in the spirit of GenEval's object-level checks (Ghosh et al. 2023,
 arXiv:2310.11513).
 
-References: connected-component labelling by label propagation with pointer jumping (Shiloach & Vishkin 1982);
+The model (`load_sd("shapes")`, trained by `train` below and shipped in models/shapes) is a Stable Diffusion in
+miniature: the same diffusers / transformers classes (AutoencoderKL 64 px <-> 16x16x4, CLIPTextModel over the grammar's
+tokens, UNet2DConditionModel, DDIMScheduler on SD's noise schedule), trained from scratch on rendered images. A small
+CNN counter trained on rendered images is the learned reward `shapes-count` (rewards.py).
+
+References: DDPM, Ho et al. 2020 (arXiv:2006.11239); classifier-free guidance, Ho & Salimans 2022
+(arXiv:2207.12598); latent diffusion, Rombach et al. 2022 (arXiv:2112.10752); connected-component labelling by label propagation with pointer jumping (Shiloach & Vishkin 1982);
 byte-pair encoding, Sennrich et al. 2016 (arXiv:1508.07909), as CLIP's tokenizer uses it (Radford et al. 2021).
 """
 import collections
