@@ -119,11 +119,12 @@ if args.lr is None:
 if args.dtype is None:
     args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
 args.out = args.out or os.path.join("out", args.reward.replace(",", "+").replace(":", ""))
+texts = {}  # flag -> its prompts
 for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
     if not os.path.isfile(path):
         die(f"{name} {path}: no such file")
     with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
+        texts[name] = lines = [line.strip() for line in f if line.strip()]
     if not lines:
         die(f"{name} {path}: the file has no prompts")
     for line in lines if {"count", "shapes-count"} & set(reward_names) else []:
@@ -140,10 +141,8 @@ if args.dtype == "fp16" and device_type == "cpu":
 for name in ("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n", "max_skips"):
     if getattr(args, name) < 1:
         die(f"--{name.replace('_', '-')} must be >= 1")
-if args.keep_activations < 0:
-    die("--keep-activations must be >= 0")
-if args.eta < 0 or args.lr <= 0:
-    die("--eta must be >= 0 and --lr > 0")
+if args.keep_activations < 0 or args.eta < 0 or args.lr <= 0:
+    die("--keep-activations and --eta must be >= 0, --lr > 0")
 if not args.resume and os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
     die(f"{args.out} already holds a run: continue it with --resume {args.out}, or pick another --out")
 if ddp:
@@ -161,7 +160,7 @@ except ModelLoadError as e:
 if args.resolution % vae_scale_factor(sd):
     die(f"--resolution {args.resolution} is not divisible by {vae_scale_factor(sd)} (the VAE's downsampling factor)")
 resolution = args.resolution or native_resolution(sd)
-shape = latent_shape(sd, resolution)  # (4, H/8, W/8)
+shape = latent_shape(sd, resolution)  # (4, H/f, W/f), f = the VAE's factor: 8 for SD
 params = inject_lora(sd.unet, rank=args.lora_rank, dtype=torch.float32)  # the only trainable weights, kept in fp32
 opt = torch.optim.AdamW(params, lr=args.lr)
 autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
@@ -171,10 +170,7 @@ try:
 except RewardLoadError as e:
     die(str(e))
 
-with open(args.prompts) as f:
-    prompts = [line.strip() for line in f if line.strip()]
-with open(args.eval_prompts) as f:
-    eval_prompts = [line.strip() for line in f if line.strip()]
+prompts, eval_prompts = texts["--prompts"], texts["--eval-prompts"]
 eval_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(args.eval_n)]
 with torch.no_grad(), autocast:  # the text encoder is frozen: encode every prompt once
     cond_all = encode_prompts(sd, prompts)  # (N, L, D)
