@@ -115,7 +115,7 @@ prompt_set = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts",
 args.prompts = args.prompts or prompt_set + ".txt"
 args.eval_prompts = args.eval_prompts or prompt_set + "-eval.txt"
 if args.lr is None:
-    args.lr = 1e-3 if args.model not in ("tiny", "shapes") else 1e-2
+    args.lr = 1e-2 if args.model == "tiny" else 1e-3
 if args.dtype is None:
     args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
 args.out = args.out or os.path.join("out", args.reward.replace(",", "+").replace(":", ""))
