@@ -371,6 +371,17 @@ def parse_count(prompt):
     return n, phrase[-1] if n == 1 else singular(phrase[-1])
 
 
+COUNTING_REWARDS = ("count", "shapes-count")  # the rewards that read a number of objects from each prompt
+
+
+def check_prompts(spec, prompts):
+    """ValueError (from parse_count) for the first prompt that a reward of `spec` cannot score: run it before training,
+    not at the first step that draws the prompt."""
+    if {name for name, _ in parse_reward_spec(spec)} & set(COUNTING_REWARDS):
+        for prompt in prompts:
+            parse_count(prompt)
+
+
 COUNT_QUERY = "a photo of a {}"  # CLIP's prompt template, which OWL-ViT's text queries use (Minderer et al. 2022)
 COUNT_THRESHOLD = 0.1  # box score at which a detection counts: the threshold of transformers' OWL-ViT examples
 COUNT_TEMPERATURE = 0.25  # in logits; see soft_count

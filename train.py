@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lora import inject_lora, save_lora
-from rewards import REWARDS, RewardLoadError, load_reward, parse_count, parse_reward_spec
+from rewards import REWARDS, RewardLoadError, check_prompts, load_reward, parse_reward_spec
 from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_sample, decode, encode_prompts, image_grid, latent_shape,
                      load_sd, native_resolution, parse_backprop, vae_scale_factor)
 
@@ -127,11 +127,10 @@ for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_pro
         texts[name] = lines = [line.strip() for line in f if line.strip()]
     if not lines:
         die(f"{name} {path}: the file has no prompts")
-    for line in lines if {"count", "shapes-count"} & set(reward_names) else []:
-        try:
-            parse_count(line)
-        except ValueError as e:
-            die(f"{name} {path}: {e} (the count rewards need one in every prompt)")
+    try:
+        check_prompts(args.reward, lines)
+    except ValueError as e:
+        die(f"{name} {path}: {e} (the count rewards need one in every prompt)")
 try:
     backprop = parse_backprop(args.backprop, args.ddim_steps)
 except ValueError as e:
