@@ -444,7 +444,12 @@ class ShapeCounter(nn.Module):
 
 
 class ShapesCount(nn.Module):
-    """-|counted shapes - n| for prompts of shapes.py's grammar ("three red circles": n = 3, by parse_count)."""
+    """-max(|counted shapes - n| - 1/2, 0) for prompts of shapes.py's grammar ("three red circles": n = 3, by
+    parse_count): how far the soft count is from rounding to n. An image whose count rounds to n scores 0 and sends no
+    gradient. Why not -|c - n| as for OWL-ViT: the counter reads images it counts right a little high (+0.17 on
+    average for four shapes from the shipped model), so -|c - n| pushed every right image towards fewer shapes with
+    full force; measured on the shipped model (global batch 32, lr 2e-3, 25 steps), that emptied a third of the "a
+    ..." images and cost 13 points of count accuracy, where this form at lr 3e-3 lost none of colour or shape."""
 
     def __init__(self, counter):
         super().__init__()
@@ -452,7 +457,8 @@ class ShapesCount(nn.Module):
 
     def forward(self, images, prompts):
         targets = torch.tensor([parse_count(p)[0] for p in prompts], dtype=torch.float32, device=images.device)
-        return -(self.counter(images.to(next(self.counter.parameters()).dtype)).float() - targets).abs()
+        error = (self.counter(images.to(next(self.counter.parameters()).dtype)).float() - targets).abs()
+        return -(error - 0.5).clamp(min=0)
 
 
 def load_shapes_count(device, dtype):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import shapes
-from rewards import load_reward
+from rewards import ShapesCount, load_reward
 from sampler import ddim_sample, decode, encode_prompts, latent_shape, load_sd, vae_scale_factor
 from test_train import run
 
@@ -40,16 +40,36 @@ def test_counter_counts_renders_and_its_gradient_reaches_the_pixels():
     assert x.grad.abs().sum() > 0
 
 
+def test_shapes_count_is_zero_and_flat_where_the_count_rounds_right():
+    class Brightness(torch.nn.Module):  # a "counter" whose count is the images' mean value, so tests can dial it
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, images):
+            return self.gain * images.mean((1, 2, 3))
+
+    counts = torch.tensor([3.3, 2.6, 3.8, 1.2, 4.0])
+    images = counts.view(-1, 1, 1, 1).expand(-1, 3, 8, 8).clone().requires_grad_(True)
+    r = ShapesCount(Brightness())(images, ["three red circles"] * 5)
+    torch.testing.assert_close(r, torch.tensor([0.0, 0.0, -0.3, -1.3, -0.5]))
+    r.sum().backward()
+    # d reward / d count: right (rounds to 3): no push; too many: towards fewer; too few (1.2): towards more
+    torch.testing.assert_close(images.grad.sum((1, 2, 3)), torch.tensor([0.0, 0.0, -1.0, 1.0, -1.0]))
+
+
 def test_short_shapes_count_run_raises_the_counter_reward(tmp_path):
     # one prompt the base model tends to overcount; the eval reward is on fixed seeds, so it is free of sampling noise
     (tmp_path / "one.txt").write_text("four red circles\n")
     proc = run("train.py", "--reward", "shapes-count", "--out", tmp_path / "run", "--prompts", tmp_path / "one.txt",
                "--eval-prompts", tmp_path / "one.txt", "--steps", 12, "--batch-size", 4, "--ddim-steps", 10,
-               "--lr", 3e-3, "--eval-every", 0, "--eval-n", 8)
+               "--lr", 5e-3, "--eval-every", 0, "--eval-n", 8)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"] == "shapes"  # the default without a GPU
     before, after = (float(v) for v in proc.stdout.strip().splitlines()[-1].split(":")[1].split("after")[0].split("->"))
-    assert after > before + 0.1, (before, after)
+    # measured -0.451 -> -0.324: only the images counted wrong send a gradient (rewards.ShapesCount), so the
+    # rise is smaller than -|c - n|'s was and the margin leaves room for other platforms' rounding
+    assert after > before + 0.05, (before, after)
 
 
 def test_training_code_end_to_end_on_a_few_steps(tmp_path):
