@@ -425,8 +425,8 @@ SHAPE_COUNTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models
 class ShapeCounter(nn.Module):
     """images (B, 3, H, W) in [0, 1] -> soft count of shapes (B,): a small CNN predicts a density map, one unit of
     mass per shape, and sums it (counting by density, Lempitsky & Zisserman 2010). `python shapes.py --train` fits it
-    to rendered images of 0 to 5 shapes, blurred and noised; like any learned reward it can be fooled, which is what
-    shapes.describe(), an exact count, is there to catch."""
+    to rendered images of 0 to 5 shapes, blurred and noised, and to the shapes model's own samples counted by
+    shapes.describe(); like any learned reward it can still be fooled, which is what describe() is there to catch."""
 
     def __init__(self, width=32):
         super().__init__()
@@ -446,10 +446,10 @@ class ShapeCounter(nn.Module):
 class ShapesCount(nn.Module):
     """-max(|counted shapes - n| - 1/2, 0) for prompts of shapes.py's grammar ("three red circles": n = 3, by
     parse_count): how far the soft count is from rounding to n. An image whose count rounds to n scores 0 and sends no
-    gradient. Why not -|c - n| as for OWL-ViT: the counter reads images it counts right a little high (+0.17 on
-    average for four shapes from the shipped model), so -|c - n| pushed every right image towards fewer shapes with
-    full force; measured on the shipped model (global batch 32, lr 2e-3, 25 steps), that emptied a third of the "a
-    ..." images and cost 13 points of count accuracy, where this form at lr 3e-3 lost none of colour or shape."""
+    gradient. Why not -|c - n| as for OWL-ViT: a counter that reads right images a little high (the first one, trained
+    on renders alone, read four right shapes as 4.17 on average) makes -|c - n| push every right image towards fewer
+    shapes with full force; measured with that counter (global batch 32, lr 2e-3, 25 steps), it emptied a third of the
+    "a ..." images and cost 13 points of count accuracy, where this form at lr 3e-3 lost none of colour or shape."""
 
     def __init__(self, counter):
         super().__init__()

@@ -8,7 +8,8 @@
     tokenizer = build_tokenizer("out/shapes/tokenizer")  # CLIP's BPE, one token per word of the grammar
     python shapes.py --show                              # a grid of examples and what describe() says of them
     python shapes.py --eval --lora out/shapes-count/lora.safetensors   # describe()'s verdict on base vs LoRA samples
-    python shapes.py --train                             # the model in models/shapes, from scratch (~45 min, 2 cores)
+    python shapes.py --train                             # the model in models/shapes, from scratch (~1 hour, 2 cores)
+    python shapes.py --train --counter-only              # only its counter, anew (~15 min)
 
 Captions come from a small grammar: a count (one to four, as words), a colour and a shape, e.g. "a blue square",
 "four yellow triangles". An image holds `count` non-overlapping shapes of that colour and shape, of random size and
@@ -22,7 +23,8 @@ arXiv:2310.11513).
 The model (`load_sd("shapes")`, trained by `train` below and shipped in models/shapes) is a Stable Diffusion in
 miniature: the same diffusers / transformers classes (AutoencoderKL 64 px <-> 16x16x4, CLIPTextModel over the grammar's
 tokens, UNet2DConditionModel, DDIMScheduler on SD's noise schedule), trained from scratch on rendered images. A small
-CNN counter trained on rendered images is the learned reward `shapes-count` (rewards.py).
+CNN counter, trained on rendered images and on the model's own samples counted by describe() (as real reward models
+learn from people's labels of generated images), is the learned reward `shapes-count` (rewards.py).
 
 References: DDPM, Ho et al. 2020 (arXiv:2006.11239); classifier-free guidance, Ho & Salimans 2022
 (arXiv:2207.12598); latent diffusion, Rombach et al. 2022 (arXiv:2112.10752); connected-component labelling by label propagation with pointer jumping (Shiloach & Vishkin 1982);
@@ -447,18 +449,46 @@ def train_text_to_image(latents, captions, tokenizer, steps, batch, generator, s
     return ema[0], ema[1]
 
 
-def train_counter(steps, batch, generator, state_dir):
-    """rewards.ShapeCounter, supervised on rendered images with 0 to MAX_COUNT + 1 shapes of any colours and kinds,
-    blurred and noised a little so that it also reads the softer images of a diffusion model."""
+def train_counter(steps, batch, generator, state_dir, samples):
+    """rewards.ShapeCounter, supervised half on rendered images with 0 to MAX_COUNT + 1 shapes of any colours and kinds,
+    blurred and noised a little, and half on `samples` = (images uint8 (N, 3, H, W), counts (N,)): the model's own
+    samples counted by describe(), flipped left-right at random. A reward model trained only on clean renders reads a
+    diffusion model's blobs badly (merged shapes, smears), and fine-tuning climbs exactly those errors; learned
+    rewards for real models are trained on the generator's outputs labelled by people (ImageReward, PickScore), and
+    describe() plays the people here."""
     from rewards import ShapeCounter
     counter = ShapeCounter()
+    images, counts = samples
+    half = batch // 2
 
     def loss(step):
-        images, counts = counting_batch(batch, generator)
-        return (counter(images) - counts).square().mean()
+        rendered, rendered_counts = counting_batch(batch - half, generator)
+        i = torch.randint(len(images), (half,), generator=generator)
+        flip = torch.rand(half, 1, 1, 1, generator=generator) < 0.5
+        drawn = images[i].float() / 255
+        drawn = torch.where(flip, drawn.flip(3), drawn)
+        return (counter(torch.cat([rendered, drawn])) - torch.cat([rendered_counts, counts[i].float()])).square().mean()
 
     _optimise("counter", torch.nn.ModuleList([counter]), steps, 2e-3, loss, generator, state_dir)
     return counter.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def model_samples(sd, captions, n, generator, steps=20, batch=64):
+    """n samples of `sd` for captions drawn from `captions`, each batch at a guidance scale drawn from 2 to 10 (a
+    range of sharpness and of errors), read by describe(): (images uint8 (n, 3, H, W), counts (n,))."""
+    from sampler import ddim_sample, decode, encode_prompts, latent_shape
+    picks = [captions[i] for i in torch.randint(len(captions), (n,), generator=generator).tolist()]
+    noise = torch.randn(n, *latent_shape(sd, RESOLUTION), generator=generator)
+    uncond = encode_prompts(sd, [""])
+    images = []
+    for i in range(0, n, batch):
+        cond = encode_prompts(sd, picks[i:i + batch])
+        guidance = 2 + 8 * torch.rand(1, generator=generator).item()
+        latents = ddim_sample(sd, cond, uncond.expand(len(cond), -1, -1), noise[i:i + batch], steps, guidance)
+        images.append((decode(sd, latents).float() * 255).round().to(torch.uint8))
+    images = torch.cat(images)
+    return images, torch.tensor([d["count"] for d in describe(images)])
 
 
 def counting_batch(n, generator, size=RESOLUTION):
@@ -491,17 +521,15 @@ def _blur(images, sigma):  # Gaussian blur, one sigma (n, 1, 1, 1) per image, 5x
     return flat.reshape(n, c, h, w)
 
 
-def save_model(out, vae, unet, text_encoder, tokenizer, counter):
+def save_model(out, vae, unet, text_encoder, tokenizer):
     """A diffusers-format directory that sampler.load_sd (and StableDiffusionPipeline.from_pretrained) reads, weights
-    in fp16 safetensors (half the size; load_sd casts them to the run's dtype), plus counter.safetensors."""
+    in fp16 safetensors (half the size; load_sd casts them to the run's dtype)."""
     from diffusers import DDIMScheduler
-    from safetensors.torch import save_file
     for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
         module.to(torch.float16).save_pretrained(os.path.join(out, name))
         module.to(torch.float32)
     tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(os.path.join(out, "scheduler"))
-    save_file(counter.state_dict(), os.path.join(out, "counter.safetensors"))
     index = dict(_class_name="StableDiffusionPipeline", vae=["diffusers", "AutoencoderKL"],
                  unet=["diffusers", "UNet2DConditionModel"], text_encoder=["transformers", "CLIPTextModel"],
                  tokenizer=["transformers", "CLIPTokenizer"], scheduler=["diffusers", "DDIMScheduler"],
@@ -529,29 +557,59 @@ def evaluate(sd, prompts, n=256, steps=20, guidance=7.5, seed=0, batch=64, rewar
     return results, images
 
 
-def train(out=MODEL_DIR, vae_steps=1500, unet_steps=8000, counter_steps=1500, pool=40000, seed=0):
-    """The whole model, from nothing: VAE, then UNet + text encoder on a pool of encoded images, then the counter;
-    saved to `out`. Every phase checkpoints to out/.train, so an interrupted run picks up where it stopped."""
+def train(out=MODEL_DIR, vae_steps=1500, unet_steps=8000, counter_steps=1500, pool=40000, counter_samples=1536,
+          seed=0, counter_only=False):
+    """The whole model, from nothing: VAE, then UNet + text encoder on a pool of encoded images, saved to `out`; then
+    the counter, on renders and on `counter_samples` of the saved model's own images for the training captions.
+    Every phase checkpoints to out/.train, so an interrupted run picks up where it stopped. counter_only: keep the
+    model in `out` and train its counter afresh."""
     state_dir = os.path.join(out, ".train")
     os.makedirs(state_dir, exist_ok=True)
     t0 = time.time()
-    vae = train_vae(vae_steps, 32, torch.Generator().manual_seed(seed), state_dir)
-    check = sample_batch(256, torch.Generator().manual_seed(seed + 1))
-    with torch.no_grad():  # the VAE's round trip must keep what describe() reads, or no diffusion model can
-        recon = (vae.decode(vae.encode(check[0] * 2 - 1).latent_dist.mode()).sample / 2 + 0.5).clamp(0, 1)
-    print(f"vae: {time.time() - t0:.0f} s, describe() on its reconstructions: {score(describe(recon), check[1])}")
-    latents, captions = encode_pool(vae, pool, torch.Generator().manual_seed(seed + 2))
-    tokenizer = build_tokenizer(os.path.join(state_dir, "tokenizer"))
-    unet, text_encoder = train_text_to_image(latents, captions, tokenizer, unet_steps, 64,
-                                             torch.Generator().manual_seed(seed + 3), state_dir)
-    print(f"unet + text encoder: {time.time() - t0:.0f} s")
-    counter = train_counter(counter_steps, 64, torch.Generator().manual_seed(seed + 4), state_dir)
-    images, counts = counting_batch(512, torch.Generator().manual_seed(seed + 5))
-    with torch.no_grad():
-        right = (counter(images).round() == counts).float().mean().item()
-    print(f"counter: {time.time() - t0:.0f} s, rounded count right on blurred, noised renders: {right:.3f}")
-    save_model(out, vae, unet, text_encoder, tokenizer, counter)
+    if not counter_only:
+        vae = train_vae(vae_steps, 32, torch.Generator().manual_seed(seed), state_dir)
+        check = sample_batch(256, torch.Generator().manual_seed(seed + 1))
+        with torch.no_grad():  # the VAE's round trip must keep what describe() reads, or no diffusion model can
+            recon = (vae.decode(vae.encode(check[0] * 2 - 1).latent_dist.mode()).sample / 2 + 0.5).clamp(0, 1)
+        print(f"vae: {time.time() - t0:.0f} s, describe() on its reconstructions: {score(describe(recon), check[1])}")
+        latents, captions = encode_pool(vae, pool, torch.Generator().manual_seed(seed + 2))
+        tokenizer = build_tokenizer(os.path.join(state_dir, "tokenizer"))
+        unet, text_encoder = train_text_to_image(latents, captions, tokenizer, unet_steps, 64,
+                                                 torch.Generator().manual_seed(seed + 3), state_dir)
+        save_model(out, vae, unet, text_encoder, tokenizer)
+        print(f"unet + text encoder: {time.time() - t0:.0f} s")
+    train_and_save_counter(out, counter_steps, counter_samples, seed, state_dir, fresh=counter_only)
     print(f"saved to {out} after {(time.time() - t0) / 60:.1f} minutes")
+
+
+def train_and_save_counter(out, steps, n_samples, seed, state_dir, fresh):
+    """The counter phase of train(): samples of the model in `out` (cached in state_dir, redrawn when the UNet
+    checkpoint is newer, or when `fresh`), train_counter, its agreement with describe(), out/counter.safetensors."""
+    from safetensors.torch import save_file
+    from sampler import load_sd
+    paths = [os.path.join(state_dir, name) for name in ("counter_samples.pt", "counter.pt")]
+    unet_state = os.path.join(state_dir, "unet.pt")
+    if fresh or (os.path.isfile(paths[0]) and os.path.isfile(unet_state)
+                 and os.path.getmtime(paths[0]) < os.path.getmtime(unet_state)):
+        for path in paths:
+            if os.path.isfile(path):
+                os.remove(path)
+    sd = load_sd(out)
+    if os.path.isfile(paths[0]):
+        samples = torch.load(paths[0], weights_only=True)
+    else:
+        samples = model_samples(sd, split_captions()[0], n_samples, torch.Generator().manual_seed(seed + 6))
+        torch.save(samples, paths[0])
+    counter = train_counter(steps, 64, torch.Generator().manual_seed(seed + 4), state_dir, samples)
+    rendered, rendered_counts = counting_batch(512, torch.Generator().manual_seed(seed + 5))
+    drawn, drawn_counts = model_samples(sd, split_captions()[1], min(256, n_samples),
+                                        torch.Generator().manual_seed(seed + 7))
+    with torch.no_grad():
+        right = [(counter(x.float() / (255 if x.dtype == torch.uint8 else 1)).round() == c).float().mean().item()
+                 for x, c in ((rendered, rendered_counts), (drawn, drawn_counts))]
+    print(f"counter: rounded count = the true one on {right[0]:.3f} of blurred, noised renders and "
+          f"{right[1]:.3f} of the model's samples for the held-out captions (by describe())")
+    save_file(counter.state_dict(), os.path.join(out, "counter.safetensors"))
 
 
 # -----------------------------------------------------------------------------
@@ -615,11 +673,15 @@ if __name__ == "__main__":
     p.add_argument("--vae-steps", type=int, default=1500, help="--train: VAE steps (batch 32)")
     p.add_argument("--unet-steps", type=int, default=8000, help="--train: UNet + text encoder steps (batch 64)")
     p.add_argument("--counter-steps", type=int, default=1500, help="--train: counter steps (batch 64)")
+    p.add_argument("--counter-samples", type=int, default=1536, help="--train: the model's own samples the counter "
+                   "learns from, beside renders")
+    p.add_argument("--counter-only", action="store_true", help="--train: keep --out's model, train its counter anew")
     args = p.parse_args()
     if args.show:
         show(args.out or "shapes_grid.png", args.seed)
     elif args.train:
-        train(args.out or MODEL_DIR, args.vae_steps, args.unet_steps, args.counter_steps)
+        train(args.out or MODEL_DIR, args.vae_steps, args.unet_steps, args.counter_steps,
+              counter_samples=args.counter_samples, counter_only=args.counter_only)
     elif args.eval:
         eval_table(args.model, args.lora, args.prompts, args.n, args.ddim_steps, args.guidance, args.seed, args.grid)
     else:
