@@ -477,17 +477,12 @@ def train_counter(steps, batch, generator, state_dir, samples):
 def model_samples(sd, captions, n, generator, steps=20, batch=64):
     """n samples of `sd` for captions drawn from `captions`, each batch at a guidance scale drawn from 2 to 10 (a
     range of sharpness and of errors), read by describe(): (images uint8 (n, 3, H, W), counts (n,))."""
-    from sampler import ddim_sample, decode, encode_prompts, latent_shape
+    from sampler import latent_shape
     picks = [captions[i] for i in torch.randint(len(captions), (n,), generator=generator).tolist()]
     noise = torch.randn(n, *latent_shape(sd, RESOLUTION), generator=generator)
-    uncond = encode_prompts(sd, [""])
-    images = []
-    for i in range(0, n, batch):
-        cond = encode_prompts(sd, picks[i:i + batch])
-        guidance = 2 + 8 * torch.rand(1, generator=generator).item()
-        latents = ddim_sample(sd, cond, uncond.expand(len(cond), -1, -1), noise[i:i + batch], steps, guidance)
-        images.append((decode(sd, latents).float() * 255).round().to(torch.uint8))
-    images = torch.cat(images)
+    images = torch.cat([draw(sd, picks[i:i + batch], noise[i:i + batch], steps,
+                             2 + 8 * torch.rand(1, generator=generator).item(), batch) for i in range(0, n, batch)])
+    images = (images * 255).round().to(torch.uint8)
     return images, torch.tensor([d["count"] for d in describe(images)])
 
 
@@ -539,18 +534,26 @@ def save_model(out, vae, unet, text_encoder, tokenizer):
 
 
 @torch.no_grad()
-def evaluate(sd, prompts, n=256, steps=20, guidance=7.5, seed=0, batch=64, reward_fn=None):
-    """Sample n images over `prompts` (cycled; fixed seeds) and read them with describe(): the accuracy of count,
-    colour and shape (and all three), plus the mean of reward_fn if given. Returns (results, images)."""
-    from sampler import ddim_sample, decode, encode_prompts, latent_shape
-    captions = [prompts[i % len(prompts)] for i in range(n)]
-    noise = torch.randn(n, *latent_shape(sd, RESOLUTION), generator=torch.Generator().manual_seed(seed))
+def draw(sd, captions, noise, steps, guidance, batch=64):
+    """Images (n, 3, H, W) float in [0, 1]: captions[i] sampled from noise[i] (n, 4, h, w), `batch` at a time, with
+    DDIM and classifier-free guidance."""
+    from sampler import ddim_sample, decode, encode_prompts
     images = []
-    for i in range(0, n, batch):
+    for i in range(0, len(captions), batch):
         cond = encode_prompts(sd, captions[i:i + batch])
         uncond = encode_prompts(sd, [""]).expand(len(cond), -1, -1)
         images.append(decode(sd, ddim_sample(sd, cond, uncond, noise[i:i + batch], steps, guidance)).float())
-    images = torch.cat(images)
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def evaluate(sd, prompts, n=256, steps=20, guidance=7.5, seed=0, batch=64, reward_fn=None):
+    """Sample n images over `prompts` (cycled; fixed seeds) and read them with describe(): the accuracy of count,
+    colour and shape (and all three), plus the mean of reward_fn if given. Returns (results, images)."""
+    from sampler import latent_shape
+    captions = [prompts[i % len(prompts)] for i in range(n)]
+    noise = torch.randn(n, *latent_shape(sd, RESOLUTION), generator=torch.Generator().manual_seed(seed))
+    images = draw(sd, captions, noise, steps, guidance, batch)
     results = score(describe(images), captions)
     if reward_fn is not None:
         results["reward"] = reward_fn(images, captions).mean().item()
@@ -587,26 +590,27 @@ def train_and_save_counter(out, steps, n_samples, seed, state_dir, fresh):
     checkpoint is newer, or when `fresh`), train_counter, its agreement with describe(), out/counter.safetensors."""
     from safetensors.torch import save_file
     from sampler import load_sd
-    paths = [os.path.join(state_dir, name) for name in ("counter_samples.pt", "counter.pt")]
-    unet_state = os.path.join(state_dir, "unet.pt")
-    if fresh or (os.path.isfile(paths[0]) and os.path.isfile(unet_state)
-                 and os.path.getmtime(paths[0]) < os.path.getmtime(unet_state)):
-        for path in paths:
+    samples_path, counter_state, unet_state = (os.path.join(state_dir, name)
+                                               for name in ("counter_samples.pt", "counter.pt", "unet.pt"))
+    stale = (os.path.isfile(samples_path) and os.path.isfile(unet_state)
+             and os.path.getmtime(samples_path) < os.path.getmtime(unet_state))
+    if fresh or stale:  # samples of an older UNet, and the counter trained on them, are thrown away
+        for path in (samples_path, counter_state):
             if os.path.isfile(path):
                 os.remove(path)
     sd = load_sd(out)
-    if os.path.isfile(paths[0]):
-        samples = torch.load(paths[0], weights_only=True)
+    if os.path.isfile(samples_path):
+        samples = torch.load(samples_path, weights_only=True)
     else:
         samples = model_samples(sd, split_captions()[0], n_samples, torch.Generator().manual_seed(seed + 6))
-        torch.save(samples, paths[0])
+        torch.save(samples, samples_path)
     counter = train_counter(steps, 64, torch.Generator().manual_seed(seed + 4), state_dir, samples)
     rendered, rendered_counts = counting_batch(512, torch.Generator().manual_seed(seed + 5))
     drawn, drawn_counts = model_samples(sd, split_captions()[1], min(256, n_samples),
                                         torch.Generator().manual_seed(seed + 7))
     with torch.no_grad():
-        right = [(counter(x.float() / (255 if x.dtype == torch.uint8 else 1)).round() == c).float().mean().item()
-                 for x, c in ((rendered, rendered_counts), (drawn, drawn_counts))]
+        right = [(counter(x).round() == c).float().mean().item()
+                 for x, c in ((rendered, rendered_counts), (drawn.float() / 255, drawn_counts))]
     print(f"counter: rounded count = the true one on {right[0]:.3f} of blurred, noised renders and "
           f"{right[1]:.3f} of the model's samples for the held-out captions (by describe())")
     save_file(counter.state_dict(), os.path.join(out, "counter.safetensors"))
