@@ -19,6 +19,7 @@ DRaFT-K and DRaFT-LV, Clark et al. 2023 (arXiv:2309.17400); gradient checkpointi
 import contextlib
 import functools
 import json
+import math
 import os
 import socket
 import tempfile
@@ -321,31 +322,17 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
         raise ValueError(f"eta must be >= 0, got {eta}")
     grad = torch.is_grad_enabled()
     k = backprop_window(backprop, steps, generator) if grad else 0
-    sched = sd.scheduler
-    if sched.config.get("thresholding") or sched.config.get("clip_sample"):
-        raise ValueError("scheduler configs with thresholding or clip_sample are not supported (SD uses neither)")
-    sched.set_timesteps(steps)  # diffusers' timestep spacing ("leading", "trailing", ...) from the model's config
-    alphas = sched.alphas_cumprod.tolist()  # python floats: scalar * tensor saves nothing for backward
-    final_alpha = 1.0 if sched.config.set_alpha_to_one else alphas[0]  # a_prev after the last step
-    stride = sched.config.num_train_timesteps // steps
-    cfg = guidance > 1.0
+    sched = _ddim_schedule(sd, steps)
     trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
 
     def step(x, t, z, context):  # one DDIM update x_t -> x_prev; z is this step's noise (eta > 0)
-        out = sd.unet((torch.cat([x, x]) if cfg else x).to(sd.unet.dtype), t, encoder_hidden_states=context).sample
-        if cfg:  # guided: eps_u + guidance * (eps_c - eps_u)
-            out_u, out_c = out.chunk(2)
-            out = out_u + guidance * (out_c - out_u)
-        a_t, a_prev = alphas[t], alphas[t - stride] if t >= stride else final_alpha
-        eps, x0 = _eps_and_x0(sched.config.prediction_type, out.to(x.dtype), x, a_t)
-        sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
-        x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
-        return x + sigma * z if eta > 0 else x
+        mean, sigma = ddim_transition(sd, guided_output(sd, x, t, context, guidance), x, t, steps, eta)
+        return mean + sigma * z if eta > 0 else mean
 
     def noise(like):  # drawn in step order, once: a recomputed step reuses its own
         return _randn(like, generator) if eta > 0 else None
 
-    context = (torch.cat([uncond, cond]) if cfg else cond).to(sd.unet.dtype)  # (2B, L, D): [uncond; cond]
+    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)  # (2B, L, D): [uncond; cond]
     ts = sched.timesteps
     x = latents
     with torch.no_grad():  # the steps before the truncation window build no graph at all
@@ -355,9 +342,9 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     if k == 0 and grad:  # DRaFT-LV: re-noise the sample N times to the last timestep, x_t = sqrt(a_t) x_0 +
         n, t = backprop[1], ts[-1]  # sqrt(1 - a_t) z, and take the last step again, with gradients
         x0 = x.repeat(n, 1, 1, 1)  # (N * B, 4, h, w), draw-major
-        x = alphas[t] ** 0.5 * x0 + (1 - alphas[t]) ** 0.5 * _randn(x0, generator)
-        context = (torch.cat([uncond.repeat(n, 1, 1), cond.repeat(n, 1, 1)]) if cfg else cond.repeat(n, 1, 1))
-        context = context.to(sd.unet.dtype)
+        a_t = float(sched.alphas_cumprod[t])
+        x = a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * _randn(x0, generator)
+        context = guidance_context(cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), guidance, sd.unet.dtype)
         window = [functools.partial(step, t=t, z=noise(x), context=context)]
     recompute = len(window) - min(keep_activations, len(window))
     if recompute:  # checkpointed: only the latents entering each step are kept for backward
@@ -365,6 +352,70 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     for fn in window[recompute:]:  # plain autograd: activations kept, no recomputation
         x = fn(x)
     return x
+
+
+def _ddim_schedule(sd, steps):
+    sched = sd.scheduler
+    if sched.config.get("thresholding") or sched.config.get("clip_sample"):
+        raise ValueError("scheduler configs with thresholding or clip_sample are not supported (SD uses neither)")
+    sched.set_timesteps(steps)  # diffusers' timestep spacing ("leading", "trailing", ...) from the model's config
+    return sched
+
+
+def guidance_context(cond, uncond, guidance, dtype):
+    """The text embeddings one UNet call sees: [uncond; cond] (2B, L, D) with classifier-free guidance, else cond."""
+    return (torch.cat([uncond, cond]) if guidance > 1.0 else cond).to(dtype)
+
+
+def guided_output(sd, x, t, context, guidance):
+    """The UNet's output at x_t (B, 4, h, w), classifier-free guided when guidance > 1: out_u + guidance * (out_c -
+    out_u), both halves in one batched call on `context` from guidance_context."""
+    cfg = guidance > 1.0
+    out = sd.unet((torch.cat([x, x]) if cfg else x).to(sd.unet.dtype), t, encoder_hidden_states=context).sample
+    if cfg:
+        out_u, out_c = out.chunk(2)
+        out = out_u + guidance * (out_c - out_u)
+    return out.to(x.dtype)
+
+
+def ddim_transition(sd, out, x, t, steps, eta):
+    """The Gaussian of one DDIM step, p(x_prev | x_t) = N(mean, sigma^2 I), from the model output `out` at x_t
+    (Song et al. 2021, Eq. 12 and 16; the legend is in ddim_sample). Returns (mean (B, 4, h, w), sigma, a float);
+    sigma is 0 at eta 0, where the step is deterministic. `steps` sets the stride to the previous timestep."""
+    sched = sd.scheduler
+    stride = sched.config.num_train_timesteps // steps
+    a_t = float(sched.alphas_cumprod[t])
+    final_alpha = 1.0 if sched.config.set_alpha_to_one else float(sched.alphas_cumprod[0])  # a_prev after the last
+    a_prev = float(sched.alphas_cumprod[t - stride]) if t >= stride else final_alpha
+    eps, x0 = _eps_and_x0(sched.config.prediction_type, out, x, a_t)
+    sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+    return a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps, sigma
+
+
+def ddim_logprob(x_prev, mean, sigma):
+    """log N(x_prev; mean, sigma^2 I) per sample (B,), averaged (not summed) over the latent's dimensions, as DDPO
+    does (Black et al. 2023): a per-dimension log-density, so that exp(difference) - the PPO ratio - stays near 1
+    whatever the latent size. Needs sigma > 0 (eta > 0). The gradient flows through `mean` (the policy)."""
+    if not sigma > 0:
+        raise ValueError("the log-probability of a DDIM step needs eta > 0 (sigma = 0 is a deterministic step)")
+    logp = -(x_prev.detach().float() - mean.float()) ** 2 / (2 * sigma ** 2) - math.log(sigma * (2 * math.pi) ** 0.5)
+    return logp.flatten(1).mean(1)
+
+
+@torch.no_grad()
+def ddim_rollout(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=1.0, generator=None):
+    """Sample like ddim_sample (same noise from `generator`, same images) and keep what policy-gradient RL needs
+    (DDPO, Black et al. 2023): every step's latents and the log-probability of each transition under the model that
+    sampled it. Returns (xs (T + 1, B, 4, h, w): x_T ... x_0, logps (T, B), timesteps (T,))."""
+    sched = _ddim_schedule(sd, steps)
+    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)
+    xs, logps = [latents], []
+    for t in sched.timesteps:
+        x = xs[-1]
+        mean, sigma = ddim_transition(sd, guided_output(sd, x, t, context, guidance), x, t, steps, eta)
+        xs.append(mean + sigma * _randn(x, generator))
+        logps.append(ddim_logprob(xs[-1], mean, sigma))
+    return torch.stack(xs), torch.stack(logps), sched.timesteps.clone()
 
 
 def _randn(like, generator):  # N(0, I) noise like `like`, drawn on the generator's device: reproducible anywhere

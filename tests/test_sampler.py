@@ -1,11 +1,14 @@
 """The DDIM sampler agrees with diffusers; truncation, loading and decoding behave as documented."""
+import math
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from conftest import pipeline
-from sampler import (ModelLoadError, backprop_window, ddim_sample, decode, encode_prompts, latent_shape, load_sd,
-                     native_resolution, parse_backprop)
+from sampler import (ModelLoadError, backprop_window, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode,
+                     encode_prompts, guidance_context, guided_output, latent_shape, load_sd, native_resolution,
+                     parse_backprop)
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 
@@ -49,6 +52,60 @@ def test_eta_noise_comes_from_the_generator(tiny):
     x = noise(tiny)
     a, b, c = (ours(tiny, x, steps=5, eta=1.0, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("config", [{}, dict(prediction_type="v_prediction", set_alpha_to_one=True)])
+def test_transition_is_diffusers_step_mean_and_variance(tiny, config):
+    """mean = DDIMScheduler.step with zero noise, sigma = eta * sqrt(its variance), at every step including the last
+    (where a_prev is the final alpha), so that mean + sigma * z is its step with variance_noise z."""
+    sched = DDIMScheduler.from_config(tiny.scheduler.config, **config)
+    tiny.scheduler = DDIMScheduler.from_config(sched.config)
+    steps, eta = 8, 0.8
+    sched.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(0)
+    for t in sched.timesteps:
+        x, out, z = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+        mean, sigma = ddim_transition(tiny, out, x, t, steps, eta)
+        want_mean = sched.step(out, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
+        prev_t = t - sched.config.num_train_timesteps // steps
+        torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-6)
+        assert sigma == pytest.approx(eta * sched._get_variance(t, prev_t).item() ** 0.5, rel=1e-5)
+        torch.testing.assert_close(mean + sigma * z, sched.step(out, t, x, eta=eta, variance_noise=z).prev_sample,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_logprob_by_hand():
+    """The Gaussian log-density per dimension, averaged over (C, h, w); the gradient reaches the mean only."""
+    gen = torch.Generator().manual_seed(0)
+    x, mean = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen).requires_grad_()
+    sigma = 0.3
+    got = ddim_logprob(x, mean, sigma)
+    by_hand = [sum(-0.5 * ((a - m) / sigma) ** 2 - torch.log(torch.tensor(sigma)).item() - 0.5 * math.log(2 * math.pi)
+                   for a, m in zip(x[i].flatten().tolist(), mean[i].flatten().tolist())) / 16 for i in range(3)]
+    assert got.tolist() == pytest.approx(by_hand, rel=1e-6)
+    torch.testing.assert_close(got, torch.distributions.Normal(mean, sigma).log_prob(x).flatten(1).mean(1))
+    got.sum().backward()
+    torch.testing.assert_close(mean.grad, (x - mean.detach()) / sigma ** 2 / 16)
+    with pytest.raises(ValueError, match="eta > 0"):
+        ddim_logprob(x, mean, 0.0)
+
+
+def test_rollout_samples_what_ddim_sample_samples(tiny):
+    """Same noise, same images; each stored log-probability is the transition's density of the next stored latent."""
+    x = noise(tiny)
+    cond, uncond = encode_prompts(tiny, PROMPTS).detach(), encode_prompts(tiny, [""] * 2).detach()
+    xs, logps, ts = ddim_rollout(tiny, cond, uncond, x, steps=6, guidance=5.0, eta=1.0,
+                                 generator=torch.Generator().manual_seed(4))
+    assert xs.shape == (7, *x.shape) and logps.shape == (6, 2) and len(ts) == 6 and torch.equal(xs[0], x)
+    want = ours(tiny, x, steps=6, guidance=5.0, eta=1.0, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(xs[-1], want, rtol=1e-6, atol=1e-6)
+    context = guidance_context(cond, uncond, 5.0, torch.float32)
+    for i, t in enumerate(ts):
+        with torch.no_grad():
+            mean, sigma = ddim_transition(tiny, guided_output(tiny, xs[i], t, context, 5.0), xs[i], t, 6, 1.0)
+        torch.testing.assert_close(ddim_logprob(xs[i + 1], mean, sigma), logps[i])
+        # x_prev - mean = sigma z with z ~ N(0, I) over 256 dimensions: log-density ~ -1/2 - log(sigma sqrt(2 pi))
+        assert logps[i].tolist() == pytest.approx([-0.5 - math.log(sigma * (2 * math.pi) ** 0.5)] * 2, abs=0.3)
 
 
 def graph_stats(sd, x, steps, backprop, generator=None):
