@@ -13,6 +13,8 @@ image processor (resize, crop, normalise), so the gradient reaches the pixels.
               (T.81 Annex K, Tables K.1/K.2) scaled to a quality setting as libjpeg does, then a smooth count of the
               bits the quantised coefficients cost. DDPO (Black et al. 2023, arXiv:2305.13301) rewards the real JPEG
               size, which has no gradient; AlignProp (arXiv:2310.03739) needs one, so we estimate it.
+  jpeg        minus the *real* JPEG size in kB, Pillow's encoder at the quality `compress` models (DDPO's
+              compressibility reward). No gradient: for reinforcement learning (ddpo.py), or to judge `compress`.
   aesthetic   the LAION aesthetic predictor v2 (github.com/christophschuhmann/improved-aesthetic-predictor), the reward
               of DDPO and AlignProp: an MLP on the L2-normalised CLIP ViT-L/14 image embedding, fitted to human ratings
               (SAC, LAION-Logos, AVA) on a 1-10 scale. Downloads openai/clip-vit-large-patch14 (1.7 GB) and the MLP
@@ -30,13 +32,19 @@ image processor (resize, crop, normalise), so the gradient reaches the pixels.
   count       minus |soft count - n| for prompts that ask for n objects ("three apples on a table", prompts/count.txt,
               see parse_count): the soft count of the open-vocabulary detector OWL-ViT (Minderer et al. 2022,
               arXiv:2205.06230) queried with "a photo of a <noun>". Downloads google/owlvit-base-patch32 (0.6 GB).
+  shapes-count  minus the count error beyond rounding for the shapes model's prompts, from a small learned counter
+              (ShapeCounter below; its weights ship in models/shapes). Nothing to download.
+  shapes-count-exact
+              minus |count - n| as shapes.describe() reads it, for the shapes model's prompts: the exact count error,
+              with no gradient (for ddpo.py); `shapes-count` is its learned, differentiable stand-in.
 
-A mix "name[:weight],..." (weight 1 by default) trains on the weighted sum; weight 0 computes and logs a reward without
-training on it. Weights are downloaded from the Hugging Face hub on first use and cached there (~/.cache/huggingface).
-Without network, a reward missing from that cache raises RewardLoadError with a one-line message, in seconds. To use a
-local copy instead (a file, or a directory from `hf download REPO --local-dir DIR`), set the variable in SOURCES below:
-ALIGNPROP_AESTHETIC_WEIGHTS, ALIGNPROP_HPS_WEIGHTS (also takes HPS_v2_compressed.pt, v2.0), ALIGNPROP_CLIP_L14,
-ALIGNPROP_CLIP_H14, ALIGNPROP_PICKSCORE, ALIGNPROP_OWLVIT.
+The rewards in NO_GRADIENT return values without a graph: train.py refuses them (its method needs a gradient),
+ddpo.py takes every reward. A mix "name[:weight],..." (weight 1 by default) trains on the weighted sum; weight 0
+computes and logs a reward without training on it. Weights are downloaded from the Hugging Face hub on first use and
+cached there (~/.cache/huggingface). Without network, a reward missing from that cache raises RewardLoadError with a
+one-line message, in seconds. To use a local copy instead (a file, or a directory from `hf download REPO --local-dir
+DIR`), set the variable in SOURCES below: ALIGNPROP_AESTHETIC_WEIGHTS, ALIGNPROP_HPS_WEIGHTS (also takes
+HPS_v2_compressed.pt, v2.0), ALIGNPROP_CLIP_L14, ALIGNPROP_CLIP_H14, ALIGNPROP_PICKSCORE, ALIGNPROP_OWLVIT.
 
 To add a reward: write `fn(images, prompts) -> Tensor[B]` (a function or an nn.Module that takes its models, so that
 tests can pass tiny ones) and register a loader(device, dtype) -> fn in REWARDS.
@@ -116,7 +124,10 @@ def _coefficient_bits(q):
     return bits(a) - bits(torch.tensor(SMOOTH_ABS))
 
 
-def jpeg_kilobytes(images, quality=75):
+JPEG_QUALITY = 75  # DDPO's compressibility reward encodes at Pillow's default quality; the estimate models the same
+
+
+def jpeg_kilobytes(images, quality=JPEG_QUALITY):
     """Differentiable estimate of the baseline-JPEG size, in kB, of each image (B, 3, H, W) in [0, 1]."""
     x = images.float() * 255
     r, g, b = x.unbind(1)
@@ -135,6 +146,21 @@ def jpeg_kilobytes(images, quality=75):
         bits = bits + _coefficient_bits(ac).sum((1, 2, 3)) + _coefficient_bits(dc_diff).sum(1)
         bits = bits + BITS_PER_BLOCK * dc.shape[1]
     return (bits / 8 + HEADER_BYTES) / 1000  # fp32 whatever the images' dtype
+
+
+def real_jpeg_kilobytes(images, quality=JPEG_QUALITY):
+    """Pillow's baseline-JPEG size in kB (4:2:0, its default) of each image (B, 3, H, W) in [0, 1], as 8-bit pixels.
+    The real thing that jpeg_kilobytes estimates; no gradient."""
+    import io
+
+    from PIL import Image
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    sizes = []
+    for arr in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell() / 1000)
+    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
 # -----------------------------------------------------------------------------
@@ -371,7 +397,7 @@ def parse_count(prompt):
     return n, phrase[-1] if n == 1 else singular(phrase[-1])
 
 
-COUNTING_REWARDS = ("count", "shapes-count")  # the rewards that read a number of objects from each prompt
+COUNTING_REWARDS = ("count", "shapes-count", "shapes-count-exact")  # they read a number of objects from each prompt
 
 
 def check_prompts(spec, prompts):
@@ -459,6 +485,14 @@ class ShapesCount(nn.Module):
         targets = torch.tensor([parse_count(p)[0] for p in prompts], dtype=torch.float32, device=images.device)
         error = (self.counter(images.to(next(self.counter.parameters()).dtype)).float() - targets).abs()
         return -(error - 0.5).clamp(min=0)
+
+
+def shapes_count_exact(images, prompts):
+    """-|describe()'s count - n| for prompts of shapes.py's grammar: the exact count error, no gradient."""
+    from shapes import describe  # imported here: rewards.py stays usable without shapes.py beside it
+    targets = torch.tensor([parse_count(p)[0] for p in prompts], dtype=torch.float32)
+    counts = torch.tensor([d["count"] for d in describe(images)], dtype=torch.float32)
+    return -(counts - targets).abs().to(images.device)
 
 
 def load_shapes_count(device, dtype):
@@ -593,6 +627,10 @@ def compress(images, prompts=None):
     return -jpeg_kilobytes(images)
 
 
+def jpeg(images, prompts=None):
+    return -real_jpeg_kilobytes(images)
+
+
 def incompress(images, prompts=None):
     return jpeg_kilobytes(images)
 
@@ -610,7 +648,15 @@ REWARDS = {  # name -> loader(device, dtype) -> fn(images, prompts) -> (B,)
         "clip-l14", from_hub("clip-l14", "CLIPModel", device, dtype), device, dtype),
     "count": load_count,
     "shapes-count": load_shapes_count,
+    "jpeg": lambda device, dtype: jpeg,
+    "shapes-count-exact": lambda device, dtype: shapes_count_exact,
 }
+NO_GRADIENT = ("jpeg", "shapes-count-exact")  # measured, not modelled: their values carry no gradient to the pixels
+
+
+def without_gradient(spec):
+    """The rewards of a spec that have no gradient and a weight != 0 (a weight-0 one is only logged)."""
+    return [name for name, weight in parse_reward_spec(spec) if name in NO_GRADIENT and weight != 0]
 
 
 def parse_reward_spec(spec):

@@ -133,3 +133,23 @@ def test_quant_tables_follow_libjpeg():
 def test_flat_images_compress_best():
     flat, noisy = torch.full((1, 3, 64, 64), 0.5), torch.rand(1, 3, 64, 64)
     assert load_reward("compress")(flat, None) > load_reward("compress")(noisy, None)
+
+
+def test_jpeg_is_minus_pillows_real_size_and_has_no_gradient():
+    from rewards import NO_GRADIENT, without_gradient
+    images = [img for _, img in varied_images()][:8]
+    images = torch.stack([quantise(img) for img in images if img.shape[1:] == images[0].shape[1:]])
+    r = load_reward("jpeg")(images.requires_grad_(), None)
+    assert r.tolist() == pytest.approx([-pil_jpeg_bytes(img) / 1000 for img in images.detach()], abs=1e-6)
+    assert not r.requires_grad and set(NO_GRADIENT) == {"jpeg", "shapes-count-exact"}
+    assert without_gradient("compress,jpeg:0.5") == ["jpeg"] and without_gradient("compress,jpeg:0") == []
+
+
+def test_shapes_count_exact_reads_describe():
+    from shapes import caption, render
+    images = torch.stack([render(n, "red", "circle", seed=n) for n in (1, 2, 3)]).float() / 255  # uint8 -> [0, 1]
+    prompts = [caption(1, "red", "circle"), caption(3, "red", "circle"), caption(1, "red", "circle")]
+    assert load_reward("shapes-count-exact")(images, prompts).tolist() == [0.0, -1.0, -2.0]
+    from rewards import check_prompts
+    with pytest.raises(ValueError):  # a prompt without a count is refused before training, as for shapes-count
+        check_prompts("shapes-count-exact", ["red circles"])
