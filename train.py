@@ -16,10 +16,8 @@ averaged across processes once per optimisation step, so N processes give the sa
 N times larger --batch-size. Process 0 alone writes files.
 """
 import argparse
-import json
 import os
 import resource
-import signal
 import sys
 import time
 
@@ -27,8 +25,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lora import inject_lora, save_lora
-from rewards import REWARDS, RewardLoadError, check_prompts, load_reward, parse_reward_spec
+from lora import inject_lora
+from rewards import REWARDS, RewardLoadError, check_prompts, load_reward, parse_reward_spec, without_gradient
+from runs import (StopOnSignal, agree, average_gradients, die, gather, info, load_checkpoint, log_metrics,
+                  plot_rewards, read_metrics, read_prompts, refuse_overwrite, resume_args, save_checkpoint,
+                  start_processes, write_config)
 from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_sample, decode, encode_prompts, image_grid, latent_shape,
                      load_sd, native_resolution, parse_backprop, vae_scale_factor)
 
@@ -69,41 +70,19 @@ p.add_argument("--resume", default=None, help="continue the run in this director
 p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps; 0 = only at the end")
 p.add_argument("--eval-every", type=int, default=10, help="eval grid every N steps; 0 = only at start and end")
 p.add_argument("--eval-n", type=int, default=8, help="eval images (held-out prompts x fixed seeds)")
-args = p.parse_args()
+args = resume_args(p, p.parse_args())  # --resume DIR: the saved flags become the defaults; these still win
 
-ddp = "RANK" in os.environ  # started by torchrun: one process per GPU (or CPU process, with gloo)
-if ddp:
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-master = rank == 0  # writes logs, grids and checkpoints; every rank computes the same decisions from the same data
-
-
-def info(*msg):
-    if master:
-        print(*msg)
-
-
-def die(msg):  # bad input: one line, exit status 2, no traceback (every rank sees the same input and stops)
-    if master:
-        print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-if args.resume:  # the saved flags become the defaults; flags on this command line still win
-    cfg_path = os.path.join(args.resume, "config.json")
-    if not os.path.isfile(os.path.join(args.resume, "checkpoint.pt")) or not os.path.isfile(cfg_path):
-        die(f"--resume {args.resume}: no checkpoint.pt and config.json there")
-    with open(cfg_path) as f:
-        p.set_defaults(**{k: v for k, v in json.load(f).items() if k in vars(args)})
-    args = p.parse_args()
-    args.out = args.resume
-
+# torchrun: one process per GPU (or CPU process, with gloo); rank 0 writes logs, grids and checkpoints, and every rank
+# computes the same decisions from the same data
+ddp, rank, world = start_processes()
+master = rank == 0
 try:
     reward_names = [name for name, _ in parse_reward_spec(args.reward)]
 except ValueError as e:
     die(str(e))
+if without_gradient(args.reward):
+    die(f"--reward {','.join(without_gradient(args.reward))} has no gradient, which reward backprop follows: train "
+        "on its differentiable stand-in (jpeg -> compress, shapes-count-exact -> shapes-count), or use ddpo.py")
 device_type = "cuda" if torch.cuda.is_available() else "cpu"
 device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
 if args.model is None:
@@ -121,14 +100,9 @@ if args.dtype is None:
 args.out = args.out or os.path.join("out", args.reward.replace(",", "+").replace(":", ""))
 texts = {}  # flag -> its prompts
 for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
-    if not os.path.isfile(path):
-        die(f"{name} {path}: no such file")
-    with open(path) as f:
-        texts[name] = lines = [line.strip() for line in f if line.strip()]
-    if not lines:
-        die(f"{name} {path}: the file has no prompts")
+    texts[name] = read_prompts(name, path)
     try:
-        check_prompts(args.reward, lines)
+        check_prompts(args.reward, texts[name])
     except ValueError as e:
         die(f"{name} {path}: {e} (the count rewards need one in every prompt)")
 try:
@@ -142,10 +116,7 @@ for name in ("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "ev
         die(f"--{name.replace('_', '-')} must be >= 1")
 if args.keep_activations < 0 or args.eta < 0 or args.lr <= 0:
     die("--keep-activations and --eta must be >= 0, --lr > 0")
-if not args.resume and os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
-    die(f"{args.out} already holds a run: continue it with --resume {args.out}, or pick another --out")
-if ddp:
-    dist.barrier()  # every rank has checked the output directory before rank 0 writes to it
+refuse_overwrite(args.out, args.resume)
 
 # -----------------------------------------------------------------------------
 # setup
@@ -182,10 +153,7 @@ eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual
 rng = torch.Generator().manual_seed(args.seed)
 rows = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
 global_batch = args.batch_size * args.grad_accum * world
-if master:
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    with open(os.path.join(args.out, "config.json"), "w") as f:  # the flags of the latest (re)start
-        json.dump(dict(vars(args), world_size=world, global_batch=global_batch), f, indent=2)
+write_config(args.out, dict(vars(args), world_size=world, global_batch=global_batch))  # the latest (re)start's flags
 step, eval_before = 0, None
 
 
@@ -195,38 +163,9 @@ def loop_generator(step, micro):
     return torch.Generator().manual_seed(hash((args.seed, step, micro, rank)) % 2**63)
 
 
-def gather(t):  # this rank's values (n,) -> the global batch's (world * n,), for the log
-    if not ddp:
-        return t
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t)
-    return torch.cat(parts)
-
-
-def weights_in_sync():  # max |difference| between this rank's LoRA weights and rank 0's, over all ranks
-    flat = torch.cat([p.detach().flatten() for p in params])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
-    diff = (flat - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return diff.item()
-
-
-def atomic_save(save, path):  # a crash mid-write leaves the previous file intact
-    save(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def checkpoint_run(done):  # after `done` optimisation steps; called on every rank
-    if ddp and weights_in_sync() != 0:  # cheap insurance against silently wrong gradient synchronisation
-        die(f"the LoRA weights differ between ranks at step {done}: the gradient all-reduce is broken")
-    if not master:
-        return
-    state = dict(step=done, lora={n: p.detach() for n, p in sd.unet.named_parameters() if p.requires_grad},
-                 opt=opt.state_dict(), scaler=scaler.state_dict(), rng=rng.get_state(),
-                 torch_rng=torch.get_rng_state(), eval_before=eval_before)
-    atomic_save(lambda path: torch.save(state, path), os.path.join(args.out, "checkpoint.pt"))
-    atomic_save(lambda path: save_lora(sd.unet, path), os.path.join(args.out, "lora.safetensors"))
+    save_checkpoint(args.out, sd.unet, params, step=done, opt=opt.state_dict(), scaler=scaler.state_dict(),
+                    rng=rng.get_state(), torch_rng=torch.get_rng_state(), eval_before=eval_before)
 
 
 def sample(cond, noise, generator, backprop):  # noise (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]
@@ -246,11 +185,7 @@ def evaluate(step):  # the same held-out prompts and seeds every time, so grids 
 
 
 if args.resume:
-    ckpt = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location="cpu", weights_only=True)
-    named = dict(sd.unet.named_parameters())
-    with torch.no_grad():
-        for n, v in ckpt["lora"].items():
-            named[n].copy_(v)
+    ckpt = load_checkpoint(args.out, sd.unet)  # LoRA weights restored, metrics.jsonl cut back to the checkpoint
     opt.load_state_dict(ckpt["opt"])
     for group in opt.param_groups:  # the checkpoint brings its own lr: this run's --lr wins
         group["lr"] = args.lr
@@ -258,11 +193,6 @@ if args.resume:
     rng.set_state(ckpt["rng"])
     torch.set_rng_state(ckpt["torch_rng"])
     step, eval_before = ckpt["step"], ckpt["eval_before"]
-    if master:
-        with open(os.path.join(args.out, "metrics.jsonl")) as f:  # one line per step: drop those after the checkpoint
-            kept = f.readlines()[:step]
-        with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-            f.writelines(kept)
     info(f"resuming {args.out} at step {step}")
 else:
     if master:
@@ -278,16 +208,7 @@ info(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers ({n_params /
 # -----------------------------------------------------------------------------
 # training loop
 
-stop_signal, skipped, skipped_in_a_row = [], 0, 0
-
-
-def on_signal(signum, frame):  # the first SIGTERM / Ctrl-C stops cleanly after this step; a second one, at once
-    stop_signal.append(signal.Signals(signum).name)
-    signal.signal(signum, signal.SIG_DFL)
-
-
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
+signals, skipped, skipped_in_a_row = StopOnSignal(), 0, 0  # a signal finishes the step, saves, then stops
 pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=args.reward, dynamic_ncols=True,
             disable=not master)
 for step in pbar:
@@ -306,12 +227,7 @@ for step in pbar:
         for name, value in reward_fn.components.items():  # each reward of a mix on its own
             components.setdefault(name, []).append(value.float())
     rewards = gather(torch.cat(rewards))
-    if ddp:  # average the gradients over ranks: one all-reduce of one flat buffer
-        grads = [p.grad for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)  # sum; gloo has no average
-        for g, avg in zip(grads, (flat / world).split([g.numel() for g in grads])):
-            g.copy_(avg.view_as(g))
+    average_gradients(params)  # torchrun: one all-reduce per step, none per micro-batch
     scaler.unscale_(opt)  # so that clipping sees the true gradient norm
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
     finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(rewards).all())
@@ -324,18 +240,17 @@ for step in pbar:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
     log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                loss=-rewards.mean().item(), grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak,
-               skipped=not finite, skipped_total=skipped)
+               images_seen=(step + 1) * global_batch, skipped=not finite, skipped_total=skipped)
     if len(components) > 1:
         log.update({f"reward_{name}": gather(torch.cat(v)).mean().item() for name, v in components.items()})
     done = step + 1
-    if master and (done == args.steps or (args.eval_every and done % args.eval_every == 0)):
+    evaluating = master and (done == args.steps or (args.eval_every and done % args.eval_every == 0))
+    if evaluating:
         log["eval_reward"] = evaluate(done)
-    if master:
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({k: None if v != v else v for k, v in log.items()}) + "\n")  # NaN -> null: valid JSON
-    stop = torch.tensor(float(bool(stop_signal)), device=device)
-    if ddp:  # a signal may reach the ranks at different steps: stop together after the first one that saw it
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    log_metrics(args.out, log)
+    if evaluating:
+        plot_rewards(args.out, f"train.py --reward {args.reward} ({args.out})", eval_before)
+    stop = agree(signals.name, device)  # torchrun: all stop after the first step that any rank saw a signal in
     if done == args.steps or (args.save_every and done % args.save_every == 0) or stop:
         checkpoint_run(done)
     pbar.set_postfix(reward=f"{log['reward_mean']:.4f}", **({"eval": f"{log['eval_reward']:.4f}"}
@@ -348,7 +263,7 @@ for step in pbar:
         sys.exit(3)
     if stop:  # SIGTERM / Ctrl-C: the step is finished and saved
         pbar.close()
-        name = stop_signal[0] if stop_signal else "SIGTERM"  # what another rank received
+        name = signals.name or "SIGTERM"  # what another rank received
         info(f"stopped by {name} after step {done}, checkpoint saved: continue with --resume {args.out}")
         sys.exit(130 if name == "SIGINT" else 143)
 
@@ -356,7 +271,6 @@ if ddp:
     info(f"LoRA weights identical on all {world} processes (checked at every checkpoint)")
     dist.destroy_process_group()
 if master:
-    with open(os.path.join(args.out, "metrics.jsonl")) as f:
-        after = [json.loads(line) for line in f][-1].get("eval_reward")
+    after = read_metrics(args.out)[-1].get("eval_reward")
     print(f"{args.reward} reward on held-out prompts: {eval_before:.4f} -> {'nan' if after is None else f'{after:.4f}'} "
           f"after {args.steps} steps; LoRA in {os.path.join(args.out, 'lora.safetensors')}")

@@ -158,6 +158,8 @@ def prompt_files(tmp_path):
     (["--resolution", "60"], "not divisible by 8"),
     (["--model", "{tmp}/notsd"], "is not a diffusers Stable Diffusion directory"),
     (["--model", "{tmp}/no/such/dir"], "no such model directory"),
+    (["--reward", "jpeg"], "--reward jpeg has no gradient"),  # RL's reward: ddpo.py takes it, train.py cannot
+    (["--reward", "compress,shapes-count-exact:0.5"], "--reward shapes-count-exact has no gradient"),
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]

@@ -1,0 +1,219 @@
+"""A training run's plumbing, shared by train.py (reward backprop) and ddpo.py (reinforcement learning), so that each
+script keeps only its own loop: the run directory, checkpoints and --resume, signals, torchrun, the log and its plot.
+
+    args = resume_args(parser, args)            # --resume DIR: its config.json's flags become the defaults
+    prompts = read_prompts("--prompts", path)   # bad input ends in one line and exit status 2 (die)
+    refuse_overwrite(out, args.resume); write_config(out, config)
+    save_checkpoint(out, unet, params, step=..., opt=..., ...)   # checkpoint.pt + lora.safetensors, atomically
+    state = load_checkpoint(out, unet)          # the LoRA weights restored; metrics.jsonl cut back to state["step"]
+    log_metrics(out, dict(step=..., reward_mean=...))   # a line of metrics.jsonl
+    plot_rewards(out, title, eval_before)       # reward.png: training and held-out reward against steps
+
+A run directory holds config.json (the flags of the latest start), metrics.jsonl (one JSON line per step),
+checkpoint.pt (for --resume), lora.safetensors (loads in diffusers), samples/ (eval grids) and reward.png.
+
+Under torchrun (RANK in the environment) every process runs the same script on its share of each batch: rank 0 alone
+prints and writes; average_gradients sums the LoRA gradients in one all-reduce; save_checkpoint first checks that
+every rank holds the same weights; agree() makes a decision that one rank took (a signal) everyone's.
+"""
+import json
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+from lora import save_lora
+
+# -----------------------------------------------------------------------------
+# processes
+
+
+def is_master():  # rank 0 writes; read from the environment, so it holds before the process group exists
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def info(*msg):
+    if is_master():
+        print(*msg)
+
+
+def die(msg):
+    """Bad input: one line, exit status 2, no traceback (every rank sees the same input and stops)."""
+    if is_master():
+        print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def start_processes():
+    """(ddp, rank, world): under torchrun, join the process group (NCCL on GPUs, else gloo); else one process."""
+    if "RANK" not in os.environ:
+        return False, 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return True, dist.get_rank(), dist.get_world_size()
+
+
+def gather(t):
+    """This rank's values (n,) -> every rank's (world * n,), in rank order, for the log."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
+def average_gradients(params):
+    """Average the gradients over ranks: one all-reduce of one flat buffer (gloo has no average: sum, then divide)."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for g, avg in zip(grads, (flat / dist.get_world_size()).split([g.numel() for g in grads])):
+        g.copy_(avg.view_as(g))
+
+
+def agree(flag, device):
+    """True on every rank if it is True on any: a signal may reach the ranks at different steps."""
+    flag = torch.tensor(float(bool(flag)), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def _weights_in_sync(params):  # max |difference| between this rank's LoRA weights and rank 0's, over all ranks
+    flat = torch.cat([p.detach().flatten() for p in params])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
+# -----------------------------------------------------------------------------
+# the run directory
+
+
+def resume_args(parser, args):
+    """With --resume DIR, DIR's saved flags become the parser's defaults (flags on this command line still win) and
+    --out is DIR; without it, args as they are."""
+    if not args.resume:
+        return args
+    cfg_path = os.path.join(args.resume, "config.json")
+    if not os.path.isfile(os.path.join(args.resume, "checkpoint.pt")) or not os.path.isfile(cfg_path):
+        die(f"--resume {args.resume}: no checkpoint.pt and config.json there")
+    with open(cfg_path) as f:
+        parser.set_defaults(**{k: v for k, v in json.load(f).items() if k in vars(args)})
+    args = parser.parse_args()
+    args.out = args.resume
+    return args
+
+
+def read_prompts(flag, path):
+    """The non-empty lines of a prompt file; a missing or empty file is a one-line error naming the flag."""
+    if not os.path.isfile(path):
+        die(f"{flag} {path}: no such file")
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        die(f"{flag} {path}: the file has no prompts")
+    return lines
+
+
+def refuse_overwrite(out, resume):
+    if not resume and os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        die(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked the output directory before rank 0 writes to it
+
+
+def write_config(out, config):
+    if is_master():
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def atomic_save(save, path):  # a crash mid-write leaves the previous file intact
+    save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(out, unet, params, **state):
+    """checkpoint.pt (the LoRA tensors and `state`: step, optimiser, RNG states, ...) and lora.safetensors. Call it
+    on every rank: under torchrun it first checks that all ranks hold the same weights, then rank 0 writes."""
+    if dist.is_initialized() and _weights_in_sync(params) != 0:  # cheap insurance against a broken all-reduce
+        die(f"the LoRA weights differ between ranks at step {state.get('step')}: the gradient all-reduce is broken")
+    if not is_master():
+        return
+    state["lora"] = {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+    atomic_save(lambda path: torch.save(state, path), os.path.join(out, "checkpoint.pt"))
+    atomic_save(lambda path: save_lora(unet, path), os.path.join(out, "lora.safetensors"))
+
+
+def load_checkpoint(out, unet):
+    """The state save_checkpoint stored, with the LoRA weights copied into `unet`; metrics.jsonl keeps only the lines
+    of the steps before the checkpoint (a killed run logged steps it did not save)."""
+    state = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    named = dict(unet.named_parameters())
+    with torch.no_grad():
+        for n, v in state.pop("lora").items():
+            named[n].copy_(v)
+    if is_master():
+        path = os.path.join(out, "metrics.jsonl")
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] < state["step"]]
+        with open(path, "w") as f:
+            f.writelines(kept)
+    return state
+
+
+def log_metrics(out, log):
+    """One line of metrics.jsonl; NaN is written as null, so that every line is valid JSON."""
+    if is_master():
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({k: None if v != v else v for k, v in log.items()}) + "\n")
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def plot_rewards(out, title, eval_before=None):
+    """reward.png: the training reward of every step and the held-out (eval) reward, from eval_before (at step 0)
+    on, against steps."""
+    if not is_master():
+        return
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    m = read_metrics(out)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([x["step"] + 1 for x in m], [x["reward_mean"] for x in m], lw=1, alpha=0.6, label="training batch")
+    evals = [(0, eval_before)] * (eval_before is not None)
+    evals += [(x["step"] + 1, x["eval_reward"]) for x in m if x.get("eval_reward") is not None]
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out prompts, fixed seeds")
+    ax.set(xlabel="step", ylabel="reward", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_save(lambda path: fig.savefig(path, format="png"), os.path.join(out, "reward.png"))
+    plt.close(fig)
+
+
+class StopOnSignal:
+    """The first SIGTERM / Ctrl-C sets .name and lets the current step finish and save; a second one stops at once."""
+
+    def __init__(self):
+        self.name = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
