@@ -1,0 +1,366 @@
+"""DDPO: fine-tune Stable Diffusion's UNet (through LoRA) by reinforcement learning, on any reward, differentiable or
+not (Black et al. 2023, arXiv:2305.13301): the baseline that AlignProp (train.py) is measured against.
+
+    python ddpo.py --reward jpeg                        # no CUDA GPU: the shipped shapes model, real JPEG size
+    python ddpo.py --reward shapes-count-exact --advantage group --group-size 8     # GRPO-style advantages
+    python ddpo.py --resume out/ddpo-jpeg --steps 40    # continue a run; flags given here override its saved ones
+
+One step is a round of sampling and training. Sample --samples-per-step images with DDIM at eta > 0, keeping every
+step's latents x_T .. x_0 and the log-probability of each transition, log p_old(x_{t-1} | x_t) (sampler.ddim_rollout);
+score them: these are the round's reward queries. Turn rewards into advantages normalised per prompt (below). Then
+--inner-epochs passes of PPO (Schulman et al. 2017, arXiv:1707.06347) over the stored transitions, treating each
+denoising step as an action of a policy (DDPO's MDP, Sec. 4.2): for a --timestep-fraction of the steps,
+    ratio = exp(log p_theta(x_{t-1} | x_t) - log p_old(x_{t-1} | x_t))
+    loss  = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )          eps = --clip-range
+averaged over images and steps, backprop into the LoRA weights, clip the gradient norm, AdamW. No gradient ever
+flows through the chain or the reward: each step's gradient is that of one Gaussian log-density (the score-function /
+REINFORCE estimator), which is why RL needs many samples where reward backprop follows the reward's own gradient.
+
+Advantages (--advantage): "running" is DDPO's per-prompt stat tracking, (r - mean) / std over the last --stat-buffer
+rewards of the same prompt (the round's statistics until a prompt has that many); "group" is the group-relative form
+of GRPO (Shao et al. 2024, arXiv:2402.03300) used by Flow-GRPO (Liu et al. 2025, arXiv:2505.05470) and DanceGRPO:
+each prompt is drawn --group-size times per round, A = (r - group mean) / group std, no value network.
+
+Writes what train.py writes, to --out (default out/ddpo-<reward>): config.json, metrics.jsonl (one line per round,
+with reward_mean, images_seen, seconds), samples/step_NNNNNN.png (held-out prompts, fixed seeds), reward.png,
+lora.safetensors (loads in diffusers), checkpoint.pt (for --resume); Ctrl-C / SIGTERM finish the round and save.
+Under torchrun each process samples and trains on its share of every round; gradients are averaged across processes.
+"""
+import argparse
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from lora import inject_lora
+from rewards import REWARDS, RewardLoadError, check_prompts, load_reward, parse_reward_spec
+from runs import (StopOnSignal, agree, average_gradients, die, gather, info, load_checkpoint, log_metrics,
+                  plot_rewards, read_metrics, read_prompts, refuse_overwrite, resume_args, save_checkpoint,
+                  start_processes, write_config)
+from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode,
+                     encode_prompts, guidance_context, guided_output, image_grid, latent_shape, load_sd,
+                     native_resolution, vae_scale_factor)
+
+# -----------------------------------------------------------------------------
+# advantages and the PPO loss: the whole of the method that is not sampling
+
+
+def group_advantages(rewards, prompts, eps=1e-6):
+    """GRPO: (r - mean) / std over the images of the same prompt in this round (population std; a group whose
+    rewards are all equal gets advantage 0)."""
+    adv = torch.zeros_like(rewards)
+    for prompt in set(prompts):
+        idx = torch.tensor([i for i, q in enumerate(prompts) if q == prompt])
+        r = rewards[idx]
+        adv[idx] = (r - r.mean()) / (r.std(unbiased=False) + eps)
+    return adv
+
+
+class RunningPromptStats:
+    """DDPO's per-prompt stat tracking: each prompt's last `buffer` rewards, this round's included; advantages use
+    their mean and std once a prompt has `buffer` of them, and the whole round's until then."""
+
+    def __init__(self, buffer, eps=1e-6):
+        self.buffer, self.eps, self.seen = buffer, eps, {}  # prompt -> its latest rewards (a list, for the checkpoint)
+
+    def advantages(self, rewards, prompts):
+        adv = torch.zeros_like(rewards)
+        for prompt in set(prompts):
+            idx = torch.tensor([i for i, q in enumerate(prompts) if q == prompt])
+            self.seen[prompt] = (self.seen.get(prompt, []) + rewards[idx].tolist())[-self.buffer:]
+            ref = torch.tensor(self.seen[prompt]) if len(self.seen[prompt]) >= self.buffer else rewards
+            adv[idx] = (rewards[idx] - ref.mean()) / (ref.std(unbiased=False) + self.eps)
+        return adv
+
+
+def ppo_loss(logp, logp_old, adv, clip_range):
+    """PPO's clipped surrogate (B,) -> scalar, and the ratio exp(logp - logp_old) (B,) for the log."""
+    ratio = torch.exp(logp - logp_old)
+    return torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean(), ratio.detach()
+
+
+# -----------------------------------------------------------------------------
+# flags
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("--reward", default="jpeg", help=f"what to maximise: {', '.join(REWARDS)}, or a weighted mix such as "
+               "jpeg,compress:0.5; a gradient is never used (default: jpeg, DDPO's compressibility)")
+p.add_argument("--model", default=None, help=f"hub id, local diffusers dir, 'shapes' (shipped, trained) or 'tiny' "
+               f"(random weights) (default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
+p.add_argument("--prompts", default=None, help="training prompts, one per line (default: as train.py's)")
+p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: as train.py's)")
+p.add_argument("--steps", type=int, default=20, help="rounds of sampling + training in total")
+p.add_argument("--samples-per-step", type=int, default=32, help="images sampled and scored per round: the reward "
+               "queries (DDPO: 256 per epoch over 8 GPUs)")
+p.add_argument("--batch-size", type=int, default=4, help="images per UNet call, in sampling and training")
+p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimisation step; with the defaults, "
+               "2 steps per inner epoch, as DDPO's compressibility run")
+p.add_argument("--inner-epochs", type=int, default=1, help="PPO passes over each round's samples (DDPO: 1)")
+p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (DDPO: 3e-4)")
+p.add_argument("--clip-range", type=float, default=1e-4, help="PPO's ratio clip eps (DDPO: 1e-4)")
+p.add_argument("--adv-clip-max", type=float, default=5.0, help="advantages clipped to +-this (DDPO: 5)")
+p.add_argument("--timestep-fraction", type=float, default=1.0, help="fraction of each trajectory's denoising steps "
+               "trained on, drawn at random per micro-batch (DDPO: 1.0)")
+p.add_argument("--advantage", default="running", choices=["running", "group"], help="per-prompt normalisation: "
+               "running = DDPO's stat tracking, group = GRPO's per-round groups (needs --group-size >= 2)")
+p.add_argument("--group-size", type=int, default=1, help="images per prompt in a round (1 = a prompt per image, "
+               "DDPO's draw; Flow-GRPO uses 16 or more)")
+p.add_argument("--stat-buffer", type=int, default=16, help="running advantages: rewards kept per prompt, and "
+               "needed before its own statistics are used (DDPO: 16)")
+p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (alpha = rank; DDPO: 4)")
+p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps per sample (DDPO: 50)")
+p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale in sampling and "
+               "training, as train.py's; <= 1 disables CFG (DDPO: 5)")
+p.add_argument("--eta", type=float, default=1.0, help="DDIM noise, > 0: the policy must be stochastic (DDPO: 1)")
+p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
+p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision of the frozen model and "
+               "autocast (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
+p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 = no clipping (DDPO: 1)")
+p.add_argument("--seed", type=int, default=0, help="seeds the LoRA init, prompts, noise and eval images")
+p.add_argument("--out", default=None, help="output directory (default: out/ddpo-<reward>)")
+p.add_argument("--resume", default=None, help="continue the run in this directory from its last checkpoint")
+p.add_argument("--save-every", type=int, default=5, help="checkpoint every N rounds; 0 = only at the end")
+p.add_argument("--eval-every", type=int, default=5, help="eval grid every N rounds; 0 = only at start and end")
+p.add_argument("--eval-n", type=int, default=8, help="eval images (held-out prompts x fixed seeds)")
+args = resume_args(p, p.parse_args())
+
+ddp, rank, world = start_processes()  # torchrun: each process samples and trains on its rows of every round
+master = rank == 0
+try:
+    reward_names = [name for name, _ in parse_reward_spec(args.reward)]
+except ValueError as e:
+    die(str(e))
+device_type = "cuda" if torch.cuda.is_available() else "cpu"
+device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+if args.model is None:
+    args.model = DEFAULT_MODEL if device_type == "cuda" else "shapes"
+    if device_type == "cpu":
+        info("no CUDA GPU: using --model shapes (coloured shapes, 64 px); full-size SD would take hours per round here")
+prompt_set = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "shapes" if args.model == "shapes"
+                          else "count" if "count" in reward_names else "animals")
+args.prompts = args.prompts or prompt_set + ".txt"
+args.eval_prompts = args.eval_prompts or prompt_set + "-eval.txt"
+if args.dtype is None:
+    args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
+args.out = args.out or os.path.join("out", "ddpo-" + args.reward.replace(",", "+").replace(":", ""))
+texts = {}
+for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
+    texts[name] = read_prompts(name, path)
+    try:
+        check_prompts(args.reward, texts[name])
+    except ValueError as e:
+        die(f"{name} {path}: {e} (the count rewards need one in every prompt)")
+for name in ("steps", "samples_per_step", "batch_size", "grad_accum", "inner_epochs", "group_size", "stat_buffer",
+             "lora_rank", "ddim_steps", "eval_n"):
+    if getattr(args, name) < 1:
+        die(f"--{name.replace('_', '-')} must be >= 1")
+for name in ("lr", "clip_range", "adv_clip_max", "timestep_fraction", "eta", "guidance", "max_grad_norm"):
+    if not math.isfinite(getattr(args, name)):
+        die(f"--{name.replace('_', '-')} must be a finite number")
+if not (args.lr > 0 and args.clip_range > 0 and args.adv_clip_max > 0 and args.eta > 0 and args.max_grad_norm >= 0):
+    die("--lr, --clip-range, --adv-clip-max and --eta must be > 0 (eta 0 is a deterministic sampler: no policy "
+        "density), --max-grad-norm >= 0")
+if not 0 < args.timestep_fraction <= 1:
+    die("--timestep-fraction must be in (0, 1]")
+micro = args.batch_size * world  # images per micro-batch over all processes
+if args.samples_per_step % (micro * args.grad_accum) or args.samples_per_step % args.group_size:
+    die(f"--samples-per-step {args.samples_per_step} must be a multiple of --batch-size x --grad-accum x processes "
+        f"({micro * args.grad_accum}) and of --group-size ({args.group_size})")
+if args.advantage == "group" and args.group_size < 2:
+    die("--advantage group needs --group-size >= 2: the advantage compares images of the same prompt")
+if args.dtype == "fp16" and device_type == "cpu":
+    die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
+refuse_overwrite(args.out, args.resume)
+
+# -----------------------------------------------------------------------------
+# setup
+
+torch.manual_seed(args.seed)
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+try:
+    sd = load_sd(args.model, device, dtype)
+except ModelLoadError as e:
+    die(str(e))
+if args.resolution % vae_scale_factor(sd):
+    die(f"--resolution {args.resolution} is not divisible by {vae_scale_factor(sd)} (the VAE's downsampling factor)")
+resolution = args.resolution or native_resolution(sd)
+shape = latent_shape(sd, resolution)  # (4, h, w)
+params = inject_lora(sd.unet, rank=args.lora_rank, dtype=torch.float32)
+opt = torch.optim.AdamW(params, lr=args.lr)
+autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+try:
+    reward_fn = load_reward(args.reward, device, dtype)
+except RewardLoadError as e:
+    die(str(e))
+
+prompts, eval_prompts = texts["--prompts"], texts["--eval-prompts"]
+eval_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(args.eval_n)]
+with torch.no_grad(), autocast:
+    cond_all = encode_prompts(sd, prompts)  # (N, L, D)
+    eval_cond = encode_prompts(sd, eval_prompts)
+    uncond = encode_prompts(sd, [""])  # (1, L, D)
+eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual_seed(args.seed + 1))
+rng = torch.Generator().manual_seed(args.seed)  # prompts and initial noise of every round, the same on every rank
+stats = RunningPromptStats(args.stat_buffer)
+n_local = args.samples_per_step // world  # this rank's images per round
+rows = slice(rank * n_local, (rank + 1) * n_local)
+train_steps = max(1, round(args.timestep_fraction * args.ddim_steps))  # denoising steps trained per micro-batch
+write_config(args.out, dict(vars(args), world_size=world))
+step, eval_before = 0, None
+
+
+def round_generator(step, purpose):
+    """Eta noise (purpose 0) and epoch e's shuffles (purpose e + 1): a function of the round alone, so a resumed run
+    draws what the uninterrupted one did (hash() of a tuple of ints does not change between runs), different per
+    rank."""
+    return torch.Generator().manual_seed(hash((args.seed, step, purpose, rank)) % 2**63)
+
+
+def checkpoint_run(done):
+    save_checkpoint(args.out, sd.unet, params, step=done, opt=opt.state_dict(), scaler=scaler.state_dict(),
+                    rng=rng.get_state(), torch_rng=torch.get_rng_state(), eval_before=eval_before, stats=stats.seen)
+
+
+@torch.no_grad()
+def evaluate(step):  # as train.py's: the same held-out prompts, seeds and eta noise every time
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    images = []
+    for i in range(0, args.eval_n, args.batch_size):
+        cond = eval_cond[i:i + args.batch_size]
+        with autocast:
+            latents = ddim_sample(sd, cond, uncond.expand(len(cond), -1, -1), eval_noise[i:i + args.batch_size].to(
+                device), args.ddim_steps, args.guidance, args.eta, generator=generator)
+            images.append(decode(sd, latents))
+    images = torch.cat(images)
+    image_grid(images, nrow=min(args.eval_n, 8)).save(os.path.join(args.out, "samples", f"step_{step:06d}.png"))
+    return reward_fn(images.float(), eval_prompts).mean().item()
+
+
+if args.resume:
+    ckpt = load_checkpoint(args.out, sd.unet)
+    opt.load_state_dict(ckpt["opt"])
+    for group in opt.param_groups:  # this run's --lr wins over the checkpoint's
+        group["lr"] = args.lr
+    scaler.load_state_dict(ckpt["scaler"])
+    rng.set_state(ckpt["rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    step, eval_before, stats.seen = ckpt["step"], ckpt["eval_before"], ckpt["stats"]
+    info(f"resuming {args.out} at round {step}")
+else:
+    if master:
+        open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+        eval_before = evaluate(0)
+    checkpoint_run(0)
+info(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers, {device_type} {args.dtype}, "
+     f"{args.samples_per_step} images per round in {args.samples_per_step // (micro * args.grad_accum)} optimisation steps x "
+     f"{args.inner_epochs} inner epochs, {train_steps} of {args.ddim_steps} denoising steps trained, {args.advantage} "
+     f"advantages" + (f", eval reward {eval_before:.4f}" if master else ""))
+
+# -----------------------------------------------------------------------------
+# training loop: one round = sample and score, then PPO on what was sampled
+
+signals = StopOnSignal()
+pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=f"ddpo {args.reward}", dynamic_ncols=True,
+            disable=not master)
+for step in pbar:
+    t0 = time.time()
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    # 1. sample: the round's prompts (groups of --group-size) and noise, drawn globally; this rank keeps its rows
+    idx = torch.randint(len(prompts), (args.samples_per_step // args.group_size,), generator=rng)
+    idx = idx.repeat_interleave(args.group_size)  # (N,): each prompt G times in a row
+    noise = torch.randn(args.samples_per_step, *shape, generator=rng)[rows]  # (n, 4, h, w)
+    idx_local, generator = idx[rows], round_generator(step, 0)
+    xs, logps_old, images = [], [], []
+    for i in range(0, n_local, args.batch_size):  # under no_grad: a rollout builds no graph
+        cond = cond_all[idx_local[i:i + args.batch_size]]
+        with autocast:
+            x, lp, ts = ddim_rollout(sd, cond, uncond.expand(len(cond), -1, -1), noise[i:i + args.batch_size].to(
+                device), args.ddim_steps, args.guidance, args.eta, generator)
+            with torch.no_grad():
+                images.append(decode(sd, x[-1]).float())
+        xs.append(x)
+        logps_old.append(lp)
+    xs, logps_old = torch.cat(xs, 1), torch.cat(logps_old, 1)  # (T + 1, n, 4, h, w): x_T .. x_0; (T, n)
+
+    # 2. score (the reward queries), then advantages from every rank's rewards, so that all normalise alike
+    with torch.no_grad():
+        local_rewards = reward_fn(torch.cat(images), [prompts[i] for i in idx_local]).float()
+    rewards = gather(local_rewards)  # (N,)
+    names = [prompts[i] for i in idx]
+    adv = group_advantages(rewards, names) if args.advantage == "group" else stats.advantages(rewards, names)
+    adv = adv.clamp(-args.adv_clip_max, args.adv_clip_max)[rows].to(device)  # (n,)
+
+    # 3. PPO: --inner-epochs passes over this round's transitions, the policy's log-density recomputed with grad
+    losses, norms, clipped, ratio_dev, skipped = [], [], [], [], 0
+    for epoch in range(args.inner_epochs):
+        g = round_generator(step, epoch + 1)
+        order = torch.randperm(n_local, generator=g)  # shuffle the trajectories
+        epoch_dev = 0.0
+        for start in range(0, n_local, args.batch_size * args.grad_accum):  # one optimisation step
+            for mb in order[start:start + args.batch_size * args.grad_accum].split(args.batch_size):
+                trained = torch.randperm(args.ddim_steps, generator=g)[:train_steps]  # which denoising steps
+                context = guidance_context(cond_all[idx_local[mb]], uncond.expand(len(mb), -1, -1), args.guidance,
+                                           sd.unet.dtype)
+                for j in trained.tolist():
+                    x_t, x_prev = xs[j, mb], xs[j + 1, mb]  # (b, 4, h, w): the stored transition x_t -> x_{t-1}
+                    with autocast:
+                        out = guided_output(sd, x_t, ts[j], context, args.guidance)
+                    mean, sigma = ddim_transition(sd, out.float(), x_t.float(), ts[j], args.ddim_steps, args.eta)
+                    loss, ratio = ppo_loss(ddim_logprob(x_prev, mean, sigma), logps_old[j, mb], adv[mb],
+                                           args.clip_range)
+                    scaler.scale(loss / (train_steps * args.grad_accum)).backward()  # mean over steps, micro-batches
+                    losses.append(loss.item())
+                    clipped.append(((ratio - 1).abs() > args.clip_range).float().mean().item())
+                    epoch_dev = max(epoch_dev, (ratio - 1).abs().max().item())
+            average_gradients(params)
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+            if bool(torch.isfinite(norm)):  # a non-finite gradient would poison AdamW's moments: skip the update
+                scaler.step(opt)
+            else:
+                skipped += 1
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            norms.append(norm.item())
+        ratio_dev.append(epoch_dev)
+
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+               loss=sum(losses) / len(losses), grad_norm=sum(norms) / len(norms), clip_fraction=sum(clipped) / len(
+                   clipped), ratio_max_dev=ratio_dev, seconds=time.time() - t0, peak_mem_mb=peak,
+               images_seen=(step + 1) * args.samples_per_step, skipped=skipped)
+    if len(reward_fn.components) > 1:
+        log.update({f"reward_{name}": gather(v.float()).mean().item() for name, v in reward_fn.components.items()})
+    done = step + 1
+    evaluating = master and (done == args.steps or (args.eval_every and done % args.eval_every == 0))
+    if evaluating:
+        log["eval_reward"] = evaluate(done)
+    log_metrics(args.out, log)
+    if evaluating:
+        plot_rewards(args.out, f"ddpo.py --reward {args.reward} ({args.out})", eval_before)
+    stop = agree(signals.name, device)
+    if done == args.steps or (args.save_every and done % args.save_every == 0) or stop:
+        checkpoint_run(done)
+    pbar.set_postfix(reward=f"{log['reward_mean']:.4f}", **({"eval": f"{log['eval_reward']:.4f}"}
+                                                            if "eval_reward" in log else {}))
+    if stop:
+        pbar.close()
+        name = signals.name or "SIGTERM"
+        info(f"stopped by {name} after round {done}, checkpoint saved: continue with --resume {args.out}")
+        sys.exit(130 if name == "SIGINT" else 143)
+
+if ddp:
+    torch.distributed.destroy_process_group()
+if master:
+    after = read_metrics(args.out)[-1].get("eval_reward")
+    print(f"{args.reward} reward on held-out prompts: {eval_before:.4f} -> {'nan' if after is None else f'{after:.4f}'} "
+          f"after {args.steps} rounds ({args.steps * args.samples_per_step} reward queries); LoRA in "
+          f"{os.path.join(args.out, 'lora.safetensors')}")

@@ -1,0 +1,152 @@
+"""ddpo.py, the reinforcement-learning baseline: its advantages and PPO loss, and the script end to end on the tiny
+model (the PPO ratio starts at 1, the real-JPEG reward rises, a killed run resumes to the same numbers, bad input is
+one line)."""
+import ast
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+FAST = ["--model", "tiny", "--ddim-steps", "4", "--eval-n", "2", "--batch-size", "2"]
+
+
+def script_functions(*names):
+    """The named top-level functions and classes of ddpo.py, without running the script around them."""
+    with open(os.path.join(ROOT, "ddpo.py")) as f:
+        tree = ast.parse(f.read())
+    defs = [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names]
+    namespace = {"torch": torch}
+    exec(compile(ast.Module(defs, type_ignores=[]), "ddpo.py", "exec"), namespace)
+    return [namespace[n] for n in names]
+
+
+group_advantages, RunningPromptStats, ppo_loss = script_functions("group_advantages", "RunningPromptStats",
+                                                                  "ppo_loss")
+
+
+def test_group_advantages_have_mean_zero_and_unit_std_per_prompt():
+    g = torch.Generator().manual_seed(0)
+    prompts = ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b", "c"]
+    rewards = torch.randn(12, generator=g) + torch.tensor([0.0, 5.0, -3.0] * 4)  # very different levels per prompt
+    adv = group_advantages(rewards, prompts)
+    for prompt in "abc":
+        a = adv[[i for i, q in enumerate(prompts) if q == prompt]]
+        assert abs(a.mean().item()) < 1e-6 and a.std(unbiased=False).item() == pytest.approx(1, abs=1e-4)
+    assert group_advantages(torch.ones(4), ["a"] * 4).tolist() == [0.0] * 4  # equal rewards: no signal, no NaN
+
+
+def test_running_stats_use_the_round_until_a_prompt_has_a_full_buffer():
+    stats = RunningPromptStats(buffer=4)
+    r1 = torch.tensor([1.0, 2.0, 10.0, 20.0])
+    adv = stats.advantages(r1, ["a", "a", "b", "b"])  # 2 of 4 seen per prompt: the round's mean and std
+    torch.testing.assert_close(adv, (r1 - r1.mean()) / (r1.std(unbiased=False) + 1e-6))
+    r2 = torch.tensor([3.0, 4.0, 30.0, 40.0])
+    adv = stats.advantages(r2, ["a", "a", "b", "b"])  # 4 seen: each prompt's own last four
+    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 30.0, 40.0])
+    want = torch.cat([(r2[:2] - a.mean()) / (a.std(unbiased=False) + 1e-6),
+                      (r2[2:] - b.mean()) / (b.std(unbiased=False) + 1e-6)])
+    torch.testing.assert_close(adv, want)
+    stats.advantages(torch.tensor([5.0, 6.0]), ["a", "a"])
+    assert stats.seen["a"] == [3.0, 4.0, 5.0, 6.0]  # the buffer keeps the latest
+
+
+def test_ppo_loss_clips_the_ratio_in_the_direction_of_the_advantage():
+    adv = torch.tensor([1.0, -1.0])
+    old = torch.zeros(2)
+    loss, ratio = ppo_loss(old.clone(), old, adv, 0.1)  # same policy: ratio 1, loss = -mean(A)
+    assert ratio.tolist() == [1.0, 1.0] and loss.item() == 0.0
+    logp = torch.log(torch.tensor([1.5, 1.5])).requires_grad_()  # ratio 1.5 for both
+    loss, _ = ppo_loss(logp, old, adv, 0.1)
+    # A > 0: the gain is capped at 1.1 (clipped, no gradient); A < 0: the penalty is the full 1.5 (gradient kept)
+    assert loss.item() == pytest.approx((-1.1 + 1.5) / 2)
+    loss.backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, 1.5 / 2])
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "ddpo.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out):
+    from runs import read_metrics
+    return read_metrics(out)
+
+
+def test_ratio_is_one_on_the_first_inner_epoch(tmp_path):
+    """One optimisation step per epoch: the first epoch's log-densities are recomputed under the weights that
+    sampled, so every ratio is 1 to rounding; the second epoch's are not."""
+    run("--reward", "jpeg", "--out", tmp_path / "r", "--steps", 1, "--samples-per-step", 4, "--grad-accum", 2,
+        "--inner-epochs", 2, "--lr", 1e-2, "--clip-range", 1e-2, *FAST)
+    (m,) = metrics(tmp_path / "r")
+    first, second = m["ratio_max_dev"]
+    assert first < 1e-5 and second > 100 * max(first, 1e-7), m["ratio_max_dev"]
+    assert m["images_seen"] == 4 and {"reward_mean", "seconds", "step"} <= set(m)
+    assert {"config.json", "metrics.jsonl", "lora.safetensors", "checkpoint.pt", "reward.png"} <= set(
+        os.listdir(tmp_path / "r"))
+
+
+def kill_after(lines, out, *args):
+    """Start ddpo.py, SIGKILL it once metrics.jsonl has `lines` lines."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo.py"), "--out", str(out), *map(str, args)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= lines:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    return proc.returncode
+
+
+def test_resume_after_a_kill_continues_exactly(tmp_path):
+    args = ["--reward", "jpeg", "--steps", 4, "--samples-per-step", 4, "--grad-accum", 1, "--advantage", "group",
+            "--group-size", 2, "--save-every", 1, "--eval-every", 0, "--lr", 1e-2, "--clip-range", 1e-2, *FAST]
+    run("--out", tmp_path / "whole", *args)
+    assert kill_after(3, tmp_path / "cut", *args) == -signal.SIGKILL
+    run("--resume", tmp_path / "cut")
+    whole, cut = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
+    assert [x["step"] for x in cut] == [0, 1, 2, 3]
+    for key in ("reward_mean", "loss", "grad_norm", "eval_reward"):
+        assert [x.get(key) for x in cut] == pytest.approx([x.get(key) for x in whole], rel=1e-5, abs=1e-7), key
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reward", "nope"], "unknown reward"),
+    (["--prompts", "{tmp}/missing.txt"], "no such file"),
+    (["--prompts", "{tmp}/empty.txt"], "has no prompts"),
+    (["--eta", "0"], "must be > 0"),
+    (["--lr", "nan"], "finite"),
+    (["--clip-range", "inf"], "finite"),
+    (["--timestep-fraction", "1.5"], "(0, 1]"),
+    (["--samples-per-step", "6", "--grad-accum", "4"], "multiple of"),
+    (["--advantage", "group"], "--group-size >= 2"),
+    (["--steps", "0"], ">= 1"),
+    (["--resume", "{tmp}"], "no checkpoint.pt"),
+])
+def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
+    args = [a.replace("{tmp}", str(prompt_files)) for a in args]
+    proc = run(*FAST, "--out", prompt_files / "out", *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_an_existing_run_needs_resume(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    proc = run(*FAST, "--out", tmp_path, check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
