@@ -37,13 +37,12 @@ import torch
 from tqdm import tqdm
 
 from lora import inject_lora
-from rewards import REWARDS, RewardLoadError, check_prompts, load_reward, parse_reward_spec
-from runs import (StopOnSignal, agree, average_gradients, die, gather, info, load_checkpoint, log_metrics,
-                  plot_rewards, read_metrics, read_prompts, refuse_overwrite, resume_args, save_checkpoint,
-                  start_processes, write_config)
-from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode,
-                     encode_prompts, guidance_context, guided_output, image_grid, latent_shape, load_sd,
-                     native_resolution, vae_scale_factor)
+from rewards import REWARDS
+from runs import (DTYPES, StopOnSignal, agree, average_gradients, die, gather, info, load_checkpoint,
+                  load_model_and_reward, log_metrics, machine_defaults, plot_rewards, read_metrics, refuse_overwrite,
+                  resume_args, run_prompts, save_checkpoint, start_processes, write_config)
+from sampler import (DEFAULT_MODEL, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode, encode_prompts,
+                     guidance_context, guided_output, image_grid, native_resolution)
 
 # -----------------------------------------------------------------------------
 # advantages and the PPO loss: the whole of the method that is not sampling
@@ -130,30 +129,9 @@ args = resume_args(p, p.parse_args())
 
 ddp, rank, world = start_processes()  # torchrun: each process samples and trains on its rows of every round
 master = rank == 0
-try:
-    reward_names = [name for name, _ in parse_reward_spec(args.reward)]
-except ValueError as e:
-    die(str(e))
-device_type = "cuda" if torch.cuda.is_available() else "cpu"
-device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
-if args.model is None:
-    args.model = DEFAULT_MODEL if device_type == "cuda" else "shapes"
-    if device_type == "cpu":
-        info("no CUDA GPU: using --model shapes (coloured shapes, 64 px); full-size SD would take hours per round here")
-prompt_set = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "shapes" if args.model == "shapes"
-                          else "count" if "count" in reward_names else "animals")
-args.prompts = args.prompts or prompt_set + ".txt"
-args.eval_prompts = args.eval_prompts or prompt_set + "-eval.txt"
-if args.dtype is None:
-    args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
+device_type, device = machine_defaults(args)  # --model, --prompts, --eval-prompts and --dtype for this machine
 args.out = args.out or os.path.join("out", "ddpo-" + args.reward.replace(",", "+").replace(":", ""))
-texts = {}
-for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
-    texts[name] = read_prompts(name, path)
-    try:
-        check_prompts(args.reward, texts[name])
-    except ValueError as e:
-        die(f"{name} {path}: {e} (the count rewards need one in every prompt)")
+prompts, eval_prompts = run_prompts(args)
 for name in ("steps", "samples_per_step", "batch_size", "grad_accum", "inner_epochs", "group_size", "stat_buffer",
              "lora_rank", "ddim_steps", "eval_n"):
     if getattr(args, name) < 1:
@@ -172,33 +150,19 @@ if args.samples_per_step % (micro * args.grad_accum) or args.samples_per_step % 
         f"({micro * args.grad_accum}) and of --group-size ({args.group_size})")
 if args.advantage == "group" and args.group_size < 2:
     die("--advantage group needs --group-size >= 2: the advantage compares images of the same prompt")
-if args.dtype == "fp16" and device_type == "cpu":
-    die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
 refuse_overwrite(args.out, args.resume)
 
 # -----------------------------------------------------------------------------
 # setup
 
-torch.manual_seed(args.seed)
-dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-try:
-    sd = load_sd(args.model, device, dtype)
-except ModelLoadError as e:
-    die(str(e))
-if args.resolution % vae_scale_factor(sd):
-    die(f"--resolution {args.resolution} is not divisible by {vae_scale_factor(sd)} (the VAE's downsampling factor)")
+sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run's dtype; shape (4, h, w)
+dtype = DTYPES[args.dtype]
 resolution = args.resolution or native_resolution(sd)
-shape = latent_shape(sd, resolution)  # (4, h, w)
+torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
 params = inject_lora(sd.unet, rank=args.lora_rank, dtype=torch.float32)
 opt = torch.optim.AdamW(params, lr=args.lr)
 autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-try:
-    reward_fn = load_reward(args.reward, device, dtype)
-except RewardLoadError as e:
-    die(str(e))
-
-prompts, eval_prompts = texts["--prompts"], texts["--eval-prompts"]
 eval_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(args.eval_n)]
 with torch.no_grad(), autocast:
     cond_all = encode_prompts(sd, prompts)  # (N, L, D)
@@ -298,11 +262,11 @@ for step in pbar:
     adv = adv.clamp(-args.adv_clip_max, args.adv_clip_max)[rows].to(device)  # (n,)
 
     # 3. PPO: --inner-epochs passes over this round's transitions, the policy's log-density recomputed with grad
-    losses, norms, clipped, ratio_dev, skipped = [], [], [], [], 0
+    losses, norms, clipped, ratio_dev, skipped = [], [], [], [], 0  # losses, ratio_dev: per inner epoch
     for epoch in range(args.inner_epochs):
         g = round_generator(step, epoch + 1)
         order = torch.randperm(n_local, generator=g)  # shuffle the trajectories
-        epoch_dev = 0.0
+        epoch_dev, epoch_losses = 0.0, []
         for start in range(0, n_local, args.batch_size * args.grad_accum):  # one optimisation step
             for mb in order[start:start + args.batch_size * args.grad_accum].split(args.batch_size):
                 trained = torch.randperm(args.ddim_steps, generator=g)[:train_steps]  # which denoising steps
@@ -316,7 +280,7 @@ for step in pbar:
                     loss, ratio = ppo_loss(ddim_logprob(x_prev, mean, sigma), logps_old[j, mb], adv[mb],
                                            args.clip_range)
                     scaler.scale(loss / (train_steps * args.grad_accum)).backward()  # mean over steps, micro-batches
-                    losses.append(loss.item())
+                    epoch_losses.append(loss.item())
                     clipped.append(((ratio - 1).abs() > args.clip_range).float().mean().item())
                     epoch_dev = max(epoch_dev, (ratio - 1).abs().max().item())
             average_gradients(params)
@@ -330,13 +294,15 @@ for step in pbar:
             opt.zero_grad(set_to_none=True)
             norms.append(norm.item())
         ratio_dev.append(epoch_dev)
+        losses.append(gather(torch.tensor(epoch_losses, device=device)).mean().item())  # over every rank's
 
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-               loss=sum(losses) / len(losses), grad_norm=sum(norms) / len(norms), clip_fraction=sum(clipped) / len(
-                   clipped), ratio_max_dev=ratio_dev, seconds=time.time() - t0, peak_mem_mb=peak,
-               images_seen=(step + 1) * args.samples_per_step, skipped=skipped)
+               loss=sum(losses) / len(losses), loss_per_epoch=losses, ratio_max_dev=ratio_dev,
+               clip_fraction=sum(clipped) / len(clipped), grad_norm=sum(norms) / len(norms),
+               seconds=time.time() - t0, peak_mem_mb=peak, images_seen=(step + 1) * args.samples_per_step,
+               skipped=skipped)
     if len(reward_fn.components) > 1:
         log.update({f"reward_{name}": gather(v.float()).mean().item() for name, v in reward_fn.components.items()})
     done = step + 1

@@ -2,7 +2,9 @@
 script keeps only its own loop: the run directory, checkpoints and --resume, signals, torchrun, the log and its plot.
 
     args = resume_args(parser, args)            # --resume DIR: its config.json's flags become the defaults
-    prompts = read_prompts("--prompts", path)   # bad input ends in one line and exit status 2 (die)
+    device_type, device = machine_defaults(args)   # fills --model, --prompts, --eval-prompts, --dtype
+    prompts, eval_prompts = run_prompts(args)   # read and checked; bad input ends in one line, exit 2 (die)
+    sd, shape, reward_fn = load_model_and_reward(args, device)
     refuse_overwrite(out, args.resume); write_config(out, config)
     save_checkpoint(out, unet, params, step=..., opt=..., ...)   # checkpoint.pt + lora.safetensors, atomically
     state = load_checkpoint(out, unet)          # the LoRA weights restored; metrics.jsonl cut back to state["step"]
@@ -25,6 +27,11 @@ import torch
 import torch.distributed as dist
 
 from lora import save_lora
+from rewards import RewardLoadError, check_prompts, load_reward, parse_reward_spec
+from sampler import DEFAULT_MODEL, ModelLoadError, latent_shape, load_sd, native_resolution, vae_scale_factor
+
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # -----------------------------------------------------------------------------
 # processes
@@ -110,6 +117,61 @@ def resume_args(parser, args):
     args = parser.parse_args()
     args.out = args.resume
     return args
+
+
+def machine_defaults(args):
+    """Fill the flags whose default depends on the machine and the reward: --model (SD 1.5 on CUDA, else the shapes
+    model), --prompts / --eval-prompts (the shapes, count or animal prompts), --dtype (bf16 on CUDA, fp32 on a CPU).
+    Returns (device_type, device)."""
+    try:
+        names = [name for name, _ in parse_reward_spec(args.reward)]
+    except ValueError as e:
+        die(str(e))
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.model is None:
+        args.model = DEFAULT_MODEL if device_type == "cuda" else "shapes"
+        if device_type == "cpu":
+            info("no CUDA GPU: using --model shapes (coloured shapes, 64 px); full-size SD would take hours here")
+    prompt_set = os.path.join(PROMPTS, "shapes" if args.model == "shapes" else "count" if "count" in names
+                              else "animals")
+    args.prompts = args.prompts or prompt_set + ".txt"
+    args.eval_prompts = args.eval_prompts or prompt_set + "-eval.txt"
+    if args.dtype is None:
+        args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
+    if args.dtype == "fp16" and device_type == "cpu":
+        die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
+    return device_type, f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+
+
+def run_prompts(args):
+    """(training prompts, held-out prompts) from --prompts and --eval-prompts, each checked against the reward (the
+    count rewards need a count in every prompt)."""
+    texts = []
+    for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
+        texts.append(read_prompts(name, path))
+        try:
+            check_prompts(args.reward, texts[-1])
+        except ValueError as e:
+            die(f"{name} {path}: {e} (the count rewards need one in every prompt)")
+    return texts
+
+
+def load_model_and_reward(args, device):
+    """(sd, latent shape (4, h, w), reward_fn): the frozen model in the run's dtype (half the memory in bf16/fp16),
+    --resolution checked against the VAE's factor, and the reward (.components: each reward of a mix, for the log)."""
+    dtype = DTYPES[args.dtype]
+    try:
+        sd = load_sd(args.model, device, dtype)
+    except ModelLoadError as e:
+        die(str(e))
+    if args.resolution % vae_scale_factor(sd):
+        die(f"--resolution {args.resolution} is not divisible by {vae_scale_factor(sd)} (the VAE's downsampling "
+            "factor)")
+    try:
+        reward_fn = load_reward(args.reward, device, dtype)
+    except RewardLoadError as e:
+        die(str(e))
+    return sd, latent_shape(sd, args.resolution or native_resolution(sd)), reward_fn
 
 
 def read_prompts(flag, path):

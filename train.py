@@ -26,12 +26,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lora import inject_lora
-from rewards import REWARDS, RewardLoadError, check_prompts, load_reward, parse_reward_spec, without_gradient
-from runs import (StopOnSignal, agree, average_gradients, die, gather, info, load_checkpoint, log_metrics,
-                  plot_rewards, read_metrics, read_prompts, refuse_overwrite, resume_args, save_checkpoint,
-                  start_processes, write_config)
-from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_sample, decode, encode_prompts, image_grid, latent_shape,
-                     load_sd, native_resolution, parse_backprop, vae_scale_factor)
+from rewards import REWARDS, without_gradient
+from runs import (DTYPES, StopOnSignal, agree, average_gradients, die, gather, info, load_checkpoint,
+                  load_model_and_reward, log_metrics, machine_defaults, plot_rewards, read_metrics, refuse_overwrite,
+                  resume_args, run_prompts, save_checkpoint, start_processes, write_config)
+from sampler import DEFAULT_MODEL, ddim_sample, decode, encode_prompts, image_grid, native_resolution, parse_backprop
 
 # -----------------------------------------------------------------------------
 # flags
@@ -76,41 +75,18 @@ args = resume_args(p, p.parse_args())  # --resume DIR: the saved flags become th
 # computes the same decisions from the same data
 ddp, rank, world = start_processes()
 master = rank == 0
-try:
-    reward_names = [name for name, _ in parse_reward_spec(args.reward)]
-except ValueError as e:
-    die(str(e))
+device_type, device = machine_defaults(args)  # --model, --prompts, --eval-prompts and --dtype for this machine
 if without_gradient(args.reward):
     die(f"--reward {','.join(without_gradient(args.reward))} has no gradient, which reward backprop follows: train "
         "on its differentiable stand-in (jpeg -> compress, shapes-count-exact -> shapes-count), or use ddpo.py")
-device_type = "cuda" if torch.cuda.is_available() else "cpu"
-device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
-if args.model is None:
-    args.model = DEFAULT_MODEL if device_type == "cuda" else "shapes"
-    if device_type == "cpu":
-        info("no CUDA GPU: using --model shapes (coloured shapes, 64 px); full-size SD would take hours per step here")
-prompt_set = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "shapes" if args.model == "shapes"
-                          else "count" if "count" in reward_names else "animals")
-args.prompts = args.prompts or prompt_set + ".txt"
-args.eval_prompts = args.eval_prompts or prompt_set + "-eval.txt"
 if args.lr is None:
     args.lr = 1e-2 if args.model == "tiny" else 1e-3
-if args.dtype is None:
-    args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
 args.out = args.out or os.path.join("out", args.reward.replace(",", "+").replace(":", ""))
-texts = {}  # flag -> its prompts
-for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
-    texts[name] = read_prompts(name, path)
-    try:
-        check_prompts(args.reward, texts[name])
-    except ValueError as e:
-        die(f"{name} {path}: {e} (the count rewards need one in every prompt)")
+prompts, eval_prompts = run_prompts(args)
 try:
     backprop = parse_backprop(args.backprop, args.ddim_steps)
 except ValueError as e:
     die(f"--backprop {e}")
-if args.dtype == "fp16" and device_type == "cpu":
-    die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
 for name in ("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n", "max_skips"):
     if getattr(args, name) < 1:
         die(f"--{name.replace('_', '-')} must be >= 1")
@@ -121,26 +97,14 @@ refuse_overwrite(args.out, args.resume)
 # -----------------------------------------------------------------------------
 # setup
 
-torch.manual_seed(args.seed)
-dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-try:
-    sd = load_sd(args.model, device, dtype)  # frozen, in the run's precision: half the memory in bf16/fp16
-except ModelLoadError as e:
-    die(str(e))
-if args.resolution % vae_scale_factor(sd):
-    die(f"--resolution {args.resolution} is not divisible by {vae_scale_factor(sd)} (the VAE's downsampling factor)")
+sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run's dtype; shape (4, H/f, W/f)
+dtype = DTYPES[args.dtype]
 resolution = args.resolution or native_resolution(sd)
-shape = latent_shape(sd, resolution)  # (4, H/f, W/f), f = the VAE's factor: 8 for SD
+torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
 params = inject_lora(sd.unet, rank=args.lora_rank, dtype=torch.float32)  # the only trainable weights, kept in fp32
 opt = torch.optim.AdamW(params, lr=args.lr)
 autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # fp16 gradients underflow without it
-try:
-    reward_fn = load_reward(args.reward, device, dtype)  # .components: each reward of a mix, for the log
-except RewardLoadError as e:
-    die(str(e))
-
-prompts, eval_prompts = texts["--prompts"], texts["--eval-prompts"]
 eval_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(args.eval_n)]
 with torch.no_grad(), autocast:  # the text encoder is frozen: encode every prompt once
     cond_all = encode_prompts(sd, prompts)  # (N, L, D)
