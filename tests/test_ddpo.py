@@ -126,16 +126,8 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     assert cut[-1]["eval_reward"] == pytest.approx(whole[-1]["eval_reward"], rel=1e-5)
 
 
-@pytest.fixture
-def prompt_files(tmp_path):
-    (tmp_path / "empty.txt").write_text("\n")
-    return tmp_path
-
-
 @pytest.mark.parametrize("args, message", [
     (["--reward", "nope"], "unknown reward"),
-    (["--prompts", "{tmp}/missing.txt"], "no such file"),
-    (["--prompts", "{tmp}/empty.txt"], "has no prompts"),
     (["--eta", "0"], "must be > 0"),
     (["--lr", "nan"], "finite"),
     (["--clip-range", "inf"], "finite"),
@@ -145,13 +137,9 @@ def prompt_files(tmp_path):
     (["--steps", "0"], ">= 1"),
     (["--resume", "{tmp}"], "no checkpoint.pt"),
 ])
-def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
-    args = [a.replace("{tmp}", str(prompt_files)) for a in args]
-    proc = run(*FAST, "--out", prompt_files / "out", *args, check=False)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    """(Prompt files, an existing run and the model are checked by runs.py, as for train.py: tested there.)"""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = run(*FAST, "--out", tmp_path / "out", *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
-
-def test_an_existing_run_needs_resume(tmp_path):
-    (tmp_path / "checkpoint.pt").write_bytes(b"")
-    proc = run(*FAST, "--out", tmp_path, check=False)
-    assert proc.returncode == 2 and "--resume" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

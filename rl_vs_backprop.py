@@ -1,0 +1,273 @@
+"""Reward backprop (train.py, AlignProp) against reinforcement learning (ddpo.py, DDPO) at equal reward queries, on
+the shapes model: the claim this method exists for, measured.
+
+    python rl_vs_backprop.py --task compress --seeds 0    # one seed of one comparison (~10 min on 2 cores)
+    python rl_vs_backprop.py                              # both tasks x both methods x 3 seeds, then the report
+    python rl_vs_backprop.py --sweep --task compress      # the tuning sweep (seed 0) behind the settings in RUNS
+    python rl_vs_backprop.py --report                     # plots in docs/ and the table, from what is measured
+
+Tasks (TASKS): each method trains on what it can use and both are judged by the same exact measure.
+  compress  backprop trains on `compress` (the differentiable JPEG-size estimate), RL on `jpeg` (Pillow's real size);
+            judged by the real JPEG size (kB) of held-out samples, lower is better.
+  count     backprop trains on `shapes-count` (the learned counter), RL on `shapes-count-exact` (describe()'s count);
+            judged by describe()'s count accuracy, with colour and shape accuracy beside it to catch hacking.
+
+Every run goes through the scripts' own command lines, in stages: train to Q reward queries (--steps), judge the
+LoRA (JUDGE_N samples of the 12 held-out prompts, fixed seeds, DDIM eta 0, guidance 7.5, the runs' DDIM_STEPS),
+--resume to the next Q. Each judged stage is a line of out/rl-vs-backprop/results.jsonl
+(and a run's own metrics.jsonl gives its training seconds), so a stopped experiment continues where it was: finished
+stages are skipped, an unfinished run resumes from its checkpoint. Minutes are training time (metrics.jsonl
+`seconds`), judging excluded.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(ROOT, "out", "rl-vs-backprop")
+DOCS = os.path.join(ROOT, "docs")
+EVAL_PROMPTS = os.path.join(ROOT, "prompts", "shapes-eval.txt")
+DDIM_STEPS = 10  # in training and judging alike: half the README's 20, so that the whole study fits 2 hours on 2 cores
+JUDGE_N, JUDGE_GUIDANCE, JUDGE_SEED = 128, 7.5, 0
+BUDGET = 256  # reward queries per run: 8 rounds of RL's 32 images, as TRL's DDPOTrainer was measured (README)
+STAGES = (8, 16, 32, 64, 128, 192, 256)  # where each run is judged (those that its images per step divide)
+
+TASKS = {  # task -> (metric judged, higher is better?, {method: training reward})
+    "compress": ("jpeg_kb", False, {"backprop": "compress", "rl": "jpeg"}),
+    "count": ("count", True, {"backprop": "shapes-count", "rl": "shapes-count-exact"}),
+}
+COMMON = ["--model", "shapes", "--ddim-steps", str(DDIM_STEPS), "--guidance", "7.5", "--lora-rank", "4", "--eval-every", "0",
+          "--eval-n", "4"]
+# The settings compared: each method's best in its sweep below (README: "Reward backprop against RL").
+RUNS = {
+    ("compress", "backprop"): ["--batch-size", "4", "--lr", "3e-3"],
+    ("compress", "rl"): ["--samples-per-step", "32", "--lr", "3e-3", "--clip-range", "1e-2"],
+    ("count", "backprop"): ["--batch-size", "4", "--lr", "3e-3"],
+    ("count", "rl"): ["--samples-per-step", "32", "--lr", "3e-3", "--clip-range", "1e-2"],
+}
+# The sweeps: four settings per method (the same sweep budget), each run to BUDGET queries, seed 0, judged at the end.
+SWEEPS = {
+    "backprop": {"lr 1e-3 (AlignProp's)": ["--batch-size", "4", "--lr", "1e-3"],
+                 "lr 3e-3": ["--batch-size", "4", "--lr", "3e-3"],
+                 "lr 1e-2": ["--batch-size", "4", "--lr", "1e-2"],
+                 "lr 3e-3, random K in 1..10": ["--batch-size", "4", "--lr", "3e-3", "--backprop", "1,10"]},
+    "rl": {"DDPO's defaults (lr 3e-4, clip 1e-4)": ["--samples-per-step", "32", "--lr", "3e-4", "--clip-range",
+                                                     "1e-4"],
+           "lr 3e-3, clip 1e-2": ["--samples-per-step", "32", "--lr", "3e-3", "--clip-range", "1e-2"],
+           "lr 1e-2, clip 1e-2": ["--samples-per-step", "32", "--lr", "1e-2", "--clip-range", "1e-2"],
+           "lr 3e-3, clip 1e-2, GRPO groups of 8": ["--samples-per-step", "32", "--lr", "3e-3", "--clip-range",
+                                                    "1e-2", "--advantage", "group", "--group-size", "8"]},
+}
+
+
+def images_per_step(method, flags):
+    if method == "rl":
+        return int(flags[flags.index("--samples-per-step") + 1])
+    grad_accum = int(flags[flags.index("--grad-accum") + 1]) if "--grad-accum" in flags else 1
+    return int(flags[flags.index("--batch-size") + 1]) * grad_accum
+
+
+# -----------------------------------------------------------------------------
+# the judge: one set of held-out samples, read two ways
+
+
+_judge_sd = None
+
+
+@torch.no_grad()
+def judge(lora):
+    """Held-out samples of the shapes model (with the LoRA file, if any): real JPEG kB and describe()'s accuracies."""
+    global _judge_sd
+    from lora import load_lora
+    from rewards import real_jpeg_kilobytes
+    from sampler import load_sd
+    from shapes import evaluate
+    if _judge_sd is None:
+        _judge_sd = load_sd("shapes")
+    sd = _judge_sd
+    if lora:
+        load_lora(sd.unet, lora)  # replaces the previous stage's adapters
+    else:
+        from lora import lora_layers
+        for layer in lora_layers(sd.unet):  # the base model: adapters (if injected before) at zero
+            layer.up.zero_()
+    with open(EVAL_PROMPTS) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    scores, images = evaluate(sd, prompts, n=JUDGE_N, steps=DDIM_STEPS, guidance=JUDGE_GUIDANCE, seed=JUDGE_SEED)
+    return dict(jpeg_kb=real_jpeg_kilobytes(images).mean().item(), **scores)
+
+
+# -----------------------------------------------------------------------------
+# runs, in stages
+
+
+def results():
+    path = os.path.join(OUT, "results.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def record(row):
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def base_row(task):
+    done = [r for r in results() if r["task"] == task and r["queries"] == 0]
+    if done:
+        return done[0]
+    row = dict(task=task, method="base", setting="base", seed=None, queries=0, minutes=0.0, peak_mem_mb=None,
+               **judge(None))
+    record(row)
+    return row
+
+
+def run_stages(task, method, setting, flags, seed, stages):
+    """Train one run to each of `stages` reward queries in turn, judging after each; skips what is recorded."""
+    script = "train.py" if method == "backprop" else "ddpo.py"
+    name = "".join(c if c.isalnum() or c in ".-" else "_" for c in setting)
+    out = os.path.join(OUT, task, method, name, f"seed{seed}")
+    per_step = images_per_step(method, flags)
+    have = {r["queries"] for r in results() if (r["task"], r["method"], r["setting"], r["seed"]) ==
+            (task, method, setting, seed)}
+    for queries in stages:
+        if queries % per_step or queries in have:
+            continue
+        steps = queries // per_step
+        if os.path.isfile(os.path.join(out, "checkpoint.pt")):
+            cmd = [script, "--resume", out, "--steps", str(steps)]
+        else:
+            cmd = [script, "--out", out, "--reward", TASKS[task][2][method], "--seed", str(seed), "--steps",
+                   str(steps), "--save-every", str(max(1, 32 // per_step)), *COMMON, *flags]  # a kill loses <= 32
+        print(f"[{task} {method} {setting} seed {seed}] to {queries} queries: python {' '.join(cmd)}", flush=True)
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"failed: {proc.stderr.strip()[-2000:]}")
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            m = [json.loads(line) for line in f]
+        row = dict(task=task, method=method, setting=setting, seed=seed, queries=queries,
+                   minutes=sum(x["seconds"] for x in m) / 60, peak_mem_mb=max(x["peak_mem_mb"] for x in m),
+                   train_reward=m[-1]["reward_mean"], **judge(os.path.join(out, "lora.safetensors")))
+        record(row)
+        print(f"    {TASKS[task][0]} {row[TASKS[task][0]]:.4f} after {row['minutes']:.1f} min", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def curves(rows, task, method, setting):
+    """{seed: [(queries, minutes, value)]} of one setting, base (queries 0) included."""
+    metric = TASKS[task][0]
+    base = [r for r in rows if r["task"] == task and r["queries"] == 0]
+    out = {}
+    for r in rows:
+        if (r["task"], r["method"], r["setting"]) == (task, method, setting):
+            out.setdefault(r["seed"], [(0, 0.0, base[0][metric])] if base else []).append(
+                (r["queries"], r["minutes"], r[metric]))
+    return {s: sorted(v) for s, v in out.items()}
+
+
+def first_reaching(points, target, higher):
+    """(queries, minutes) where a curve first reaches `target`, interpolated linearly between stages; None if never."""
+    for (q0, m0, v0), (q1, m1, v1) in zip(points, points[1:]):
+        if (v1 >= target) if higher else (v1 <= target):
+            f = 1.0 if v1 == v0 else max(0.0, min(1.0, (target - v0) / (v1 - v0)))
+            return q0 + f * (q1 - q0), m0 + f * (m1 - m0)
+    return None
+
+
+def mean_curve(per_seed):
+    """Mean over seeds at the stages every seed has: [(queries, minutes, value, lowest, highest)]."""
+    common = set.intersection(*[{q for q, _, _ in pts} for pts in per_seed.values()])
+    out = []
+    for q in sorted(common):
+        pts = [next(p for p in pts if p[0] == q) for pts in per_seed.values()]
+        vals = [v for _, _, v in pts]
+        out.append((q, sum(m for _, m, _ in pts) / len(pts), sum(vals) / len(vals), min(vals), max(vals)))
+    return out
+
+
+def report():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = results()
+    os.makedirs(DOCS, exist_ok=True)
+    for task, (metric, higher, _) in TASKS.items():
+        main = {m: mean_curve(c) for m in ("backprop", "rl")
+                if (c := curves(rows, task, m, "main"))}
+        if len(main) < 2:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+        for method, colour in (("backprop", "tab:blue"), ("rl", "tab:orange")):
+            label = {"backprop": "reward backprop (train.py)", "rl": "RL (ddpo.py)"}[method]
+            n_seeds = len(curves(rows, task, method, "main"))
+            q, minutes, mean, lo, hi = zip(*main[method])
+            for ax, x in zip(axes, (q, minutes)):
+                ax.plot(x, mean, "o-", color=colour, label=f"{label}, mean of {n_seeds} seeds", ms=3)
+                ax.fill_between(x, lo, hi, color=colour, alpha=0.2)
+        for ax, xlabel in zip(axes, ("reward queries (images scored)", "training minutes (2 CPU cores)")):
+            ax.set(xlabel=xlabel, ylabel={"jpeg_kb": "held-out real JPEG size, kB (lower is better)",
+                                          "count": "held-out exact count accuracy"}[metric])
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{task}: reward backprop vs RL on the shapes model (band: lowest to highest seed)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(DOCS, f"rl-vs-backprop-{task}.png"))
+        plt.close(fig)
+        rl_final = main["rl"][-1][2]
+        print(f"\n{task}: judged by {metric} ({'higher' if higher else 'lower'} is better); RL's final value "
+              f"{rl_final:.4f} at {main['rl'][-1][0]} queries")
+        print("| method | final value | colour | shape | queries to reach RL's final | minutes to reach it | peak MB |")
+        print("|---|---|---|---|---|---|---|")
+        for method in ("backprop", "rl"):
+            reach = first_reaching([(q, m, v) for q, m, v, _, _ in main[method]], rl_final, higher)
+            last = [r for r in rows if (r["task"], r["method"], r["setting"], r["queries"]) ==
+                    (task, method, "main", main[method][-1][0])]
+            colour, shape = (sum(r[k] for r in last) / len(last) for k in ("colour", "shape"))
+            peak = max(r["peak_mem_mb"] for r in rows if (r["task"], r["method"], r["setting"]) ==
+                       (task, method, "main"))
+            print(f"| {method} | {main[method][-1][2]:.4f} | {colour:.3f} | {shape:.3f} | "
+                  f"{f'{reach[0]:.0f}' if reach else 'not reached'} | {f'{reach[1]:.1f}' if reach else '-'} | "
+                  f"{peak:.0f} |")
+    for task in TASKS:
+        swept = [r for r in rows if r["task"] == task and r["setting"] != "main" and r["queries"] == BUDGET]
+        if swept:
+            print(f"\nsweep, {task}, seed 0, {BUDGET} queries ({TASKS[task][0]}):")
+            for r in sorted(swept, key=lambda r: (r["method"], r["setting"])):
+                print(f"| {r['method']} | {r['setting']} | {r[TASKS[task][0]]:.4f} | {r['count']:.3f} | "
+                      f"{r['colour']:.3f} | {r['shape']:.3f} | {r['minutes']:.1f} |")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=list(TASKS), default=None, help="one task (default: both)")
+    p.add_argument("--method", choices=["backprop", "rl"], default=None, help="one method (default: both); two "
+                   "processes, one per method, each with OMP_NUM_THREADS=1, use 2 cores better than one with 2 threads")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the compared runs")
+    p.add_argument("--sweep", action="store_true", help="run the tuning sweeps (seed 0) instead of the comparison")
+    p.add_argument("--report", action="store_true", help="only write the plots and print the tables")
+    args = p.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    tasks = [args.task] if args.task else list(TASKS)
+    methods = [args.method] if args.method else ["backprop", "rl"]
+    if not args.report:
+        for task in tasks:
+            base_row(task)
+            if args.sweep:
+                for method in methods:
+                    for setting, flags in SWEEPS[method].items():
+                        run_stages(task, method, setting, flags, 0, [BUDGET])
+            else:
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    for method in methods:
+                        run_stages(task, method, "main", RUNS[(task, method)], seed, STAGES)
+    report()
