@@ -186,8 +186,7 @@ def round_generator(step, purpose):
 
 
 def checkpoint_run(done):
-    save_checkpoint(args.out, sd.unet, params, step=done, opt=opt.state_dict(), scaler=scaler.state_dict(),
-                    rng=rng.get_state(), torch_rng=torch.get_rng_state(), eval_before=eval_before, stats=stats.seen)
+    save_checkpoint(args.out, sd.unet, params, opt, scaler, rng, step=done, eval_before=eval_before, stats=stats.seen)
 
 
 @torch.no_grad()
@@ -206,13 +205,7 @@ def evaluate(step):  # as train.py's: the same held-out prompts, seeds and eta n
 
 
 if args.resume:
-    ckpt = load_checkpoint(args.out, sd.unet)
-    opt.load_state_dict(ckpt["opt"])
-    for group in opt.param_groups:  # this run's --lr wins over the checkpoint's
-        group["lr"] = args.lr
-    scaler.load_state_dict(ckpt["scaler"])
-    rng.set_state(ckpt["rng"])
-    torch.set_rng_state(ckpt["torch_rng"])
+    ckpt = load_checkpoint(args.out, sd.unet, opt, scaler, rng, args.lr)  # this run's --lr wins
     step, eval_before, stats.seen = ckpt["step"], ckpt["eval_before"], ckpt["stats"]
     info(f"resuming {args.out} at round {step}")
 else:

@@ -6,8 +6,8 @@ script keeps only its own loop: the run directory, checkpoints and --resume, sig
     prompts, eval_prompts = run_prompts(args)   # read and checked; bad input ends in one line, exit 2 (die)
     sd, shape, reward_fn = load_model_and_reward(args, device)
     refuse_overwrite(out, args.resume); write_config(out, config)
-    save_checkpoint(out, unet, params, step=..., opt=..., ...)   # checkpoint.pt + lora.safetensors, atomically
-    state = load_checkpoint(out, unet)          # the LoRA weights restored; metrics.jsonl cut back to state["step"]
+    save_checkpoint(out, unet, params, opt, scaler, rng, step=...)   # checkpoint.pt + lora.safetensors, atomically
+    state = load_checkpoint(out, unet, opt, scaler, rng, lr)   # all restored; metrics.jsonl cut to state["step"]
     log_metrics(out, dict(step=..., reward_mean=...))   # a line of metrics.jsonl
     plot_rewards(out, title, eval_before)       # reward.png: training and held-out reward against steps
 
@@ -204,26 +204,35 @@ def atomic_save(save, path):  # a crash mid-write leaves the previous file intac
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(out, unet, params, **state):
-    """checkpoint.pt (the LoRA tensors and `state`: step, optimiser, RNG states, ...) and lora.safetensors. Call it
-    on every rank: under torchrun it first checks that all ranks hold the same weights, then rank 0 writes."""
+def save_checkpoint(out, unet, params, opt, scaler, rng, **state):
+    """checkpoint.pt (the LoRA tensors, the optimiser, the grad scaler, the run's generator and torch's RNG, and
+    `state`: step, ...) and lora.safetensors. Call it on every rank: under torchrun it first checks that all ranks
+    hold the same weights, then rank 0 writes."""
     if dist.is_initialized() and _weights_in_sync(params) != 0:  # cheap insurance against a broken all-reduce
         die(f"the LoRA weights differ between ranks at step {state.get('step')}: the gradient all-reduce is broken")
     if not is_master():
         return
-    state["lora"] = {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+    state.update(lora={n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}, opt=opt.state_dict(),
+                 scaler=scaler.state_dict(), rng=rng.get_state(), torch_rng=torch.get_rng_state())
     atomic_save(lambda path: torch.save(state, path), os.path.join(out, "checkpoint.pt"))
     atomic_save(lambda path: save_lora(unet, path), os.path.join(out, "lora.safetensors"))
 
 
-def load_checkpoint(out, unet):
-    """The state save_checkpoint stored, with the LoRA weights copied into `unet`; metrics.jsonl keeps only the lines
-    of the steps before the checkpoint (a killed run logged steps it did not save)."""
+def load_checkpoint(out, unet, opt, scaler, rng, lr):
+    """Restore what save_checkpoint saved into `unet`, `opt` (with this run's `lr`, which wins over the saved one),
+    `scaler`, `rng` and torch's RNG; return the rest of the state (step, ...). metrics.jsonl keeps only the lines of
+    the steps before the checkpoint (a killed run logged steps it did not save)."""
     state = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
     named = dict(unet.named_parameters())
     with torch.no_grad():
         for n, v in state.pop("lora").items():
             named[n].copy_(v)
+    opt.load_state_dict(state.pop("opt"))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    scaler.load_state_dict(state.pop("scaler"))
+    rng.set_state(state.pop("rng"))
+    torch.set_rng_state(state.pop("torch_rng"))
     if is_master():
         path = os.path.join(out, "metrics.jsonl")
         with open(path) as f:

@@ -128,8 +128,7 @@ def loop_generator(step, micro):
 
 
 def checkpoint_run(done):  # after `done` optimisation steps; called on every rank
-    save_checkpoint(args.out, sd.unet, params, step=done, opt=opt.state_dict(), scaler=scaler.state_dict(),
-                    rng=rng.get_state(), torch_rng=torch.get_rng_state(), eval_before=eval_before)
+    save_checkpoint(args.out, sd.unet, params, opt, scaler, rng, step=done, eval_before=eval_before)
 
 
 def sample(cond, noise, generator, backprop):  # noise (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]
@@ -149,13 +148,7 @@ def evaluate(step):  # the same held-out prompts and seeds every time, so grids 
 
 
 if args.resume:
-    ckpt = load_checkpoint(args.out, sd.unet)  # LoRA weights restored, metrics.jsonl cut back to the checkpoint
-    opt.load_state_dict(ckpt["opt"])
-    for group in opt.param_groups:  # the checkpoint brings its own lr: this run's --lr wins
-        group["lr"] = args.lr
-    scaler.load_state_dict(ckpt["scaler"])
-    rng.set_state(ckpt["rng"])
-    torch.set_rng_state(ckpt["torch_rng"])
+    ckpt = load_checkpoint(args.out, sd.unet, opt, scaler, rng, args.lr)  # this run's --lr wins
     step, eval_before = ckpt["step"], ckpt["eval_before"]
     info(f"resuming {args.out} at step {step}")
 else:

@@ -114,8 +114,9 @@ def kill_after(lines, out, *args):
 
 
 def test_resume_after_a_kill_continues_exactly(tmp_path):
-    args = ["--reward", "jpeg", "--steps", 4, "--samples-per-step", 4, "--grad-accum", 1, "--advantage", "group",
-            "--group-size", 2, "--save-every", 1, "--eval-every", 0, "--lr", 1e-2, "--clip-range", 1e-2, *FAST]
+    # running advantages with a buffer of 2: from the second round on, each prompt's own statistics, saved and restored
+    args = ["--reward", "jpeg", "--steps", 4, "--samples-per-step", 4, "--grad-accum", 1, "--group-size", 2,
+            "--stat-buffer", 2, "--save-every", 1, "--eval-every", 0, "--lr", 1e-2, "--clip-range", 1e-2, *FAST]
     run("--out", tmp_path / "whole", *args)
     assert kill_after(3, tmp_path / "cut", *args) == -signal.SIGKILL
     run("--resume", tmp_path / "cut")
