@@ -96,8 +96,8 @@ p.add_argument("--steps", type=int, default=20, help="rounds of sampling + train
 p.add_argument("--samples-per-step", type=int, default=32, help="images sampled and scored per round: the reward "
                "queries (DDPO: 256 per epoch over 8 GPUs)")
 p.add_argument("--batch-size", type=int, default=4, help="images per UNet call, in sampling and training")
-p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimisation step; with the defaults, "
-               "2 steps per inner epoch, as DDPO's compressibility run")
+p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimisation step (the defaults: 2 "
+               "optimisation steps per round and inner epoch)")
 p.add_argument("--inner-epochs", type=int, default=1, help="PPO passes over each round's samples (DDPO: 1)")
 p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (DDPO: 3e-4)")
 p.add_argument("--clip-range", type=float, default=1e-4, help="PPO's ratio clip eps (DDPO: 1e-4)")
