@@ -40,27 +40,31 @@ TASKS = {  # task -> (metric judged, higher is better?, {method: training reward
     "compress": ("jpeg_kb", False, {"backprop": "compress", "rl": "jpeg"}),
     "count": ("count", True, {"backprop": "shapes-count", "rl": "shapes-count-exact"}),
 }
-COMMON = ["--model", "shapes", "--ddim-steps", str(DDIM_STEPS), "--guidance", "7.5", "--lora-rank", "4", "--eval-every", "0",
-          "--eval-n", "4"]
+COMMON = ["--model", "shapes", "--ddim-steps", str(DDIM_STEPS), "--guidance", "7.5", "--lora-rank", "4",
+          "--eval-every", "0", "--eval-n", "4"]  # same model, sampler, LoRA rank and prompts for both methods
 # The settings compared: each method's best in its sweep below (README: "Reward backprop against RL").
 RUNS = {
-    ("compress", "backprop"): ["--batch-size", "4", "--lr", "3e-3"],
+    ("compress", "backprop"): ["--batch-size", "4", "--lr", "1e-2"],
     ("compress", "rl"): ["--samples-per-step", "32", "--lr", "3e-3", "--clip-range", "1e-2"],
-    ("count", "backprop"): ["--batch-size", "4", "--lr", "3e-3"],
+    ("count", "backprop"): ["--batch-size", "4", "--lr", "1e-3"],
     ("count", "rl"): ["--samples-per-step", "32", "--lr", "3e-3", "--clip-range", "1e-2"],
 }
-# The sweeps: four settings per method (the same sweep budget), each run to BUDGET queries, seed 0, judged at the end.
+# The sweeps: five settings per method (the same sweep budget), each run to BUDGET queries, seed 0, judged at the end.
 SWEEPS = {
     "backprop": {"lr 1e-3 (AlignProp's)": ["--batch-size", "4", "--lr", "1e-3"],
                  "lr 3e-3": ["--batch-size", "4", "--lr", "3e-3"],
                  "lr 1e-2": ["--batch-size", "4", "--lr", "1e-2"],
-                 "lr 3e-3, random K in 1..10": ["--batch-size", "4", "--lr", "3e-3", "--backprop", "1,10"]},
+                 "lr 3e-3, random K in 1..10": ["--batch-size", "4", "--lr", "3e-3", "--backprop", "1,10"],
+                 "lr 3e-4": ["--batch-size", "4", "--lr", "3e-4"]},
     "rl": {"DDPO's defaults (lr 3e-4, clip 1e-4)": ["--samples-per-step", "32", "--lr", "3e-4", "--clip-range",
                                                      "1e-4"],
            "lr 3e-3, clip 1e-2": ["--samples-per-step", "32", "--lr", "3e-3", "--clip-range", "1e-2"],
            "lr 1e-2, clip 1e-2": ["--samples-per-step", "32", "--lr", "1e-2", "--clip-range", "1e-2"],
            "lr 3e-3, clip 1e-2, GRPO groups of 8": ["--samples-per-step", "32", "--lr", "3e-3", "--clip-range",
-                                                    "1e-2", "--advantage", "group", "--group-size", "8"]},
+                                                    "1e-2", "--advantage", "group", "--group-size", "8"],
+           "lr 3e-3, clip 1e-2, 8 images per optimisation step": ["--samples-per-step", "32", "--lr", "3e-3",
+                                                                  "--clip-range", "1e-2", "--batch-size", "8",
+                                                                  "--grad-accum", "1"]},
 }
 
 
@@ -241,7 +245,9 @@ def report():
     for task in TASKS:
         swept = [r for r in rows if r["task"] == task and r["setting"] != "main" and r["queries"] == BUDGET]
         if swept:
-            print(f"\nsweep, {task}, seed 0, {BUDGET} queries ({TASKS[task][0]}):")
+            print(f"\nsweep, {task}, seed 0, {BUDGET} queries:")
+            print(f"| method | setting | {TASKS[task][0]} | count | colour | shape | minutes |")
+            print("|---|---|---|---|---|---|---|")
             for r in sorted(swept, key=lambda r: (r["method"], r["setting"])):
                 print(f"| {r['method']} | {r['setting']} | {r[TASKS[task][0]]:.4f} | {r['count']:.3f} | "
                       f"{r['colour']:.3f} | {r['shape']:.3f} | {r['minutes']:.1f} |")
