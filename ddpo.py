@@ -317,6 +317,7 @@ for step in pbar:
         sys.exit(130 if name == "SIGINT" else 143)
 
 if ddp:
+    info(f"LoRA weights identical on all {world} processes (checked at every checkpoint)")
     torch.distributed.destroy_process_group()
 if master:
     after = read_metrics(args.out)[-1].get("eval_reward")

@@ -180,11 +180,11 @@ def curves(rows, task, method, setting):
 
 
 def first_reaching(points, target, higher):
-    """(queries, minutes) where a curve first reaches `target`, interpolated linearly between stages; None if never."""
-    for (q0, m0, v0), (q1, m1, v1) in zip(points, points[1:]):
-        if (v1 >= target) if higher else (v1 <= target):
-            f = 1.0 if v1 == v0 else max(0.0, min(1.0, (target - v0) / (v1 - v0)))
-            return q0 + f * (q1 - q0), m0 + f * (m1 - m0)
+    """(queries, minutes) of the first judged stage at which a curve is at or past `target` (no interpolation: a
+    stage is the resolution of what was measured); None if it never is."""
+    for q, m, v in points[1:]:  # points[0] is the base model
+        if (v >= target) if higher else (v <= target):
+            return q, m
     return None
 
 
@@ -230,7 +230,8 @@ def report():
         rl_final = main["rl"][-1][2]
         print(f"\n{task}: judged by {metric} ({'higher' if higher else 'lower'} is better); RL's final value "
               f"{rl_final:.4f} at {main['rl'][-1][0]} queries")
-        print("| method | final value | colour | shape | queries to reach RL's final | minutes to reach it | peak MB |")
+        print("| method | final value | colour | shape | queries to reach RL's final (first stage) | minutes | "
+              "peak MB |")
         print("|---|---|---|---|---|---|---|")
         for method in ("backprop", "rl"):
             reach = first_reaching([(q, m, v) for q, m, v, _, _ in main[method]], rl_final, higher)

@@ -127,6 +127,19 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     assert cut[-1]["eval_reward"] == pytest.approx(whole[-1]["eval_reward"], rel=1e-5)
 
 
+def test_two_processes_share_each_round_and_stay_in_sync(tmp_path):
+    """torchrun: each process samples and trains on its half of every round; the gradients are averaged, so the
+    weights stay identical (save_checkpoint compares them at every checkpoint and stops the run if they differ)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["--out", tmp_path / "two", "--reward", "jpeg", "--steps", 2, "--samples-per-step", 4, "--grad-accum", 1,
+            "--batch-size", 1, "--eval-every", 0, *FAST[:-2]]
+    proc = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "ddpo.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LoRA weights identical on all 2 processes" in proc.stdout
+    assert [x["images_seen"] for x in metrics(tmp_path / "two")] == [4, 8]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--reward", "nope"], "unknown reward"),
     (["--eta", "0"], "must be > 0"),
