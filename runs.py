@@ -15,7 +15,7 @@ A run directory holds config.json (the flags of the latest start), metrics.jsonl
 checkpoint.pt (for --resume), lora.safetensors (loads in diffusers), samples/ (eval grids) and reward.png.
 
 Under torchrun (RANK in the environment) every process runs the same script on its share of each batch: rank 0 alone
-prints and writes; average_gradients sums the LoRA gradients in one all-reduce; save_checkpoint first checks that
+prints and writes; average_gradients averages the LoRA gradients in one all-reduce; save_checkpoint checks that
 every rank holds the same weights; agree() makes a decision that one rank took (a signal) everyone's.
 """
 import json
