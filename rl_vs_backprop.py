@@ -152,7 +152,8 @@ def run_stages(task, method, setting, flags, seed, stages):
             cmd = [script, "--out", out, "--reward", TASKS[task][2][method], "--seed", str(seed), "--steps",
                    str(steps), "--save-every", str(max(1, 32 // per_step)), *COMMON, *flags]  # a kill loses <= 32
         print(f"[{task} {method} {setting} seed {seed}] to {queries} queries: python {' '.join(cmd)}", flush=True)
-        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # glibc returns freed blocks: peak RSS means memory
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"failed: {proc.stderr.strip()[-2000:]}")
         with open(os.path.join(out, "metrics.jsonl")) as f:
