@@ -220,7 +220,7 @@ def report():
             for ax, x in zip(axes, (q, minutes)):
                 ax.plot(x, mean, "o-", color=colour, label=f"{label}, mean of {n_seeds} seeds", ms=3)
                 ax.fill_between(x, lo, hi, color=colour, alpha=0.2)
-        for ax, xlabel in zip(axes, ("reward queries (images scored)", "training minutes (2 CPU cores)")):
+        for ax, xlabel in zip(axes, ("reward queries (images scored)", "training minutes (one CPU thread)")):
             ax.set(xlabel=xlabel, ylabel={"jpeg_kb": "held-out real JPEG size, kB (lower is better)",
                                           "count": "held-out exact count accuracy"}[metric])
             ax.grid(alpha=0.3)
