@@ -190,6 +190,12 @@ def first_reaching(points, target, higher):
     return None
 
 
+def finished(per_seed):
+    """The seeds that reached the furthest stage of any (a stopped experiment leaves its last seed part-way)."""
+    last = max(pts[-1][0] for pts in per_seed.values())
+    return {s: pts for s, pts in per_seed.items() if pts[-1][0] == last}
+
+
 def mean_curve(per_seed):
     """Mean over seeds at the stages every seed has: [(queries, minutes, value, lowest, highest)]."""
     common = set.intersection(*[{q for q, _, _ in pts} for pts in per_seed.values()])
@@ -208,17 +214,17 @@ def report():
     rows = results()
     os.makedirs(DOCS, exist_ok=True)
     for task, (metric, higher, _) in TASKS.items():
-        main = {m: mean_curve(c) for m in ("backprop", "rl")
-                if (c := curves(rows, task, m, "main"))}
+        seeds = {m: finished(c) for m in ("backprop", "rl") if (c := curves(rows, task, m, "main"))}
+        main = {m: mean_curve(c) for m, c in seeds.items()}
         if len(main) < 2:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
         for method, colour in (("backprop", "tab:blue"), ("rl", "tab:orange")):
             label = {"backprop": "reward backprop (train.py)", "rl": "RL (ddpo.py)"}[method]
-            n_seeds = len(curves(rows, task, method, "main"))
+            n_seeds = len(seeds[method])
             q, minutes, mean, lo, hi = zip(*main[method])
             for ax, x in zip(axes, (q, minutes)):
-                ax.plot(x, mean, "o-", color=colour, label=f"{label}, mean of {n_seeds} seeds", ms=3)
+                ax.plot(x, mean, "o-", color=colour, label=f"{label}, " + (f"mean of {n_seeds} seeds" if n_seeds > 1 else "one seed"), ms=3)
                 ax.fill_between(x, lo, hi, color=colour, alpha=0.2)
         for ax, xlabel in zip(axes, ("reward queries (images scored)", "training minutes (one CPU thread)")):
             ax.set(xlabel=xlabel, ylabel={"jpeg_kb": "held-out real JPEG size, kB (lower is better)",
@@ -231,7 +237,8 @@ def report():
         plt.close(fig)
         rl_final = main["rl"][-1][2]
         print(f"\n{task}: judged by {metric} ({'higher' if higher else 'lower'} is better); RL's final value "
-              f"{rl_final:.4f} at {main['rl'][-1][0]} queries")
+              f"{rl_final:.4f} at {main['rl'][-1][0]} queries; seeds: " +
+              ", ".join(f"{m} {sorted(seeds[m])}" for m in seeds))
         print("| method | final value | colour | shape | queries to reach RL's final (first stage) | minutes | "
               "peak MB |")
         print("|---|---|---|---|---|---|---|")
