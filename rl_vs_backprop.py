@@ -14,10 +14,11 @@ Tasks (TASKS): each method trains on what it can use and both are judged by the 
 
 Every run goes through the scripts' own command lines, in stages: train to Q reward queries (--steps), judge the
 LoRA (JUDGE_N samples of the 12 held-out prompts, fixed seeds, DDIM eta 0, guidance 7.5, the runs' DDIM_STEPS),
---resume to the next Q. Each judged stage is a line of out/rl-vs-backprop/results.jsonl
-(and a run's own metrics.jsonl gives its training seconds), so a stopped experiment continues where it was: finished
-stages are skipped, an unfinished run resumes from its checkpoint. Minutes are training time (metrics.jsonl
-`seconds`), judging excluded.
+--resume to the next Q. Each judged stage is a line of docs/rl-vs-backprop-results.jsonl (committed, so that
+--report redraws the README's plots and tables from a clean clone), so a stopped experiment continues where it was:
+finished stages are skipped, an unfinished run resumes from its checkpoint in out/rl-vs-backprop/ (or starts again
+where that is gone: runs are deterministic in their seed). Minutes are training time (metrics.jsonl `seconds`),
+judging excluded. Start afresh: delete the results file and out/rl-vs-backprop/.
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ import torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(ROOT, "out", "rl-vs-backprop")
 DOCS = os.path.join(ROOT, "docs")
+RESULTS = os.path.join(DOCS, "rl-vs-backprop-results.jsonl")  # every judged stage; committed: --report redraws
 EVAL_PROMPTS = os.path.join(ROOT, "prompts", "shapes-eval.txt")
 DDIM_STEPS = 10  # in training and judging alike: half the README's 20, so that the whole study fits 2 hours on 2 cores
 JUDGE_N, JUDGE_GUIDANCE, JUDGE_SEED = 128, 7.5, 0
@@ -111,16 +113,14 @@ def judge(lora):
 
 
 def results():
-    path = os.path.join(OUT, "results.jsonl")
-    if not os.path.isfile(path):
+    if not os.path.isfile(RESULTS):
         return []
-    with open(path) as f:
+    with open(RESULTS) as f:
         return [json.loads(line) for line in f]
 
 
 def record(row):
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "results.jsonl"), "a") as f:
+    with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
