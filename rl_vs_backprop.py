@@ -35,8 +35,9 @@ RESULTS = os.path.join(DOCS, "rl-vs-backprop-results.jsonl")  # every judged sta
 EVAL_PROMPTS = os.path.join(ROOT, "prompts", "shapes-eval.txt")
 DDIM_STEPS = 10  # in training and judging alike: half the README's 20, so that the whole study fits 2 hours on 2 cores
 JUDGE_N, JUDGE_GUIDANCE, JUDGE_SEED = 128, 7.5, 0
-BUDGET = 256  # reward queries per run: 8 rounds of RL's 32 images, as TRL's DDPOTrainer was measured (README)
-STAGES = (8, 16, 32, 64, 128, 192, 256)  # where each run is judged (those that its images per step divide)
+BUDGET = 1024  # reward queries per compared run: 32 rounds of RL's 32 images, 4x the sweeps', to see where RL goes
+STAGES = (8, 16, 32, 64, 128, 192, 256, 512, BUDGET)  # where each run is judged (those its images per step divide)
+SWEEP_BUDGET = 256  # reward queries per sweep run: 8 rounds of 32, as TRL's DDPOTrainer was measured (README)
 
 TASKS = {  # task -> (metric judged, higher is better?, {method: training reward})
     "compress": ("jpeg_kb", False, {"backprop": "compress", "rl": "jpeg"}),
@@ -52,7 +53,8 @@ RUNS = {
     ("count", "backprop"): ["--batch-size", "4", "--lr", "1e-3"],
     ("count", "rl"): ["--samples-per-step", "32", "--lr", "1e-2", "--clip-range", "1e-2"],
 }
-# The sweeps: five settings per method (the same sweep budget), each run to BUDGET queries, seed 0, judged at the end.
+# The sweeps: five settings per method (the same sweep budget), each run to SWEEP_BUDGET queries, seed 0, judged at the
+# end.
 SWEEPS = {
     "backprop": {"lr 1e-3 (AlignProp's)": ["--batch-size", "4", "--lr", "1e-3"],
                  "lr 3e-3": ["--batch-size", "4", "--lr", "3e-3"],
@@ -253,10 +255,10 @@ def report():
                   f"{f'{reach[0]:.0f}' if reach else 'not reached'} | {f'{reach[1]:.1f}' if reach else '-'} | "
                   f"{peak:.0f} |")
     for task, (metric, _, _) in TASKS.items():
-        swept = [r for r in rows if r["task"] == task and r["setting"] != "main" and r["queries"] == BUDGET]
+        swept = [r for r in rows if r["task"] == task and r["setting"] != "main" and r["queries"] == SWEEP_BUDGET]
         if swept:
             cols = list(dict.fromkeys([metric, "count", "colour", "shape"]))  # count judged: one column
-            print(f"\nsweep, {task}, seed 0, {BUDGET} queries:")
+            print(f"\nsweep, {task}, seed 0, {SWEEP_BUDGET} queries:")
             print(f"| method | setting | {' | '.join(cols)} | minutes |")
             print("|---" * (len(cols) + 3) + "|")
             for r in sorted(swept, key=lambda r: (r["method"], r["setting"])):
@@ -281,7 +283,7 @@ if __name__ == "__main__":
             if args.sweep:
                 for method in methods:
                     for setting, flags in SWEEPS[method].items():
-                        run_stages(task, method, setting, flags, 0, [BUDGET])
+                        run_stages(task, method, setting, flags, 0, [SWEEP_BUDGET])
             else:
                 for seed in (int(s) for s in args.seeds.split(",")):
                     for method in methods:
