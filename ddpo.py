@@ -27,7 +27,6 @@ lora.safetensors (loads in diffusers), checkpoint.pt (for --resume); Ctrl-C / SI
 Under torchrun each process samples and trains on its share of every round; gradients are averaged across processes.
 """
 import argparse
-import math
 import os
 import resource
 import sys
@@ -38,9 +37,9 @@ from tqdm import tqdm
 
 from lora import inject_lora
 from rewards import REWARDS
-from runs import (DTYPES, StopOnSignal, agree, average_gradients, die, gather, info, load_checkpoint,
-                  load_model_and_reward, log_metrics, machine_defaults, plot_rewards, read_metrics, refuse_overwrite,
-                  resume_args, run_prompts, save_checkpoint, start_processes, write_config)
+from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, die, gather, info,
+                  load_checkpoint, load_model_and_reward, log_metrics, machine_defaults, plot_rewards, read_metrics,
+                  refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes, write_config)
 from sampler import (DEFAULT_MODEL, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode, encode_prompts,
                      guidance_context, guided_output, image_grid, native_resolution)
 
@@ -132,17 +131,13 @@ master = rank == 0
 device_type, device = machine_defaults(args)  # --model, --prompts, --eval-prompts and --dtype for this machine
 args.out = args.out or os.path.join("out", "ddpo-" + args.reward.replace(",", "+").replace(":", ""))
 prompts, eval_prompts = run_prompts(args)
-for name in ("steps", "samples_per_step", "batch_size", "grad_accum", "inner_epochs", "group_size", "stat_buffer",
-             "lora_rank", "ddim_steps", "eval_n"):
-    if getattr(args, name) < 1:
-        die(f"--{name.replace('_', '-')} must be >= 1")
-for name in ("lr", "clip_range", "adv_clip_max", "timestep_fraction", "eta", "guidance", "max_grad_norm"):
-    if not math.isfinite(getattr(args, name)):
-        die(f"--{name.replace('_', '-')} must be a finite number")
-if not (args.lr > 0 and args.clip_range > 0 and args.adv_clip_max > 0 and args.eta > 0 and args.max_grad_norm >= 0):
-    die("--lr, --clip-range, --adv-clip-max and --eta must be > 0 (eta 0 is a deterministic sampler: no policy "
-        "density), --max-grad-norm >= 0")
-if not 0 < args.timestep_fraction <= 1:
+if args.eta == 0:
+    die("--eta must be > 0: eta 0 is a deterministic sampler, which has no policy density to train")
+check_numbers(args, at_least_1=("steps", "samples_per_step", "batch_size", "grad_accum", "inner_epochs",
+                                "group_size", "stat_buffer", "lora_rank", "ddim_steps", "eval_n"),
+              at_least_0=("max_grad_norm", "resolution", "save_every", "eval_every"),
+              above_0=("lr", "clip_range", "adv_clip_max", "eta", "timestep_fraction"), finite=("guidance",))
+if not args.timestep_fraction <= 1:
     die("--timestep-fraction must be in (0, 1]")
 micro = args.batch_size * world  # images per micro-batch over all processes
 if args.samples_per_step % (micro * args.grad_accum) or args.samples_per_step % args.group_size:

@@ -5,6 +5,7 @@ script keeps only its own loop: the run directory, checkpoints and --resume, sig
     device_type, device = machine_defaults(args)   # fills --model, --prompts, --eval-prompts, --dtype
     prompts, eval_prompts = run_prompts(args)   # read and checked; bad input ends in one line, exit 2 (die)
     sd, shape, reward_fn = load_model_and_reward(args, device)
+    check_numbers(args, at_least_1=("steps",), above_0=("lr",))   # a flag out of range: one line, exit 2
     refuse_overwrite(out, args.resume); write_config(out, config)
     save_checkpoint(out, unet, params, opt, scaler, rng, step=...)   # checkpoint.pt + lora.safetensors, atomically
     state = load_checkpoint(out, unet, opt, scaler, rng, lr)   # all restored; metrics.jsonl cut to state["step"]
@@ -19,6 +20,7 @@ prints and writes; average_gradients averages the LoRA gradients in one all-redu
 every rank holds the same weights; agree() makes a decision that one rank took (a signal) everyone's.
 """
 import json
+import math
 import os
 import signal
 import sys
@@ -51,6 +53,20 @@ def die(msg):
     if is_master():
         print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_numbers(args, at_least_1=(), at_least_0=(), above_0=(), finite=()):
+    """Each named flag in its range, else one line and exit 2 (die). NaN and inf never pass (argparse's type=float
+    takes "nan" and "inf", and such a value would otherwise surface as a traceback from the optimiser or the sampler);
+    `finite` names the flags that may be any finite number. A flag left at None (a default filled in later) passes."""
+    rules = ((at_least_1, lambda v: v >= 1, " >= 1"), (at_least_0, lambda v: v >= 0, " >= 0"),
+             (above_0, lambda v: v > 0, " > 0"), (finite, lambda v: True, ""))
+    for names, in_range, bound in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and in_range(value)):
+                kind = "a finite number" if isinstance(value, float) else "an integer"
+                die(f"--{name.replace('_', '-')} must be {kind}{bound}, got {value}")
 
 
 def start_processes():

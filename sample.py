@@ -9,12 +9,12 @@ to those in the config.json that train.py wrote beside the LoRA file, so a run's
 import argparse
 import json
 import os
-import sys
 
 import torch
 
 from lora import load_lora
 from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
+from runs import check_numbers, die
 from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_sample, decode, encode_prompts, image_grid, latent_shape,
                      load_sd, native_resolution)
 
@@ -34,11 +34,7 @@ p.add_argument("--out", default=None, help="output PNG (default: compare.png bes
 args = p.parse_args()
 
 
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
+check_numbers(args, at_least_1=("n", "ddim_steps"), at_least_0=("eta", "resolution"), finite=("guidance",))
 if not os.path.isfile(args.lora):
     die(f"--lora {args.lora}: no such file")
 if args.reward is not None:

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from lora import inject_lora
 from rewards import REWARDS, without_gradient
-from runs import (DTYPES, StopOnSignal, agree, average_gradients, die, gather, info, load_checkpoint,
-                  load_model_and_reward, log_metrics, machine_defaults, plot_rewards, read_metrics, refuse_overwrite,
-                  resume_args, run_prompts, save_checkpoint, start_processes, write_config)
+from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, die, gather, info,
+                  load_checkpoint, load_model_and_reward, log_metrics, machine_defaults, plot_rewards, read_metrics,
+                  refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes, write_config)
 from sampler import DEFAULT_MODEL, ddim_sample, decode, encode_prompts, image_grid, native_resolution, parse_backprop
 
 # -----------------------------------------------------------------------------
@@ -87,11 +87,10 @@ try:
     backprop = parse_backprop(args.backprop, args.ddim_steps)
 except ValueError as e:
     die(f"--backprop {e}")
-for name in ("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n", "max_skips"):
-    if getattr(args, name) < 1:
-        die(f"--{name.replace('_', '-')} must be >= 1")
-if args.keep_activations < 0 or args.eta < 0 or args.lr <= 0:
-    die("--keep-activations and --eta must be >= 0, --lr > 0")
+check_numbers(args, at_least_1=("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n",
+                                "max_skips"),
+              at_least_0=("keep_activations", "eta", "max_grad_norm", "resolution", "save_every", "eval_every"),
+              above_0=("lr",), finite=("guidance",))  # NaN and inf included: one line, exit 2
 refuse_overwrite(args.out, args.resume)
 
 # -----------------------------------------------------------------------------

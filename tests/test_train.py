@@ -160,6 +160,8 @@ def prompt_files(tmp_path):
     (["--model", "{tmp}/no/such/dir"], "no such model directory"),
     (["--reward", "jpeg"], "--reward jpeg has no gradient"),  # RL's reward: ddpo.py takes it, train.py cannot
     (["--reward", "compress,shapes-count-exact:0.5"], "--reward shapes-count-exact has no gradient"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),  # would reach AdamW: a traceback there
+    (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]
@@ -167,6 +169,32 @@ def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+def test_numeric_flags_are_checked_in_range_and_finite(capsys):
+    """runs.check_numbers, which train.py, ddpo.py and sample.py call on every numeric flag: NaN and inf never
+    pass, whatever the range, and each failure is one line with exit status 2."""
+    from argparse import Namespace
+
+    from runs import check_numbers
+    good = Namespace(steps=1, eta=0.0, lr=1e-3, guidance=-2.0, resolution=None)
+    check_numbers(good, at_least_1=("steps",), at_least_0=("eta", "resolution"), above_0=("lr",), finite=("guidance",))
+    for flags, rule, message in [
+        (dict(steps=0), "at_least_1", "--steps must be an integer >= 1, got 0"),
+        (dict(eta=-0.5), "at_least_0", "--eta must be a finite number >= 0, got -0.5"),
+        (dict(eta=float("inf")), "at_least_0", "--eta must be a finite number >= 0, got inf"),
+        (dict(lr=0.0), "above_0", "--lr must be a finite number > 0, got 0.0"),
+        (dict(lr=float("nan")), "above_0", "--lr must be a finite number > 0, got nan"),
+        (dict(guidance=float("-inf")), "finite", "--guidance must be a finite number, got -inf"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            check_numbers(Namespace(**flags), **{rule: tuple(flags)})
+        assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_sample_py_refuses_a_non_finite_flag_in_one_line(tmp_path):
+    proc = run("sample.py", "--lora", tmp_path / "none.safetensors", "--guidance", "nan", check=False)
+    assert proc.returncode == 2 and proc.stderr == "error: --guidance must be a finite number, got nan\n"
 
 
 def test_unreachable_hub_is_a_short_message(tmp_path):
