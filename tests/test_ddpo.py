@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, refused
 
 FAST = ["--model", "tiny", "--ddim-steps", "4", "--eval-n", "2", "--batch-size", "2"]
 
@@ -154,6 +154,11 @@ def test_two_processes_share_each_round_and_stay_in_sync(tmp_path):
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     """(Prompt files, an existing run and the model are checked by runs.py, as for train.py: tested there.)"""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    proc = run(*FAST, "--out", tmp_path / "out", *args, check=False)
-    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    status, stderr = refused("ddpo.py", *FAST, "--out", tmp_path / "out", *args)
+    assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_bad_input_from_a_real_process(tmp_path):
+    proc = run(*FAST, "--out", tmp_path / "out", "--clip-range", "inf", check=False)
+    assert proc.returncode == 2 and proc.stderr == "error: --clip-range must be a finite number > 0, got inf\n"
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, refused
 
 FAST = ["--model", "tiny", "--batch-size", "2", "--ddim-steps", "8", "--eval-n", "4"]
 
@@ -165,10 +165,14 @@ def prompt_files(tmp_path):
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]
-    proc = run("train.py", "--out", prompt_files / "out", "--model", "tiny", *args, check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    status, stderr = refused("train.py", "--out", prompt_files / "out", "--model", "tiny", *args)
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
+
+
+def test_bad_input_from_a_real_process(tmp_path):
+    proc = run("train.py", "--out", tmp_path / "out", "--model", "tiny", "--lr", "nan", check=False)
+    assert proc.returncode == 2 and proc.stderr == "error: --lr must be a finite number > 0, got nan\n"
 
 
 def test_numeric_flags_are_checked_in_range_and_finite(capsys):
