@@ -195,7 +195,8 @@ def evaluate(step):  # as train.py's: the same held-out prompts, seeds and eta n
                 device), args.ddim_steps, args.guidance, args.eta, generator=generator)
             images.append(decode(sd, latents))
     images = torch.cat(images)
-    image_grid(images, nrow=min(args.eval_n, 8)).save(os.path.join(args.out, "samples", f"step_{step:06d}.png"))
+    image_grid(images, nrow=min(args.eval_n, 8), labels=eval_prompts, title=f"ddpo.py {args.out}, step {step}: held-out "
+               "prompts, fixed seeds").save(os.path.join(args.out, "samples", f"step_{step:06d}.png"))
     return reward_fn(images.float(), eval_prompts).mean().item()
 
 

@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from lora import save_lora
 from rewards import RewardLoadError, check_prompts, load_reward, parse_reward_spec
-from sampler import DEFAULT_MODEL, ModelLoadError, latent_shape, load_sd, native_resolution, vae_scale_factor
+from sampler import (DEFAULT_MODEL, SHAPES_DIR, ModelLoadError, latent_shape, load_sd, native_resolution,
+                     vae_scale_factor)
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,6 +68,20 @@ def check_numbers(args, at_least_1=(), at_least_0=(), above_0=(), finite=()):
             if value is not None and not (math.isfinite(value) and in_range(value)):
                 kind = "a finite number" if isinstance(value, float) else "an integer"
                 die(f"--{name.replace('_', '-')} must be {kind}{bound}, got {value}")
+
+
+def warn_unknown_words(model, prompts):
+    """The shapes model knows its grammar's words only ("three red circles"): say up front which words of the prompts
+    it has never seen, since it draws them without a word of complaint (an orange square for "a cat")."""
+    if model != "shapes" and os.path.realpath(model) != os.path.realpath(SHAPES_DIR):
+        return
+    from shapes import COLOURS, SHAPES, unknown_words
+    words = unknown_words(prompts)
+    if words and is_master():
+        print(f"warning: the shapes model has never seen the words {', '.join(map(repr, words[:8]))}"
+              f"{' ...' if len(words) > 8 else ''}; it knows captions such as 'three red circles' (a, two, three, "
+              f"four; {', '.join(COLOURS)}; {', '.join(SHAPES)}), and draws other words as if they were not there",
+              file=sys.stderr)
 
 
 def start_processes():
@@ -169,6 +184,7 @@ def run_prompts(args):
             check_prompts(args.reward, texts[-1])
         except ValueError as e:
             die(f"{name} {path}: {e} (the count rewards need one in every prompt)")
+    warn_unknown_words(args.model, texts[0] + texts[1])
     return texts
 
 

@@ -14,7 +14,7 @@ import torch
 
 from lora import load_lora
 from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
-from runs import check_numbers, die
+from runs import check_numbers, die, warn_unknown_words
 from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_sample, decode, encode_prompts, image_grid, latent_shape,
                      load_sd, native_resolution)
 
@@ -49,6 +49,7 @@ if os.path.isfile(os.path.join(os.path.dirname(args.lora), "config.json")):
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 model = args.model or run_cfg.get("model") or (DEFAULT_MODEL if device == "cuda" else "tiny")
+warn_unknown_words(model, args.prompts)
 steps = args.ddim_steps or run_cfg.get("ddim_steps", 50)
 guidance = args.guidance if args.guidance is not None else run_cfg.get("guidance", 7.5)
 out = args.out or os.path.join(os.path.dirname(args.lora) or ".", "compare.png")
@@ -87,7 +88,9 @@ tuned = generate()
 
 # one row per prompt: n base samples, then n LoRA samples
 rows = torch.cat([base.unflatten(0, (len(args.prompts), args.n)), tuned.unflatten(0, (len(args.prompts), args.n))], 1)
-image_grid(rows.flatten(0, 1), nrow=2 * args.n).save(out)
+labels = [f"{name}: {p}" for p in args.prompts for name in ["base"] * args.n + ["LoRA"] * args.n]
+image_grid(rows.flatten(0, 1), nrow=2 * args.n, labels=labels,
+           title=f"{model}: base (left) and {args.lora} (right), same noise").save(out)
 print(f"{model}, {resolution}px, {steps} DDIM steps: wrote {out} (left: base, right: LoRA)")
 if reward_fn is not None:  # the reward, then each part of a mix
     scores = []

@@ -78,6 +78,13 @@ def all_captions():
     return [caption(*words) for words in _grammar()]
 
 
+def unknown_words(prompts):
+    """The words of `prompts` that no caption uses, in order of first appearance. The shapes model's text encoder has
+    never seen them (its tokenizer spells them letter by letter), so it draws such a prompt as if they were not there."""
+    known = {word for text in all_captions() for word in text.split()}
+    return list(dict.fromkeys(word for text in prompts for word in text.lower().split() if word not in known))
+
+
 def _grammar():
     return list(itertools.product(COUNT_WORDS, COLOURS, SHAPES))
 
@@ -628,7 +635,8 @@ def show(out, seed):
     from sampler import image_grid
     seeds = range(seed, seed + 2)
     images = torch.stack([render(*parse_caption(c), s) for s in seeds for c in SHOW_CAPTIONS])
-    image_grid(images.float() / 255, nrow=len(SHOW_CAPTIONS)).save(out)
+    image_grid(images.float() / 255, nrow=len(SHOW_CAPTIONS), labels=[c for _ in seeds for c in SHOW_CAPTIONS],
+               title="rendered: a row per seed").save(out)
     for (s, c), d in zip([(s, c) for s in seeds for c in SHOW_CAPTIONS], describe(images)):
         print(f"seed {s:<4} {c:<22} -> {d}")
     print(f"wrote {out}")
@@ -652,7 +660,10 @@ def eval_table(model, lora, prompts, n, steps, guidance, seed, grid):
     for name, r, _ in rows:
         print(f"{name:6}{r['count']:8.3f}{r['colour']:8.3f}{r['shape']:8.3f}{r['all']:8.3f}{r['reward']:21.3f}")
     if grid:
-        image_grid(torch.cat([images[:16] for _, _, images in rows]), nrow=16).save(grid)
+        labels = [f"{name}: {prompts[i % len(prompts)]}" for name, _, _ in rows for i in range(16)]  # cycled
+        image_grid(torch.cat([images[:16] for _, _, images in rows]), nrow=16, labels=labels,
+                   title=f"{model}, {steps} DDIM steps, guidance {guidance}: base above" + (
+                       f", LoRA {lora} below (same noise)" if lora else "")).save(grid)
         print(f"wrote {grid}")
 
 

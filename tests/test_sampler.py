@@ -7,8 +7,8 @@ from diffusers import DDIMScheduler
 
 from conftest import pipeline
 from sampler import (ModelLoadError, backprop_window, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode,
-                     encode_prompts, guidance_context, guided_output, latent_shape, load_sd, native_resolution,
-                     parse_backprop)
+                     encode_prompts, guidance_context, guided_output, image_grid, latent_shape, load_sd,
+                     native_resolution, parse_backprop)
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 
@@ -203,3 +203,19 @@ def test_load_sd_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelLoadError, match="--model tiny"):
         load_sd("nobody/no-such-model")
+
+
+def test_image_grid_places_the_images_and_writes_labels_above_them():
+    import numpy as np
+    images = torch.rand(5, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    plain = np.asarray(image_grid(images, nrow=3, pad=2))
+    assert plain.shape == (2 * 18 + 2, 3 * 26 + 2, 3)
+    tile = (images[4].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    assert (plain[20:36, 28:52] == tile).all() and (plain[:2] == 255).all()  # 5th image: row 2, column 2
+    labelled = np.asarray(image_grid(images, nrow=3, pad=2, labels=["a", "b", "c", "d", "a much longer label"],
+                                     title="the title"))
+    assert labelled.shape[0] > plain.shape[0] and labelled.shape[1] == plain.shape[1]
+    h = labelled.shape[0]
+    assert (labelled[h - 18:h - 2, 28:52] == tile).all()  # the images keep their place at the bottom of their band
+    assert (labelled[h - 30:h - 18, 28:52] < 128).any()  # the 5th label's last line, right above its image
+    assert (labelled[2:12] < 128).any()  # the title

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
 from shapes import (BACKGROUND, BORDER, COLOURS, COUNT_WORDS, MAX_TOKENS, MIN_AREA, SHAPES, _components, all_captions,
-                    build_tokenizer, caption, describe, parse_caption, render, sample_batch, score, split_captions)
+                    build_tokenizer, caption, describe, parse_caption, render, sample_batch, score, split_captions,
+                    unknown_words)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS_PER_CAPTION = 64  # 48 captions x 64 seeds = 3072 images
@@ -68,6 +69,11 @@ def test_captions():
 def test_parse_caption_rejects(text):
     with pytest.raises(ValueError):
         parse_caption(text)
+
+
+def test_unknown_words_are_the_words_no_caption_uses():
+    assert unknown_words(all_captions()) == []
+    assert unknown_words(["a cat", "three red circles", "Two dogs on a red mat"]) == ["cat", "dogs", "on", "mat"]
 
 
 def test_prompt_files_split_the_captions():

@@ -170,6 +170,16 @@ def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
 
 
+def test_words_the_shapes_model_never_saw_are_named_up_front(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\nthree red circles\n")
+    # --lr nan stops the run right after the prompts are read: the warning comes first, then the error
+    _, stderr = refused("train.py", "--model", "shapes", "--prompts", tmp_path / "p.txt", "--lr", "nan")
+    warning, error = stderr.strip().splitlines()
+    assert warning.startswith("warning: the shapes model has never seen the words 'cat';") and "--lr" in error
+    _, stderr = refused("train.py", "--model", "shapes", "--lr", "nan")  # its own prompt files: no warning
+    assert not stderr.startswith("warning")
+
+
 def test_bad_input_from_a_real_process(tmp_path):
     proc = run("train.py", "--out", tmp_path / "out", "--model", "tiny", "--lr", "nan", check=False)
     assert proc.returncode == 2 and proc.stderr == "error: --lr must be a finite number > 0, got nan\n"
