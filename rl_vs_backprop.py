@@ -192,14 +192,9 @@ def first_reaching(points, target, higher):
     return None
 
 
-def finished(per_seed):
-    """The seeds that reached the furthest stage of any (a stopped experiment leaves its last seed part-way)."""
-    last = max(pts[-1][0] for pts in per_seed.values())
-    return {s: pts for s, pts in per_seed.items() if pts[-1][0] == last}
-
-
 def mean_curve(per_seed):
-    """Mean over seeds at the stages every seed has: [(queries, minutes, value, lowest, highest)]."""
+    """Mean over seeds at the stages every seed has (a stopped experiment leaves some seeds part-way: their further
+    stages are plotted seed by seed, not averaged): [(queries, minutes, value, lowest, highest)]."""
     common = set.intersection(*[{q for q, _, _ in pts} for pts in per_seed.values()])
     out = []
     for q in sorted(common):
@@ -216,7 +211,7 @@ def report():
     rows = results()
     os.makedirs(DOCS, exist_ok=True)
     for task, (metric, higher, _) in TASKS.items():
-        seeds = {m: finished(c) for m in ("backprop", "rl") if (c := curves(rows, task, m, "main"))}
+        seeds = {m: c for m in ("backprop", "rl") if (c := curves(rows, task, m, "main"))}
         main = {m: mean_curve(c) for m, c in seeds.items()}
         if len(main) < 2:
             continue
@@ -226,14 +221,22 @@ def report():
             n_seeds = len(seeds[method])
             q, minutes, mean, lo, hi = zip(*main[method])
             for ax, x in zip(axes, (q, minutes)):
-                ax.plot(x, mean, "o-", color=colour, label=f"{label}, " + (f"mean of {n_seeds} seeds" if n_seeds > 1 else "one seed"), ms=3)
+                ax.plot(x, mean, "o-", color=colour, ms=3, label=f"{label}, " + (
+                    f"mean of {n_seeds} seeds" if n_seeds > 1 else "one seed"))
                 ax.fill_between(x, lo, hi, color=colour, alpha=0.2)
+            for pts in seeds[method].values():  # each seed, thin: the stages past the common ones show here alone
+                sq, sm, sv = zip(*pts)
+                for ax, x in zip(axes, (sq, sm)):
+                    ax.plot(x, sv, ":", color=colour, lw=0.8, alpha=0.7)
         for ax, xlabel in zip(axes, ("reward queries (images scored)", "training minutes (one CPU thread)")):
             ax.set(xlabel=xlabel, ylabel={"jpeg_kb": "held-out real JPEG size, kB (lower is better)",
                                           "count": "held-out exact count accuracy"}[metric])
             ax.grid(alpha=0.3)
+        axes[0].set_xscale("symlog", base=2, linthresh=8)  # the first stages (8, 16, ...) and the last (1024) alike
+        axes[0].set_xticks([0, 8, 32, 128, 512, 1024], ["0", "8", "32", "128", "512", "1024"])
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{task}: reward backprop vs RL on the shapes model (band: lowest to highest seed)")
+        fig.suptitle(f"{task}: reward backprop vs RL on the shapes model (band: lowest to highest seed; dotted: "
+                     "each seed)")
         fig.tight_layout()
         fig.savefig(os.path.join(DOCS, f"rl-vs-backprop-{task}.png"))
         plt.close(fig)
@@ -241,9 +244,9 @@ def report():
         print(f"\n{task}: judged by {metric} ({'higher' if higher else 'lower'} is better); RL's final value "
               f"{rl_final:.4f} at {main['rl'][-1][0]} queries; seeds: " +
               ", ".join(f"{m} {sorted(seeds[m])}" for m in seeds))
-        print("| method | final value | colour | shape | queries to reach RL's final (first stage) | minutes | "
-              "peak MB |")
-        print("|---|---|---|---|---|---|---|")
+        print("| method | queries (all seeds) | final value (each seed) | colour | shape | queries to reach RL's final "
+              "(first stage) | minutes | peak MB |")
+        print("|---|---|---|---|---|---|---|---|")
         for method in ("backprop", "rl"):
             reach = first_reaching([(q, m, v) for q, m, v, _, _ in main[method]], rl_final, higher)
             last = [r for r in rows if (r["task"], r["method"], r["setting"], r["queries"]) ==
@@ -251,7 +254,8 @@ def report():
             colour, shape = (sum(r[k] for r in last) / len(last) for k in ("colour", "shape"))
             peak = max(r["peak_mem_mb"] for r in rows if (r["task"], r["method"], r["setting"]) ==
                        (task, method, "main"))
-            print(f"| {method} | {main[method][-1][2]:.4f} | {colour:.3f} | {shape:.3f} | "
+            each = " / ".join(f"{r[metric]:.3f}" for r in sorted(last, key=lambda r: r["seed"]))
+            print(f"| {method} | {main[method][-1][0]} | {main[method][-1][2]:.4f} ({each}) | {colour:.3f} | {shape:.3f} | "
                   f"{f'{reach[0]:.0f}' if reach else 'not reached'} | {f'{reach[1]:.1f}' if reach else '-'} | "
                   f"{peak:.0f} |")
     for task, (metric, _, _) in TASKS.items():

@@ -36,13 +36,18 @@ def trained(tmp_path_factory):
 
 
 def test_training_raises_the_reward(trained):
+    """Judged on the held-out prompts with the same initial noise before and after (a paired comparison), not on the
+    training reward: each training step scores 2 new images, whose reward varies by about as much (+-0.03) as 10 steps
+    raise it, so first-vs-last training rewards pass or fail by the draw. Measured on this run (seed 0): held-out gain
+    0.147 with 1 thread, 0.149 with 2 (thread count changes the rounding, hence which tiny gradients flip sign, as
+    another CPU does); over seeds 0-11, 0.028 to 0.262. The training reward's first-vs-last-3 gain on this run: 0.028
+    with 1 thread, 0.019 with 2, below the 0.02 this test once asked of it."""
     out, proc = trained
     m = metrics(out)
     assert [x["step"] for x in m] == list(range(10))
     for key in ("step", "reward_mean", "reward_std", "loss", "grad_norm", "seconds", "peak_mem_mb"):
-        assert all(key in x for x in m), key
-    first, last = m[0]["reward_mean"], sum(x["reward_mean"] for x in m[-3:]) / 3
-    assert last > first + 0.02, (first, last)
+        assert all(key in x and x[key] == x[key] for x in m), key  # logged at every step, never NaN
+    assert all(x["loss"] == pytest.approx(-x["reward_mean"]) for x in m)
     before, after = (float(v) for v in proc.stdout.strip().splitlines()[-1].split(":")[1].split("after")[0].split("->"))
     assert after > before + 0.02 and m[-1]["eval_reward"] == pytest.approx(after, abs=1e-4)
 
