@@ -37,6 +37,7 @@ DDIM_STEPS = 10  # in training and judging alike: half the README's 20, so that 
 JUDGE_N, JUDGE_GUIDANCE, JUDGE_SEED = 128, 7.5, 0
 BUDGET = 1024  # reward queries per compared run: 32 rounds of RL's 32 images, 4x the sweeps', to see where RL goes
 STAGES = (8, 16, 32, 64, 128, 192, 256, 512, BUDGET)  # where each run is judged (those its images per step divide)
+GRADIENT_RES, GRADIENT_STEPS, GRADIENT_REF = 32, 4, 2048  # --gradients: tiny model, small and short enough for 2048
 SWEEP_BUDGET = 256  # reward queries per sweep run: 8 rounds of 32, as TRL's DDPOTrainer was measured (README)
 
 TASKS = {  # task -> (metric judged, higher is better?, {method: training reward})
@@ -168,6 +169,73 @@ def run_stages(task, method, setting, flags, seed, stages):
 
 
 # -----------------------------------------------------------------------------
+# why: the two methods' gradient estimates, on the same samples
+
+
+def gradient_estimates(sd, params, reward_fn, prompt, n, seed, resolution, steps, guidance, chunk=64):
+    """Two estimates of d E[reward] / d LoRA from the same n trajectories (DDIM at eta 1, noise from `seed`):
+    score function, what RL's update follows (DDPO at ratio 1: the reward's own gradient is never used),
+        mean over samples of (r - mean r) * sum_t grad log p(x_{t-1} | x_t),
+    and pathwise, what reward backprop follows: mean of grad r through the chain, with the same noise. Both are
+    unbiased estimates of one gradient (Stein's lemma makes them equal in expectation); they differ in variance.
+    Returns the two as flat vectors."""
+    from sampler import (ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode, encode_prompts,
+                         guidance_context, guided_output, latent_shape)
+    cond, uncond = encode_prompts(sd, [prompt]), encode_prompts(sd, [""])
+    x_T = torch.randn(n, *latent_shape(sd, resolution), generator=torch.Generator().manual_seed(seed))
+    trajectories = []  # (xs (T + 1, b, ...), timesteps, rewards (b,)) per chunk, the chunk's noise from its own seed
+    for i in range(0, n, chunk):
+        b = len(x_T[i:i + chunk])
+        xs, _, ts = ddim_rollout(sd, cond.expand(b, -1, -1), uncond.expand(b, -1, -1), x_T[i:i + chunk], steps,
+                                 guidance, 1.0, torch.Generator().manual_seed(hash((seed, i)) % 2**63))
+        with torch.no_grad():
+            trajectories.append((xs, ts, reward_fn(decode(sd, xs[-1]), [prompt] * b)))
+    mean_reward = torch.cat([r for _, _, r in trajectories]).mean()
+    score, path = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for i, (xs, ts, r) in zip(range(0, n, chunk), trajectories):
+        b = len(r)
+        context = guidance_context(cond.expand(b, -1, -1), uncond.expand(b, -1, -1), guidance, sd.unet.dtype)
+        logp = 0  # sum over steps of log p(x_{t-1} | x_t), summed over the latent's dimensions (b,)
+        for j, t in enumerate(ts):
+            mean, sigma = ddim_transition(sd, guided_output(sd, xs[j], t, context, guidance), xs[j], t, steps, 1.0)
+            logp = logp + ddim_logprob(xs[j + 1], mean, sigma) * xs[j][0].numel()
+        for acc, g in zip(score, torch.autograd.grad(((r - mean_reward) * logp).sum() / n, params)):
+            acc += g
+        latents = ddim_sample(sd, cond.expand(b, -1, -1), uncond.expand(b, -1, -1), x_T[i:i + chunk], steps,
+                              guidance, 1.0, generator=torch.Generator().manual_seed(hash((seed, i)) % 2**63))
+        for acc, g in zip(path, torch.autograd.grad(reward_fn(decode(sd, latents), [prompt] * b).sum() / n, params)):
+            acc += g
+    return torch.cat([g.flatten() for g in score]), torch.cat([g.flatten() for g in path])
+
+
+def gradients():
+    """Print how close each method's gradient estimate from n samples comes to the gradient itself (a pathwise
+    estimate from GRADIENT_REF samples), at the first training step, on the tiny model (cheap enough for thousands of
+    samples): cosine, and the estimate's norm over the gradient's (noise makes it larger)."""
+    from lora import inject_lora
+    from rewards import load_reward
+    from sampler import load_sd
+    sd = load_sd("tiny")
+    torch.manual_seed(0)
+    params = inject_lora(sd.unet, rank=4)
+    reward_fn = load_reward("compress", "cpu", torch.float32)
+    run = lambda n, seed: gradient_estimates(sd, params, reward_fn, "a cat", n, seed, GRADIENT_RES, GRADIENT_STEPS,
+                                              1.0)
+    _, ref = run(GRADIENT_REF, 0)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, 0).item()
+    print(f"tiny model, {GRADIENT_RES} px, {GRADIENT_STEPS} DDIM steps at eta 1, no CFG, compress reward; the "
+          f"gradient: pathwise from {GRADIENT_REF} samples")
+    print("| samples | seed | RL (score function): cosine with the gradient | norm / gradient's | reward backprop "
+          "(pathwise): cosine | norm / gradient's |")
+    print("|---|---|---|---|---|---|")
+    for n in (16, 64, 256, 1024):
+        for seed in (1, 2):
+            score, path = run(n, seed)
+            print(f"| {n} | {seed} | {cos(score, ref):+.2f} | {score.norm() / ref.norm():.1f} | {cos(path, ref):+.2f} "
+                  f"| {path.norm() / ref.norm():.2f} |", flush=True)
+
+
+# -----------------------------------------------------------------------------
 # the report
 
 
@@ -277,10 +345,15 @@ if __name__ == "__main__":
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the compared runs")
     p.add_argument("--sweep", action="store_true", help="run the tuning sweeps (seed 0) instead of the comparison")
     p.add_argument("--report", action="store_true", help="only write the plots and print the tables")
+    p.add_argument("--gradients", action="store_true", help="only compare the two methods' gradient estimates with "
+                   "the gradient itself, on the tiny model (~5 min)")
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     tasks = [args.task] if args.task else list(TASKS)
     methods = [args.method] if args.method else ["backprop", "rl"]
+    if args.gradients:
+        gradients()
+        sys.exit()
     if not args.report:
         for task in tasks:
             base_row(task)
