@@ -52,7 +52,7 @@ p.add_argument("--keep-activations", type=int, default=0, help="last n grad step
                "memory); 0 = checkpoint every step")
 p.add_argument("--reward", default="smooth", help="smooth (a free proxy) or a reward name from rewards.py")
 p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
-p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
+p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode (and per --steps-sweep point) first")
 p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
 p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
 p.add_argument("--tensor-memory", action=argparse.BooleanOptionalAction, default=True, help="on a CPU, also count "
@@ -233,7 +233,8 @@ results = dict(config=dict(vars(args), device=device, resolution=resolution, mod
 
 if args.sweep_point:
     steps, keep = (int(v) for v in args.sweep_point.split(","))
-    run("all", steps, keep)  # warm-up: allocator caches, lazy initialisations, optimiser state
+    for _ in range(args.warmup):  # allocator caches, lazy initialisations, optimiser state
+        run("all", steps, keep)
     s = seconds(lambda: run("all", steps, keep), 1, 0)
     peak, step_peak = memory(lambda: run("all", steps, keep))
     print(json.dumps(dict(ddim_steps=steps, checkpointed=keep == 0, seconds=s, peak_mb=peak, step_mb=step_peak)))
@@ -245,7 +246,8 @@ if args.steps_sweep:
           f"{'step growth MB':>15}")
     child = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--resolution", str(resolution),
              "--batch-size", str(args.batch_size), "--guidance", str(args.guidance), "--dtype", args.dtype,
-             "--threads", str(args.threads), "--reward", args.reward, *(["--arch", args.arch] if args.arch else []),
+             "--threads", str(args.threads), "--reward", args.reward, "--warmup", str(args.warmup),
+             *(["--arch", args.arch] if args.arch else []),
              *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else [])]
     for ckpt in (True, False):
         first = None

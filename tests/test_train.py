@@ -136,10 +136,10 @@ def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
 
 def test_resume_refuses_to_overwrite_or_resume_nothing(trained, tmp_path):
     out, _ = trained
-    proc = run("train.py", "--out", out, check=False)
-    assert proc.returncode == 2 and "--resume" in proc.stderr
-    proc = run("train.py", "--resume", tmp_path, check=False)
-    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+    status, stderr = refused("train.py", "--out", out)
+    assert status == 2 and "--resume" in stderr
+    status, stderr = refused("train.py", "--resume", tmp_path)
+    assert status == 2 and "no checkpoint" in stderr
 
 
 @pytest.fixture
