@@ -1,7 +1,7 @@
 """Reward backprop (train.py, AlignProp) against reinforcement learning (ddpo.py, DDPO) at equal reward queries, on
 the shapes model: the claim this method exists for, measured.
 
-    python rl_vs_backprop.py --task compress --seeds 0    # one seed of one comparison (~10 min on 2 cores)
+    python rl_vs_backprop.py --task compress --seeds 0 --budget 256   # one seed of one comparison (~10 min, 2 cores)
     python rl_vs_backprop.py                              # both tasks x both methods x 3 seeds, then the report
     python rl_vs_backprop.py --sweep --task compress      # the tuning sweep (seed 0) behind the settings in RUNS
     python rl_vs_backprop.py --report                     # plots in docs/ and the table, from what is measured
@@ -343,10 +343,12 @@ if __name__ == "__main__":
     p.add_argument("--method", choices=["backprop", "rl"], default=None, help="one method (default: both); two "
                    "processes, one per method, each with OMP_NUM_THREADS=1, use 2 cores better than one with 2 threads")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the compared runs")
+    p.add_argument("--budget", type=int, default=BUDGET, help=f"reward queries per compared run (default {BUDGET}; "
+                   "256 makes one seed of one task ~10 min)")
     p.add_argument("--sweep", action="store_true", help="run the tuning sweeps (seed 0) instead of the comparison")
     p.add_argument("--report", action="store_true", help="only write the plots and print the tables")
     p.add_argument("--gradients", action="store_true", help="only compare the two methods' gradient estimates with "
-                   "the gradient itself, on the tiny model (~5 min)")
+                   "the gradient itself, on the tiny model (~8 min on one thread)")
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     tasks = [args.task] if args.task else list(TASKS)
@@ -364,5 +366,6 @@ if __name__ == "__main__":
             else:
                 for seed in (int(s) for s in args.seeds.split(",")):
                     for method in methods:
-                        run_stages(task, method, "main", RUNS[(task, method)], seed, STAGES)
+                        run_stages(task, method, "main", RUNS[(task, method)], seed,
+                                   [q for q in STAGES if q <= args.budget])
     report()
