@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -156,14 +157,18 @@ def run_stages(task, method, setting, flags, seed, stages):
                    str(steps), "--save-every", str(max(1, 32 // per_step)), *COMMON, *flags]  # a kill loses <= 32
         print(f"[{task} {method} {setting} seed {seed}] to {queries} queries: python {' '.join(cmd)}", flush=True)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # glibc returns freed blocks: peak RSS means memory
+        t0 = time.time()
         proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"failed: {proc.stderr.strip()[-2000:]}")
         with open(os.path.join(out, "metrics.jsonl")) as f:
             m = [json.loads(line) for line in f]
+        t1 = time.time()
+        scores = judge(os.path.join(out, "lora.safetensors"))
         row = dict(task=task, method=method, setting=setting, seed=seed, queries=queries,
                    minutes=sum(x["seconds"] for x in m) / 60, peak_mem_mb=max(x["peak_mem_mb"] for x in m),
-                   train_reward=m[-1]["reward_mean"], **judge(os.path.join(out, "lora.safetensors")))
+                   train_reward=m[-1]["reward_mean"], **scores,
+                   wall_minutes=dict(run=(t1 - t0) / 60, judge=(time.time() - t1) / 60))  # the study's own cost
         record(row)
         print(f"    {TASKS[task][0]} {row[TASKS[task][0]]:.4f} after {row['minutes']:.1f} min", flush=True)
 
