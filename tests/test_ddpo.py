@@ -69,6 +69,42 @@ def test_ppo_loss_clips_the_ratio_in_the_direction_of_the_advantage():
     assert logp.grad.tolist() == pytest.approx([0.0, 1.5 / 2])
 
 
+def test_the_rl_gradient_measured_in_the_readme_is_ddpo_s_update(tiny):
+    """rl_vs_backprop.gradient_estimates' score-function estimate (the README's 'RL' column) is the gradient ddpo.py
+    follows: minus the PPO surrogate's gradient at ratio 1, summed over the steps, times the latent's size (DDPO
+    averages the log-density over it), on the same trajectories and advantages r - mean r."""
+    import rl_vs_backprop
+    from lora import inject_lora
+    from rewards import load_reward
+    from sampler import (ddim_logprob, ddim_rollout, ddim_transition, decode, encode_prompts, guidance_context,
+                         guided_output, latent_shape)
+    params = inject_lora(tiny.unet, rank=4)
+    with torch.no_grad():  # away from up = 0, so that every LoRA weight has a gradient
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    reward_fn = load_reward("compress", "cpu", torch.float32)
+    n, seed, steps = 4, 1, 2
+    score, path = rl_vs_backprop.gradient_estimates(tiny, params, reward_fn, "a cat", n, seed, 32, steps, 1.0)
+    # the same n trajectories (one chunk), scored, then DDPO's loss step by step
+    x_T = torch.randn(n, *latent_shape(tiny, 32), generator=torch.Generator().manual_seed(seed))
+    cond, uncond = encode_prompts(tiny, ["a cat"] * n), encode_prompts(tiny, [""] * n)
+    xs, logps_old, ts = ddim_rollout(tiny, cond, uncond, x_T, steps, 1.0, 1.0,
+                                     torch.Generator().manual_seed(hash((seed, 0)) % 2**63))
+    with torch.no_grad():
+        r = reward_fn(decode(tiny, xs[-1]), ["a cat"] * n)
+    context = guidance_context(cond, uncond, 1.0, torch.float32)
+    ddpo = [torch.zeros_like(p) for p in params]
+    for j, t in enumerate(ts):
+        mean, sigma = ddim_transition(tiny, guided_output(tiny, xs[j], t, context, 1.0), xs[j], t, steps, 1.0)
+        loss, ratio = ppo_loss(ddim_logprob(xs[j + 1], mean, sigma), logps_old[j], r - r.mean(), 0.2)
+        assert (ratio - 1).abs().max() < 1e-5
+        for acc, g in zip(ddpo, torch.autograd.grad(loss, params)):
+            acc += g
+    want = -x_T[0].numel() * torch.cat([g.flatten() for g in ddpo])
+    torch.testing.assert_close(score, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert path.norm() > 0 and torch.nn.functional.cosine_similarity(score, path, 0) < 0.99  # two estimates
+
+
 def run(*args, check=True):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "ddpo.py"), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
