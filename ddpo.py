@@ -137,7 +137,7 @@ check_numbers(args, at_least_1=("steps", "samples_per_step", "batch_size", "grad
                                 "group_size", "stat_buffer", "lora_rank", "ddim_steps", "eval_n"),
               at_least_0=("max_grad_norm", "resolution", "save_every", "eval_every"),
               above_0=("lr", "clip_range", "adv_clip_max", "eta", "timestep_fraction"), finite=("guidance",))
-if not args.timestep_fraction <= 1:
+if args.timestep_fraction > 1:
     die("--timestep-fraction must be in (0, 1]")
 micro = args.batch_size * world  # images per micro-batch over all processes
 if args.samples_per_step % (micro * args.grad_accum) or args.samples_per_step % args.group_size:
@@ -195,8 +195,9 @@ def evaluate(step):  # as train.py's: the same held-out prompts, seeds and eta n
                 device), args.ddim_steps, args.guidance, args.eta, generator=generator)
             images.append(decode(sd, latents))
     images = torch.cat(images)
-    image_grid(images, nrow=min(args.eval_n, 8), labels=eval_prompts, title=f"ddpo.py {args.out}, step {step}: held-out "
-               "prompts, fixed seeds").save(os.path.join(args.out, "samples", f"step_{step:06d}.png"))
+    title = f"ddpo.py {args.out}, step {step}: held-out prompts, fixed seeds"
+    grid = image_grid(images, nrow=min(args.eval_n, 8), labels=eval_prompts, title=title)
+    grid.save(os.path.join(args.out, "samples", f"step_{step:06d}.png"))
     return reward_fn(images.float(), eval_prompts).mean().item()
 
 

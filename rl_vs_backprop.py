@@ -38,8 +38,8 @@ DDIM_STEPS = 10  # in training and judging alike: half the README's 20, so that 
 JUDGE_N, JUDGE_GUIDANCE, JUDGE_SEED = 128, 7.5, 0
 BUDGET = 1024  # reward queries per compared run: 32 rounds of RL's 32 images, 4x the sweeps', to see where RL goes
 STAGES = (8, 16, 32, 64, 128, 192, 256, 512, BUDGET)  # where each run is judged (those its images per step divide)
-GRADIENT_RES, GRADIENT_STEPS, GRADIENT_REF = 32, 4, 2048  # --gradients: tiny model, small and short enough for 2048
 SWEEP_BUDGET = 256  # reward queries per sweep run: 8 rounds of 32, as TRL's DDPOTrainer was measured (README)
+GRADIENT_RES, GRADIENT_STEPS, GRADIENT_REF = 32, 4, 2048  # --gradients: tiny model, small and short enough for 2048
 
 TASKS = {  # task -> (metric judged, higher is better?, {method: training reward})
     "compress": ("jpeg_kb", False, {"backprop": "compress", "rl": "jpeg"}),
@@ -188,11 +188,14 @@ def gradient_estimates(sd, params, reward_fn, prompt, n, seed, resolution, steps
                          guidance_context, guided_output, latent_shape)
     cond, uncond = encode_prompts(sd, [prompt]), encode_prompts(sd, [""])
     x_T = torch.randn(n, *latent_shape(sd, resolution), generator=torch.Generator().manual_seed(seed))
-    trajectories = []  # (xs (T + 1, b, ...), timesteps, rewards (b,)) per chunk, the chunk's noise from its own seed
+
+    def eta_noise(i):  # the chunk starting at row i draws its eta noise from its own seed: twice the same noise
+        return torch.Generator().manual_seed(hash((seed, i)) % 2**63)
+    trajectories = []  # (xs (T + 1, b, ...), timesteps, rewards (b,)) per chunk
     for i in range(0, n, chunk):
         b = len(x_T[i:i + chunk])
         xs, _, ts = ddim_rollout(sd, cond.expand(b, -1, -1), uncond.expand(b, -1, -1), x_T[i:i + chunk], steps,
-                                 guidance, 1.0, torch.Generator().manual_seed(hash((seed, i)) % 2**63))
+                                 guidance, 1.0, eta_noise(i))
         with torch.no_grad():
             trajectories.append((xs, ts, reward_fn(decode(sd, xs[-1]), [prompt] * b)))
     mean_reward = torch.cat([r for _, _, r in trajectories]).mean()
@@ -207,7 +210,7 @@ def gradient_estimates(sd, params, reward_fn, prompt, n, seed, resolution, steps
         for acc, g in zip(score, torch.autograd.grad(((r - mean_reward) * logp).sum() / n, params)):
             acc += g
         latents = ddim_sample(sd, cond.expand(b, -1, -1), uncond.expand(b, -1, -1), x_T[i:i + chunk], steps,
-                              guidance, 1.0, generator=torch.Generator().manual_seed(hash((seed, i)) % 2**63))
+                              guidance, 1.0, generator=eta_noise(i))
         for acc, g in zip(path, torch.autograd.grad(reward_fn(decode(sd, latents), [prompt] * b).sum() / n, params)):
             acc += g
     return torch.cat([g.flatten() for g in score]), torch.cat([g.flatten() for g in path])
@@ -328,7 +331,8 @@ def report():
             peak = max(r["peak_mem_mb"] for r in rows if (r["task"], r["method"], r["setting"]) ==
                        (task, method, "main"))
             each = " / ".join(f"{r[metric]:.3f}" for r in sorted(last, key=lambda r: r["seed"]))
-            print(f"| {method} | {main[method][-1][0]} | {main[method][-1][2]:.4f} ({each}) | {colour:.3f} | {shape:.3f} | "
+            print(f"| {method} | {main[method][-1][0]} | {main[method][-1][2]:.4f} ({each}) | {colour:.3f} | "
+                  f"{shape:.3f} | "
                   f"{f'{reach[0]:.0f}' if reach else 'not reached'} | {f'{reach[1]:.1f}' if reach else '-'} | "
                   f"{peak:.0f} |")
     for task, (metric, _, _) in TASKS.items():

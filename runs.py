@@ -4,8 +4,8 @@ script keeps only its own loop: the run directory, checkpoints and --resume, sig
     args = resume_args(parser, args)            # --resume DIR: its config.json's flags become the defaults
     device_type, device = machine_defaults(args)   # fills --model, --prompts, --eval-prompts, --dtype
     prompts, eval_prompts = run_prompts(args)   # read and checked; bad input ends in one line, exit 2 (die)
+    check_numbers(args, at_least_1=("steps",), above_0=("lr",))   # a flag out of range or NaN: one line, exit 2
     sd, shape, reward_fn = load_model_and_reward(args, device)
-    check_numbers(args, at_least_1=("steps",), above_0=("lr",))   # a flag out of range: one line, exit 2
     refuse_overwrite(out, args.resume); write_config(out, config)
     save_checkpoint(out, unet, params, opt, scaler, rng, step=...)   # checkpoint.pt + lora.safetensors, atomically
     state = load_checkpoint(out, unet, opt, scaler, rng, lr)   # all restored; metrics.jsonl cut to state["step"]

@@ -80,7 +80,7 @@ def all_captions():
 
 def unknown_words(prompts):
     """The words of `prompts` that no caption uses, in order of first appearance. The shapes model's text encoder has
-    never seen them (its tokenizer spells them letter by letter), so it draws such a prompt as if they were not there."""
+    never seen them (its tokenizer spells them letter by letter): it draws such a prompt as if they were not there."""
     known = {word for text in all_captions() for word in text.split()}
     return list(dict.fromkeys(word for text in prompts for word in text.lower().split() if word not in known))
 

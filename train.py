@@ -142,8 +142,9 @@ def evaluate(step):  # the same held-out prompts and seeds every time, so grids 
     generator = torch.Generator().manual_seed(args.seed + 2)  # eta noise, also fixed
     images = torch.cat([sample(eval_cond[i:i + args.batch_size], eval_noise[i:i + args.batch_size], generator, "all")
                         for i in range(0, args.eval_n, args.batch_size)])
-    image_grid(images, nrow=min(args.eval_n, 8), labels=eval_prompts, title=f"train.py {args.out}, step {step}: held-out "
-               "prompts, fixed seeds").save(os.path.join(args.out, "samples", f"step_{step:06d}.png"))
+    title = f"train.py {args.out}, step {step}: held-out prompts, fixed seeds"
+    grid = image_grid(images, nrow=min(args.eval_n, 8), labels=eval_prompts, title=title)
+    grid.save(os.path.join(args.out, "samples", f"step_{step:06d}.png"))
     return reward_fn(images.float(), eval_prompts).mean().item()
 
 
