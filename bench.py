@@ -7,7 +7,7 @@
 
 All modes run in this one process on the same batch, steps and guidance: `sample` is DDIM + decode under no_grad;
 the others are one optimisation step (DDIM with grad, decode, reward, backward, AdamW on LoRA rank 4) with backprop
-through all steps, the last 1 (DRaFT-1), a random K in 1..T (AlignProp) or DRaFT-LV. Each is timed as the median of
+through all steps, the last 1 (DRaFT-1), a random K in 1..T (AlignProp), DRaFT-LV or DRTune. Each is timed as the median of
 --repeats runs after --warmup; peak memory is torch.cuda.max_memory_allocated on a GPU, and on a CPU the peak resident
 set size sampled every millisecond, with MALLOC_MMAP_THRESHOLD_=65536 (set here) so that RSS follows live memory.
 The default reward is a smoothness proxy (minus the mean |difference| of horizontally adjacent pixels, as in the peer
@@ -46,8 +46,8 @@ p.add_argument("--batch-size", type=int, default=1, help="images per step")
 p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps T")
 p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (one batched UNet call for both halves)")
 p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
-p.add_argument("--modes", default="sample,all,1,rand,lv:2", help="comma list: sample, all, K, rand (K ~ U{1..T}), "
-               "lv:N")
+p.add_argument("--modes", default="sample,all,1,rand,lv:2,drtune:2", help="comma list: sample, all, K, rand "
+               "(K ~ U{1..T}), lv:N, drtune:N")
 p.add_argument("--keep-activations", type=int, default=0, help="last n grad steps not checkpointed (faster, more "
                "memory); 0 = checkpoint every step")
 p.add_argument("--reward", default="smooth", help="smooth (a free proxy) or a reward name from rewards.py")
@@ -277,7 +277,8 @@ else:
         peak, step_peak = memory(lambda: run(mode, T, args.keep_activations))
         base = base or s
         what = {"sample": "none (no_grad)", "all": f"all {T}", "rand": f"K ~ U{{1..{T}}}"}.get(
-            mode, f"DRaFT-LV, N={mode[3:]}" if mode.startswith("lv:") else f"last {mode}")
+            mode, f"DRaFT-LV, N={mode[3:]}" if mode.startswith("lv:") else f"DRTune, N={mode[7:]}"
+            if mode.startswith("drtune:") else f"last {mode}")
         results["rows"].append(dict(mode=mode, backprop=what, seconds=s, ratio=s / base, peak_mb=peak,
                                     step_mb=step_peak))
         print(f"{mode:>8} {what:>14} {s:>8.3f} {s / base:>9.2f} {peak:>13.1f} {step_peak:>9.1f}")

@@ -35,11 +35,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from lora import inject_lora
+from lora import TARGET_SETS
 from rewards import REWARDS
-from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, die, gather, info,
-                  load_checkpoint, load_model_and_reward, log_metrics, machine_defaults, plot_rewards, read_metrics,
-                  refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes, write_config)
+from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, die, gather, info, inject_adapters,
+                  load_checkpoint, load_model_and_reward, log_metrics, lora_targets, machine_defaults, plot_rewards,
+                  read_metrics, refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes,
+                  write_config)
 from sampler import (DEFAULT_MODEL, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode, encode_prompts,
                      guidance_context, guided_output, image_grid, native_resolution)
 
@@ -110,6 +111,8 @@ p.add_argument("--group-size", type=int, default=1, help="images per prompt in a
 p.add_argument("--stat-buffer", type=int, default=16, help="running advantages: rewards kept per prompt, and "
                "needed before its own statistics are used (DDPO: 16)")
 p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (alpha = rank; DDPO: 4)")
+p.add_argument("--lora-targets", default="attn", help=f"layers that get adapters: {', '.join(TARGET_SETS)} "
+               "(the attention projections, DDPO's; the ResNet blocks' convolutions) or module names, joined with '+'")
 p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps per sample (DDPO: 50)")
 p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale in sampling and "
                "training, as train.py's; <= 1 disables CFG (DDPO: 5)")
@@ -145,6 +148,7 @@ if args.samples_per_step % (micro * args.grad_accum) or args.samples_per_step % 
         f"({micro * args.grad_accum}) and of --group-size ({args.group_size})")
 if args.advantage == "group" and args.group_size < 2:
     die("--advantage group needs --group-size >= 2: the advantage compares images of the same prompt")
+targets = lora_targets(args.lora_targets)
 refuse_overwrite(args.out, args.resume)
 
 # -----------------------------------------------------------------------------
@@ -154,7 +158,7 @@ sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run
 dtype = DTYPES[args.dtype]
 resolution = args.resolution or native_resolution(sd)
 torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
-params = inject_lora(sd.unet, rank=args.lora_rank, dtype=torch.float32)
+params = inject_adapters(sd.unet, args.lora_rank, targets)  # the only trainable weights, kept in fp32
 opt = torch.optim.AdamW(params, lr=args.lr)
 autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)

@@ -1,13 +1,18 @@
-"""LoRA, written out: low-rank adapters injected into the nn.Linear layers of any module (here, SD's UNet).
+"""LoRA, written out: low-rank adapters injected into the nn.Linear (and nn.Conv2d) layers of any module (here, SD's
+UNet).
 
     params = inject_lora(unet, rank=4)          # a list of trainable nn.Parameters; the unet's outputs are unchanged
+    inject_lora(unet, 4, targets=parse_targets("attn+conv"))   # also the ResNet blocks' convolutions
     torch.optim.AdamW(params, lr=1e-3)          # ...train...
     save_lora(unet, "lora.safetensors")         # only the LoRA tensors, in the format diffusers' load_lora_weights reads
     load_lora(unet2, "lora.safetensors")        # injects (if needed) and restores them, checking rank/targets/shapes
     merge_lora(unet)                            # W <- W + scale * up @ down; plain nn.Linear layers again
 
 A wrapped layer computes  y = W x + b + scale * up(down(x)),  with down (rank x in) random, up (out x rank) zero at
-injection, and scale = alpha / rank (Hu et al. 2021, arXiv:2106.09685, Eq. 3 and Sec. 4.1).
+injection, and scale = alpha / rank (Hu et al. 2021, arXiv:2106.09685, Eq. 3 and Sec. 4.1). A wrapped convolution
+is the same in convolutions: down is the layer's own kernel, stride and padding into `rank` channels, up a 1x1
+convolution back to the layer's output channels (as PEFT and diffusers store it), so scale * up @ down is a kernel of
+the layer's shape and merges into it.
 
 File format: safetensors keyed by module path, "unet.<path>.lora_A.weight" (down) and "unet.<path>.lora_B.weight"
 (up * scale), which a stock diffusers pipeline loads with `pipe.load_lora_weights(path)`. The scale is folded into
@@ -23,6 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections of SD's transformer blocks
+TARGET_SETS = {  # the names --lora-targets takes (joined with "+"), besides module names themselves
+    "attn": DEFAULT_TARGETS,
+    "conv": ("conv1", "conv2"),  # the two 3x3 convolutions of every ResNet block: the layers at every resolution
+}
 
 
 class LoRALinear(nn.Module):
@@ -38,14 +47,53 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         return self.base(x) + F.linear(F.linear(x, self.down), self.up) * self.scale
 
+    def delta(self):  # what merging adds to the base weight: scale * up @ down, (out, in)
+        return (self.up.float() @ self.down.float()) * self.scale
+
+
+class LoRAConv2d(nn.Module):
+    """y = conv(x) + scale * up(down(x)): down (rank, in, kh, kw) with the layer's stride, padding and dilation, up
+    (out, rank, 1, 1) zero at injection."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dtype=None):
+        super().__init__()
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise ValueError("LoRA on convolutions needs groups=1 and zero padding (as in every SD UNet convolution)")
+        self.base = base.requires_grad_(False)
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        kw = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)
+        self.down = nn.Parameter(torch.empty(rank, base.in_channels, *base.kernel_size, **kw))
+        self.up = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, **kw))  # zero: injection changes nothing
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))  # nn.Conv2d's own init
+
+    def forward(self, x):
+        b = self.base
+        return b(x) + F.conv2d(F.conv2d(x, self.down, None, b.stride, b.padding, b.dilation), self.up) * self.scale
+
+    def delta(self):  # (out, rank) @ (rank, in * kh * kw), back to the kernel's shape (out, in, kh, kw)
+        return (self.up.float().flatten(1) @ self.down.float().flatten(1)).view(self.base.weight.shape) * self.scale
+
+
+LORA_TYPES = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}  # which layers can be wrapped, and how
+
+
+def parse_targets(text):
+    """The command-line form of `targets`: names from TARGET_SETS and/or module names joined with "+" (e.g. "attn",
+    "attn+conv", "attn+proj_out") -> a tuple of module-name suffixes."""
+    names = text.split("+")
+    if not all(names):
+        raise ValueError(f"{text!r}: expected names joined with '+', e.g. attn or attn+conv")
+    return tuple(dict.fromkeys(t for n in names for t in TARGET_SETS.get(n, (n,))))
+
 
 def lora_layers(module):
-    """{module path: LoRALinear} for every injected layer, in module order."""
-    return {name: m for name, m in module.named_modules() if isinstance(m, LoRALinear)}
+    """{module path: LoRALinear or LoRAConv2d} for every injected layer, in module order."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, (LoRALinear, LoRAConv2d))}
 
 
 def inject_lora(module, rank=4, alpha=None, targets=DEFAULT_TARGETS, dtype=None):
-    """Wrap every nn.Linear whose path ends with one of `targets` in a LoRALinear; freeze everything else.
+    """Wrap every nn.Linear / nn.Conv2d whose path ends with one of `targets` (a name or a dotted path suffix) in a
+    LoRALinear / LoRAConv2d; freeze everything else. A target that matches no such layer is an error.
 
     alpha defaults to rank (scale 1). dtype is the LoRA weights' dtype (default: the base weight's); keep them in fp32
     when the frozen model is bf16/fp16 and training runs under autocast. Returns the trainable parameters as a list."""
@@ -53,14 +101,19 @@ def inject_lora(module, rank=4, alpha=None, targets=DEFAULT_TARGETS, dtype=None)
         raise ValueError("this module already has LoRA layers; inject once (or merge_lora first)")
     alpha = float(rank if alpha is None else alpha)
     module.requires_grad_(False)
-    matches = [name for name, m in module.named_modules()
-               if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
-    if not matches:
-        raise ValueError(f"no nn.Linear in this module matches the targets {tuple(targets)}")
-    for name in matches:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dtype))
+    def matches(name, t):
+        return name == t or name.endswith("." + t)
+
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, tuple(LORA_TYPES))}
+    unmatched = [t for t in targets if not any(matches(name, t) for name in layers)]
+    if unmatched:
+        raise ValueError(f"no nn.Linear or nn.Conv2d in this module is named {', '.join(map(repr, unmatched))} "
+                         f"(targets {tuple(targets)})")
+    for name, m in layers.items():
+        if any(matches(name, t) for t in targets):
+            parent_name, _, child = name.rpartition(".")
+            wrap = next(cls for kind, cls in LORA_TYPES.items() if isinstance(m, kind))
+            setattr(module.get_submodule(parent_name), child, wrap(m, rank, alpha, dtype))
     module._lora_config = dict(rank=rank, alpha=alpha, targets=list(targets))  # read by save_lora / load_lora
     return [p for m in lora_layers(module).values() for p in (m.down, m.up)]
 
@@ -69,9 +122,8 @@ def merge_lora(module):
     """Fold each adapter into its base weight (W += scale * up @ down, computed in fp32) and unwrap the layer, leaving
     a plain module that `save_pretrained` and any other code can use. Returns the module."""
     for name, m in lora_layers(module).items():
-        delta = (m.up.float() @ m.down.float()) * m.scale
         with torch.no_grad():
-            m.base.weight += delta.to(m.base.weight.dtype)
+            m.base.weight += m.delta().to(m.base.weight.dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child, m.base)
     module.__dict__.pop("_lora_config", None)

@@ -5,7 +5,9 @@ script keeps only its own loop: the run directory, checkpoints and --resume, sig
     device_type, device = machine_defaults(args)   # fills --model, --prompts, --eval-prompts, --dtype
     prompts, eval_prompts = run_prompts(args)   # read and checked; bad input ends in one line, exit 2 (die)
     check_numbers(args, at_least_1=("steps",), above_0=("lr",))   # a flag out of range or NaN: one line, exit 2
+    targets = lora_targets(args.lora_targets)   # "attn+conv" -> layer names; a bad name: one line, exit 2
     sd, shape, reward_fn = load_model_and_reward(args, device)
+    params = inject_adapters(sd.unet, args.lora_rank, targets)   # LoRA in fp32; no such layer: one line, exit 2
     refuse_overwrite(out, args.resume); write_config(out, config)
     save_checkpoint(out, unet, params, opt, scaler, rng, step=...)   # checkpoint.pt + lora.safetensors, atomically
     state = load_checkpoint(out, unet, opt, scaler, rng, lr)   # all restored; metrics.jsonl cut to state["step"]
@@ -28,7 +30,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from lora import save_lora
+from lora import inject_lora, parse_targets, save_lora
 from rewards import RewardLoadError, check_prompts, load_reward, parse_reward_spec
 from sampler import (DEFAULT_MODEL, SHAPES_DIR, ModelLoadError, latent_shape, load_sd, native_resolution,
                      vae_scale_factor)
@@ -204,6 +206,23 @@ def load_model_and_reward(args, device):
     except RewardLoadError as e:
         die(str(e))
     return sd, latent_shape(sd, args.resolution or native_resolution(sd)), reward_fn
+
+
+def lora_targets(text):
+    """--lora-targets -> the layer names inject_lora takes (lora.parse_targets); bad syntax: one line, exit 2."""
+    try:
+        return parse_targets(text)
+    except ValueError as e:
+        die(f"--lora-targets {e}")
+
+
+def inject_adapters(unet, rank, targets):
+    """inject_lora with the LoRA weights in fp32 (whatever the frozen model's dtype); a target that names no layer of
+    this model: one line, exit 2. Returns the trainable parameters."""
+    try:
+        return inject_lora(unet, rank=rank, targets=targets, dtype=torch.float32)
+    except ValueError as e:
+        die(f"--lora-targets {e}")
 
 
 def read_prompts(flag, path):

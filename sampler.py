@@ -13,8 +13,8 @@ no graph. Under `torch.no_grad()` it is a plain DDIM sampler that matches diffus
 
 References: DDIM, Song et al. 2021 (arXiv:2010.02502), Eq. 12 and 16; classifier-free guidance, Ho & Salimans 2022;
 v-prediction, Salimans & Ho 2022 (arXiv:2202.00512); AlignProp, Prabhudesai et al. 2023 (arXiv:2310.03739);
-DRaFT-K and DRaFT-LV, Clark et al. 2023 (arXiv:2309.17400); gradient checkpointing, Chen et al. 2016
-(arXiv:1604.06174).
+DRaFT-K and DRaFT-LV, Clark et al. 2023 (arXiv:2309.17400); DRTune, Wu et al. 2024 (arXiv:2405.00760); gradient
+checkpointing, Chen et al. 2016 (arXiv:1604.06174).
 """
 import contextlib
 import functools
@@ -294,30 +294,39 @@ def _wrap(text, font, width):
 
 def parse_backprop(text, steps):
     """The command-line form, checked against the number of steps: "all", "K" -> K, "lo,hi" -> (lo, hi),
-    "lv:N" -> ("lv", N)."""
+    "lv:N" -> ("lv", N), "drtune:N" -> ("drtune", N)."""
     if text == "all":
         return "all"
     try:
-        if text.startswith("lv:"):
-            backprop = ("lv", int(text[3:]))
+        if text.startswith(("lv:", "drtune:")):
+            name, _, n = text.partition(":")
+            backprop = (name, int(n))
         else:
             parts = [int(v) for v in text.split(",")]
             backprop = parts[0] if len(parts) == 1 else tuple(parts)
     except ValueError:
-        raise ValueError(f"{text!r}: expected all, K, lo,hi or lv:N") from None
-    backprop_window(backprop, steps, check_only=True)
+        raise ValueError(f"{text!r}: expected all, K, lo,hi, lv:N or drtune:N") from None
+    try:
+        backprop_window(backprop, steps, check_only=True)
+    except ValueError as e:  # the message as the user wrote the value
+        raise ValueError(f"{text!r}: {str(e).split(': ', 1)[1]}") from None
     return backprop
 
 
 def backprop_window(backprop, steps, generator=None, check_only=False):
     """How many final steps of the chain get gradients: "all" -> steps, an int K -> K, (lo, hi) -> K ~ U{lo..hi}
-    drawn once, ("lv", N) -> 0 (DRaFT-LV takes its gradient from N re-noised copies of the last step instead)."""
+    drawn once, ("lv", N) -> 0 (DRaFT-LV takes its gradient from N re-noised copies of the last step instead),
+    ("drtune", N) -> steps (every step passes the gradient on; drtune_steps says which N train the UNet)."""
     if backprop == "all":
         return steps
     if isinstance(backprop, (tuple, list)) and len(backprop) == 2 and backprop[0] == "lv":
         if not (isinstance(backprop[1], int) and backprop[1] >= 1):
             raise ValueError(f"{backprop!r}: DRaFT-LV needs N >= 1 noise draws")
         return 0
+    if isinstance(backprop, (tuple, list)) and len(backprop) == 2 and backprop[0] == "drtune":
+        if not (isinstance(backprop[1], int) and 1 <= backprop[1] <= steps):
+            raise ValueError(f"{backprop!r}: DRTune trains N steps, 1 <= N <= the number of DDIM steps ({steps})")
+        return steps
     window = (backprop, backprop) if isinstance(backprop, int) else backprop
     if not (isinstance(window, (tuple, list)) and len(window) == 2 and 1 <= window[0] <= window[1] <= steps):
         raise ValueError(f"{backprop!r}: K must satisfy 1 <= K <= the number of DDIM steps ({steps})")
@@ -326,6 +335,16 @@ def backprop_window(backprop, steps, generator=None, check_only=False):
         return lo
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
+
+
+def drtune_steps(n, steps, generator=None):
+    """DRTune's trained steps: n evenly spaced indices into the chain (0 = the first, noisiest step), every
+    steps // n-th from an offset drawn once per call in [0, steps // n), so that over many trajectories every step,
+    the earliest included, gets trained."""
+    stride = steps // n
+    device = generator.device if generator is not None else "cpu"
+    offset = int(torch.randint(stride, (1,), generator=generator, device=device))
+    return [offset + j * stride for j in range(n)]
 
 
 def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, backprop="all", generator=None,
@@ -341,6 +360,11 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     backprop: see backprop_window. With ("lv", N) the result has N * B rows (draw-major): the finished sample,
     re-noised N times to the last timestep and denoised once more with gradients (DRaFT-LV, Clark et al. 2023);
     score all of them and average, and the gradient is the mean over the N draws.
+    With ("drtune", N) (DRTune, Wu et al. 2024) every step is x_prev = c_x * x_t + c_eps * eps(sg(x_t)) + sigma * z
+    (the update above, rearranged): the UNet sees its input detached (sg, "stop-gradient"), so the reward's gradient
+    reaches every step, the earliest included, through the linear term c_x = sqrt(a_prev / a_t) alone, never through
+    the UNet's Jacobian (which is what explodes over a long chain); and only the N steps of drtune_steps run the UNet
+    with gradients (checkpointed), the others under no_grad: N UNet backwards per sample whatever the chain's length.
     keep_activations: the last n steps with gradients keep their UNet activations instead of checkpointing
     (no recomputation in backward, but memory grows by one UNet forward's activations per step); 0 = flat memory.
     """
@@ -361,6 +385,22 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     context = guidance_context(cond, uncond, guidance, sd.unet.dtype)  # (2B, L, D): [uncond; cond]
     ts = sched.timesteps
     x = latents
+    if grad and isinstance(backprop, (tuple, list)) and backprop[0] == "drtune":
+        trained = drtune_steps(backprop[1], steps, generator)
+        kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
+        for i, t in enumerate(ts):
+            z = noise(x)
+            unet = functools.partial(guided_output, sd, t=t, context=context, guidance=guidance)
+            if i in kept:
+                out = unet(x.detach())
+            elif i in trained:
+                out = checkpoint([unet], x.detach(), trainable)  # sg(x_t): gradient to the LoRA weights only
+            else:
+                with torch.no_grad():
+                    out = unet(x)  # a constant: the chain's gradient passes this step by c_x alone
+            mean, sigma = ddim_transition(sd, out, x, t, steps, eta)  # linear in x and out: the graph keeps no tensor
+            x = mean + sigma * z if eta > 0 else mean
+        return x
     with torch.no_grad():  # the steps before the truncation window build no graph at all
         for t in ts[:steps - k]:
             x = step(x, t, noise(x), context)

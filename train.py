@@ -25,11 +25,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lora import inject_lora
+from lora import TARGET_SETS
 from rewards import REWARDS, without_gradient
-from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, die, gather, info,
-                  load_checkpoint, load_model_and_reward, log_metrics, machine_defaults, plot_rewards, read_metrics,
-                  refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes, write_config)
+from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, die, gather, info, inject_adapters,
+                  load_checkpoint, load_model_and_reward, log_metrics, lora_targets, machine_defaults, plot_rewards,
+                  read_metrics, refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes,
+                  write_config)
 from sampler import DEFAULT_MODEL, ddim_sample, decode, encode_prompts, image_grid, native_resolution, parse_backprop
 
 # -----------------------------------------------------------------------------
@@ -50,11 +51,14 @@ p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per opti
 p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-3, AlignProp's for SD; "
                "1e-2 for the tiny model)")
 p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (alpha = rank)")
+p.add_argument("--lora-targets", default="attn", help=f"layers that get adapters: {', '.join(TARGET_SETS)} "
+               "(the attention projections; the ResNet blocks' convolutions) or module names, joined with '+'")
 p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps per sample")
 p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables CFG")
 p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic DDIM, 1 = DDPM-like")
 p.add_argument("--backprop", default="all", help="gradient through: all steps | K (the last K) | lo,hi (K drawn "
-               "uniformly per trajectory) | lv:N (DRaFT-LV: the last step, N noise draws averaged)")
+               "uniformly per trajectory) | lv:N (DRaFT-LV: the last step, N noise draws averaged) | drtune:N "
+               "(DRTune: every step, the UNet's input detached, N evenly spaced steps train it)")
 p.add_argument("--keep-activations", type=int, default=0, help="the last N steps with gradients keep their UNet "
                "activations instead of recomputing them: faster, more memory; 0 = recompute all (flat memory)")
 p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
@@ -87,6 +91,7 @@ try:
     backprop = parse_backprop(args.backprop, args.ddim_steps)
 except ValueError as e:
     die(f"--backprop {e}")
+targets = lora_targets(args.lora_targets)
 check_numbers(args, at_least_1=("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n",
                                 "max_skips"),
               at_least_0=("keep_activations", "eta", "max_grad_norm", "resolution", "save_every", "eval_every"),
@@ -100,7 +105,7 @@ sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run
 dtype = DTYPES[args.dtype]
 resolution = args.resolution or native_resolution(sd)
 torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
-params = inject_lora(sd.unet, rank=args.lora_rank, dtype=torch.float32)  # the only trainable weights, kept in fp32
+params = inject_adapters(sd.unet, args.lora_rank, targets)  # the only trainable weights, kept in fp32
 opt = torch.optim.AdamW(params, lr=args.lr)
 autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # fp16 gradients underflow without it

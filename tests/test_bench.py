@@ -28,6 +28,6 @@ def test_memory_is_flat_in_the_number_of_steps(tmp_path):
 
 def test_bench_prints_every_mode(tmp_path):
     stdout, res = bench(tmp_path, "--repeats", "1", "--warmup", "0", "--ddim-steps", "4")
-    assert [row["mode"] for row in res["rows"]] == ["sample", "all", "1", "rand", "lv:2"]
+    assert [row["mode"] for row in res["rows"]] == ["sample", "all", "1", "rand", "lv:2", "drtune:2"]
     assert all(row["seconds"] > 0 and row["step_mb"] > 0 for row in res["rows"])
-    assert "x sample" in stdout and "DRaFT-LV, N=2" in stdout
+    assert "x sample" in stdout and "DRaFT-LV, N=2" in stdout and "DRTune, N=2" in stdout

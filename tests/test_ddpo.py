@@ -185,6 +185,7 @@ def test_two_processes_share_each_round_and_stay_in_sync(tmp_path):
     (["--samples-per-step", "6", "--grad-accum", "4"], "multiple of"),
     (["--advantage", "group"], "--group-size >= 2"),
     (["--steps", "0"], ">= 1"),
+    (["--lora-targets", "conv9"], "is named 'conv9'"),
     (["--resume", "{tmp}"], "no checkpoint.pt"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler
 
 from lora import inject_lora
 from rewards import compress
-from sampler import ddim_sample, decode, encode_prompts, latent_shape
+from sampler import ddim_sample, decode, drtune_steps, encode_prompts, latent_shape
 
 PROMPTS = ["a cat", "a dog"]
 STEPS = 6
@@ -98,3 +98,52 @@ def test_draft_lv_gradient_is_the_mean_of_single_draw_gradients(tiny, eta):
     for j, g in enumerate(g_lv):
         want = torch.stack([s[j] for s in singles]).mean(0)
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def drtune_reference(sd, cond, uncond, x, guidance, eta, trained, generator):
+    """DRTune by hand on diffusers' DDIMScheduler.step, plain autograd: the UNet's input detached at every step, its
+    call with gradients on the `trained` steps only and under no_grad on the others."""
+    sched = DDIMScheduler.from_config(sd.scheduler.config)
+    sched.set_timesteps(STEPS)
+    for i, t in enumerate(sched.timesteps):
+        with torch.set_grad_enabled(i in trained):
+            x_in = x.detach()  # sg(x_t)
+            eps_u, eps_c = sd.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=torch.cat([uncond, cond])
+                                   ).sample.chunk(2)
+        x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x, eta=eta, generator=generator).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("n,eta", [(1, 1.0), (2, 0.0), (STEPS, 1.0)])
+def test_drtune_gradients_match_the_reference_loop(tiny, n, eta):
+    params, x, cond, uncond = setup(tiny)
+    x = x.requires_grad_()  # DRTune's chain reaches the initial noise too: through the linear terms alone
+    ours = ddim_sample(tiny, cond, uncond, x, steps=STEPS, guidance=5.0, eta=eta, backprop=("drtune", n),
+                       generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    trained = drtune_steps(n, STEPS, generator)  # the same offset, drawn first, as ddim_sample draws it
+    ref = drtune_reference(tiny, cond, uncond, x, 5.0, eta, trained, generator)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    g_ours = grads([*params, x], -compress(decode(tiny, ours)).mean())
+    g_ref = grads([*params, x], -compress(tiny.vae.decode(ref / tiny.vae.config.scaling_factor).sample.div(2).add(0.5)
+                                          .clamp(0, 1)).mean())
+    assert all(g.abs().sum() > 0 for g in g_ours)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    # the stop-gradient is real: the noise's gradient is the product of the linear terms c_x = sqrt(a_prev / a_t)
+    # over the steps (d x_0 / d x_T = sqrt(a_final / a_T)) times the gradient at the end, not full backprop's
+    sched = tiny.scheduler
+    final = float(sched.alphas_cumprod[0])  # set_alpha_to_one=False: a_prev after the last step
+    end = ours.detach().requires_grad_()
+    g_end = torch.autograd.grad(-compress(decode(tiny, end)).mean(), end)[0]
+    torch.testing.assert_close(g_ours[-1], g_end * (final / float(sched.alphas_cumprod[sched.timesteps[0]])) ** 0.5,
+                               rtol=1e-4, atol=1e-4 * g_end.abs().max().item())
+
+
+def test_drtune_with_kept_activations_gives_the_same_gradient(tiny):
+    params, x, cond, uncond = setup(tiny)
+    g = [grads(params, -compress(decode(tiny, ddim_sample(tiny, cond, uncond, x, steps=STEPS, backprop=("drtune", 3),
+                                                          generator=torch.Generator().manual_seed(5),
+                                                          keep_activations=k))).mean()) for k in (0, 2)]
+    for a, b in zip(*g):
+        torch.testing.assert_close(a, b)

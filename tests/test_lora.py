@@ -5,7 +5,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import pipeline
-from lora import LoRALinear, inject_lora, load_lora, lora_layers, merge_lora, read_lora_config, save_lora
+from lora import (DEFAULT_TARGETS, LoRAConv2d, LoRALinear, inject_lora, load_lora, lora_layers, merge_lora,
+                  parse_targets, read_lora_config, save_lora)
 from sampler import load_sd
 
 
@@ -41,26 +42,54 @@ def test_injection_is_a_noop_and_only_lora_trains(tiny):
     assert not m.up.any() and m.scale == 1.0
 
 
+def test_convolutions_too(tiny):
+    before = unet_out(tiny)
+    convs = [name for name, m in tiny.unet.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and name.endswith((".conv1", ".conv2"))]
+    params = inject_lora(tiny.unet, rank=3, targets=parse_targets("attn+conv"))
+    assert torch.equal(unet_out(tiny), before)
+    layers = lora_layers(tiny.unet)
+    assert [n for n, m in layers.items() if isinstance(m, LoRAConv2d)] == convs and len(convs) >= 8
+    assert len(params) == 2 * len(layers)
+    m = layers[convs[0]]
+    assert m.down.shape == (3, m.base.in_channels, 3, 3) and m.up.shape == (m.base.out_channels, 3, 1, 1)
+    x = torch.randn(1, m.base.in_channels, 8, 8)
+    randomise([m.up])
+    with torch.no_grad():  # the adapter is the convolution with the merged kernel scale * up @ down
+        torch.testing.assert_close(m(x) - m.base(x), torch.nn.functional.conv2d(x, m.delta(), None, 1, 1),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("text,want", [("attn", DEFAULT_TARGETS), ("attn+conv", (*DEFAULT_TARGETS, "conv1", "conv2")),
+                                       ("conv+to_q+conv1", ("conv1", "conv2", "to_q")), ("proj_in", ("proj_in",))])
+def test_parse_targets(text, want):
+    assert parse_targets(text) == want
+
+
+TARGETS = [DEFAULT_TARGETS, parse_targets("attn+conv")]
+
+
 def test_alpha_sets_the_scale(tiny):
     inject_lora(tiny.unet, rank=4, alpha=8)
     assert all(m.scale == 2.0 for m in lora_layers(tiny.unet).values())
 
 
-def test_merge_gives_the_same_outputs_and_a_plain_module(tiny):
+@pytest.mark.parametrize("targets", TARGETS)
+def test_merge_gives_the_same_outputs_and_a_plain_module(tiny, targets):
     keys = set(tiny.unet.state_dict())
-    randomise(inject_lora(tiny.unet, rank=4, alpha=2))
+    randomise(inject_lora(tiny.unet, rank=4, alpha=2, targets=targets))
     unmerged = unet_out(tiny)
     merge_lora(tiny.unet)
     torch.testing.assert_close(unet_out(tiny), unmerged, rtol=1e-5, atol=1e-5)
     assert not lora_layers(tiny.unet) and set(tiny.unet.state_dict()) == keys
 
 
-def test_save_load_round_trip(tiny, tmp_path):
-    randomise(inject_lora(tiny.unet, rank=4, alpha=4))
+@pytest.mark.parametrize("targets", TARGETS)
+def test_save_load_round_trip(tiny, tmp_path, targets):
+    randomise(inject_lora(tiny.unet, rank=4, alpha=4, targets=targets))
     want = unet_out(tiny)
     save_lora(tiny.unet, tmp_path / "lora.safetensors")
-    assert read_lora_config(tmp_path / "lora.safetensors") == dict(rank=4, alpha=4.0,
-                                                                   targets=["to_q", "to_k", "to_v", "to_out.0"])
+    assert read_lora_config(tmp_path / "lora.safetensors") == dict(rank=4, alpha=4.0, targets=list(targets))
     tensors = load_file(tmp_path / "lora.safetensors")
     assert len(tensors) == 2 * len(lora_layers(tiny.unet))
     assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
@@ -69,7 +98,7 @@ def test_save_load_round_trip(tiny, tmp_path):
     load_lora(fresh.unet, tmp_path / "lora.safetensors")  # injects with the file's rank/alpha/targets
     torch.testing.assert_close(unet_out(fresh), want)
     again = load_sd("tiny")
-    inject_lora(again.unet, rank=4)
+    inject_lora(again.unet, rank=4, targets=targets)
     load_lora(again.unet, tmp_path / "lora.safetensors")  # into an already-injected module
     torch.testing.assert_close(unet_out(again), want)
 
@@ -105,19 +134,24 @@ def test_load_fails_clearly_on_mismatch(tiny, tmp_path):
 
 
 def test_inject_errors(tiny):
-    with pytest.raises(ValueError, match="matches the targets"):
+    with pytest.raises(ValueError, match="named 'no_such_layer'"):
         inject_lora(tiny.unet, targets=("no_such_layer",))
+    with pytest.raises(ValueError, match="named 'conv3'"):  # one target that matches nothing is enough
+        inject_lora(tiny.unet, targets=("to_q", "conv3"))
+    with pytest.raises(ValueError, match="joined with"):
+        parse_targets("attn+")
     inject_lora(tiny.unet)
     with pytest.raises(ValueError, match="already has LoRA"):
         inject_lora(tiny.unet)
 
 
-def test_stock_diffusers_loads_our_file(tiny, tmp_path):
+@pytest.mark.parametrize("targets", TARGETS)
+def test_stock_diffusers_loads_our_file(tiny, tmp_path, targets):
     # diffusers' load_lora_weights runs on PEFT (requirements-dev.txt)
-    randomise(inject_lora(tiny.unet, rank=4, alpha=16))  # scale 4, folded into lora_B in the file
+    randomise(inject_lora(tiny.unet, rank=4, alpha=16, targets=targets))  # scale 4, folded into lora_B in the file
     want = unet_out(tiny)
     save_lora(tiny.unet, tmp_path / "lora.safetensors")
     pipe = pipeline(load_sd("tiny"))
     pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
-    assert not any(isinstance(m, LoRALinear) for m in pipe.unet.modules())
+    assert not any(isinstance(m, (LoRALinear, LoRAConv2d)) for m in pipe.unet.modules())
     torch.testing.assert_close(unet_out(pipe), want, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 
 from conftest import pipeline
 from sampler import (ModelLoadError, backprop_window, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode,
-                     encode_prompts, guidance_context, guided_output, image_grid, latent_shape, load_sd,
+                     drtune_steps, encode_prompts, guidance_context, guided_output, image_grid, latent_shape, load_sd,
                      native_resolution, parse_backprop)
 
 PROMPTS = ["a cat", "a red dog on the grass"]
@@ -159,12 +159,26 @@ def test_random_window_covers_its_range():
     assert ks == {2, 3, 4, 5}
 
 
-@pytest.mark.parametrize("text,steps,want", [("all", 5, "all"), ("3", 5, 3), ("2,5", 5, (2, 5)), ("lv:4", 5, ("lv", 4))])
+def test_drtune_trains_n_evenly_spaced_steps_with_a_random_offset(tiny):
+    g = torch.Generator().manual_seed(0)
+    draws = [drtune_steps(3, 10, g) for _ in range(100)]
+    assert {tuple(d) for d in draws} == {(0, 3, 6), (1, 4, 7), (2, 5, 8)}  # the earliest step trained in a third
+    assert drtune_steps(10, 10, g) == list(range(10))
+    x = noise(tiny)
+    tiny.unet.conv_out.weight.requires_grad_(True)
+    fwd, bwd, saved = graph_stats(tiny, x, 6, ("drtune", 2), torch.Generator().manual_seed(0))
+    assert (fwd, bwd) == (6, 2)  # the untrained steps' UNet calls are not recomputed: they built no graph
+    assert graph_stats(tiny, x, 24, ("drtune", 2), torch.Generator().manual_seed(0))[2] == saved  # flat in steps
+
+
+@pytest.mark.parametrize("text,steps,want", [("all", 5, "all"), ("3", 5, 3), ("2,5", 5, (2, 5)), ("lv:4", 5, ("lv", 4)),
+                                             ("drtune:2", 5, ("drtune", 2)), ("drtune:5", 5, ("drtune", 5))])
 def test_parse_backprop(text, steps, want):
     assert parse_backprop(text, steps) == want
 
 
-@pytest.mark.parametrize("text", ["6", "0", "3,2", "1,9", "x", "1,2,3", "", "lv:0", "lv:", "lv:a"])
+@pytest.mark.parametrize("text", ["6", "0", "3,2", "1,9", "x", "1,2,3", "", "lv:0", "lv:", "lv:a", "drtune:0",
+                                  "drtune:6", "drtune:", "drtune"])
 def test_parse_backprop_rejects(text):
     with pytest.raises(ValueError):
         parse_backprop(text, 5)

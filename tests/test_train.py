@@ -160,6 +160,10 @@ def prompt_files(tmp_path):
     (["--backprop", "30", "--ddim-steps", "20"], "1 <= K <= the number of DDIM steps (20)"),
     (["--backprop", "5,2"], "K must satisfy"),
     (["--backprop", "lv:0"], "N >= 1"),
+    (["--backprop", "drtune:21", "--ddim-steps", "20"], "'drtune:21': DRTune trains N steps, 1 <= N <= the number"),
+    (["--backprop", "drtune:x"], "expected all, K, lo,hi, lv:N or drtune:N"),
+    (["--lora-targets", "attn+"], "--lora-targets 'attn+': expected names joined with '+'"),
+    (["--lora-targets", "attn+conv3"], "no nn.Linear or nn.Conv2d in this module is named 'conv3'"),  # after loading
     (["--resolution", "60"], "not divisible by 8"),
     (["--model", "{tmp}/notsd"], "is not a diffusers Stable Diffusion directory"),
     (["--model", "{tmp}/no/such/dir"], "no such model directory"),
