@@ -1,0 +1,173 @@
+"""Where the gradient enters: which backprop truncation, and which layers, align the shapes model's count.
+
+    python truncation_study.py                  # every setting, two at a time (~50 min on 2 cores), then the table
+    python truncation_study.py --only drtune:4/attn+conv   # one setting (10 CPU minutes + judging)
+    python truncation_study.py --report         # the table, from docs/truncation-study-results.jsonl
+
+Every run is `train.py --model shapes --reward shapes-count` (reward backprop on the learned counter, the defaults
+otherwise) with one --backprop mode and one --lora-targets set, for the same budget of CPU time: BUDGET_MINUTES of one
+core (the training process's own user + system time, read from /proc, so that runs sharing the machine with each
+other or with anything else get the same compute). When the budget is spent the run gets SIGTERM, finishes its step
+and saves (train.py's own signal handling). Its LoRA is then judged by describe() on the held-out prompts (JUDGE_N
+samples, fixed seeds, the runs' DDIM steps): count, colour and shape accuracy; the counter's reward on the same
+images; and how often the counter's rounded count agrees with describe()'s - a counter fooled by the run's images
+(reward hacking) shows there first. Each judged run is a line of docs/truncation-study-results.jsonl (committed: the
+README's table is --report's output). A stopped study continues: judged runs are skipped, a run in progress resumes
+from its last checkpoint with the CPU time it had used (out/truncation-study/<setting>/cpu_seconds).
+
+Modes (sampler.py): all = full backprop (AlignProp); 1 = the last step only (DRaFT-1); 1,T = K drawn per trajectory
+(AlignProp's randomised truncation); drtune:N = DRTune (Wu et al. 2024, arXiv:2405.00760): every step passes the
+gradient on through DDIM's linear term, N evenly spaced steps train the UNet. Targets (lora.py): attn = the attention
+projections (the default for Stable Diffusion), attn+conv = also the ResNet blocks' 3x3 convolutions, the layers that
+work at every resolution, where layout is decided.
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(ROOT, "out", "truncation-study")
+RESULTS = os.path.join(ROOT, "docs", "truncation-study-results.jsonl")
+EVAL_PROMPTS = os.path.join(ROOT, "prompts", "shapes-eval.txt")
+BUDGET_MINUTES = 10  # CPU minutes of one core per run
+DDIM_STEPS = 20  # train.py's default, in training and judging
+JUDGE_N, JUDGE_GUIDANCE, JUDGE_SEED = 256, 7.5, 0
+MODES = ("all", "1", f"1,{DDIM_STEPS}", "drtune:4")
+TARGETS = ("attn", "attn+conv")
+COMMON = ["--model", "shapes", "--reward", "shapes-count", "--ddim-steps", str(DDIM_STEPS), "--steps", "100000",
+          "--save-every", "5", "--eval-every", "0", "--eval-n", "4"]  # --steps: the budget stops the run, not this
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")  # one core per process
+lock = threading.Lock()
+
+
+def results():
+    if not os.path.isfile(RESULTS):
+        return []
+    with open(RESULTS) as f:
+        return [json.loads(line) for line in f]
+
+
+def record(row):
+    with lock, open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a running process, from /proc/<pid>/stat (fields 14 and 15, in clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def judge_in_child(lora):
+    """Run --judge in a fresh one-thread process (so that a judge never slows a training run's clock) -> its row."""
+    proc = subprocess.run([sys.executable, __file__, "--judge", lora or "base"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"judging {lora} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(mode, targets):
+    """Train one setting for BUDGET_MINUTES of CPU (resuming a stopped run with the time it had used), judge it."""
+    name = f"{mode}/{targets}"
+    out = os.path.join(OUT, name.replace("/", "_").replace(",", "-").replace(":", "").replace("+", "-"))
+    spent_file = os.path.join(out, "cpu_seconds")
+    spent = float(open(spent_file).read()) if os.path.isfile(spent_file) else 0.0
+    if os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        cmd = ["train.py", "--resume", out]
+    else:
+        cmd = ["train.py", "--out", out, *COMMON, "--backprop", mode, "--lora-targets", targets]
+    print(f"[{name}] python {' '.join(cmd)} ({spent / 60:.1f} CPU minutes spent before)", flush=True)
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    used, stopped = 0.0, False
+    while proc.poll() is None:
+        time.sleep(2)
+        try:
+            used = cpu_seconds(proc.pid)
+        except OSError:  # it has just exited
+            break
+        if os.path.isdir(out):
+            with open(spent_file, "w") as f:  # what a restarted study starts from (a stop loses <= 5 steps)
+                f.write(str(spent + used))
+        if not stopped and spent + used >= BUDGET_MINUTES * 60:
+            proc.send_signal(signal.SIGTERM)  # train.py finishes the step and saves
+            stopped = True
+    err = proc.stderr.read()
+    if proc.returncode not in (0, 143):
+        raise RuntimeError(f"[{name}] train.py failed ({proc.returncode}):\n{err[-2000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f]
+    row = dict(mode=mode, targets=targets, steps=len(m), images=m[-1]["images_seen"], cpu_minutes=(spent + used) / 60,
+               train_reward_first=sum(x["reward_mean"] for x in m[:10]) / len(m[:10]),
+               train_reward_last=sum(x["reward_mean"] for x in m[-10:]) / len(m[-10:]),
+               **judge_in_child(os.path.join(out, "lora.safetensors")), wall_minutes=(time.time() - t0) / 60)
+    record(row)
+    print(f"[{name}] {row['steps']} steps: count {row['count']:.3f} colour {row['colour']:.3f} shape "
+          f"{row['shape']:.3f}, counter agrees {row['agreement']:.3f}", flush=True)
+
+
+def judge(lora):
+    """describe()'s accuracies of held-out samples (with the LoRA, or of the base model), the counter's reward on
+    them, and the fraction where the counter's rounded count equals describe()'s."""
+    import torch
+    from lora import load_lora
+    from rewards import load_shapes_count
+    from sampler import load_sd
+    from shapes import describe, evaluate
+    sd = load_sd("shapes")
+    if lora != "base":
+        load_lora(sd.unet, lora)
+    reward = load_shapes_count("cpu", torch.float32)
+    with open(EVAL_PROMPTS) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    scores, images = evaluate(sd, prompts, n=JUDGE_N, steps=DDIM_STEPS, guidance=JUDGE_GUIDANCE, seed=JUDGE_SEED,
+                              reward_fn=reward)
+    with torch.no_grad():
+        counted = reward.counter(images).round()
+    read = torch.tensor([d["count"] for d in describe(images)], dtype=counted.dtype)
+    return dict(scores, agreement=(counted == read).float().mean().item())
+
+
+def report():
+    rows = results()
+    base = [r for r in rows if r["mode"] == "base"]
+    print(f"shapes model, reward backprop on shapes-count, {BUDGET_MINUTES} CPU minutes per run; judged by describe() "
+          f"on {JUDGE_N} held-out samples ({DDIM_STEPS} DDIM steps, guidance {JUDGE_GUIDANCE}):")
+    print("| backprop | LoRA on | steps | count | colour | shape | all | counter's reward | counter agrees |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in base + sorted((r for r in rows if r["mode"] != "base"), key=lambda r: -r["count"]):
+        print(f"| {r['mode']} | {r['targets']} | {r['steps']} | {r['count']:.3f} | {r['colour']:.3f} | "
+              f"{r['shape']:.3f} | {r['all']:.3f} | {r['reward']:.3f} | {r['agreement']:.3f} |")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default=None, help="one setting, MODE/TARGETS (e.g. drtune:4/attn+conv)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time, one core each")
+    p.add_argument("--report", action="store_true", help="only print the table")
+    p.add_argument("--judge", default=None, help=argparse.SUPPRESS)  # a LoRA file or "base": one judged row, in a child
+    args = p.parse_args()
+    if args.judge:
+        import torch
+        torch.set_num_threads(1)
+        print(json.dumps(judge(args.judge)))
+        sys.exit()
+    if not args.report:
+        os.makedirs(OUT, exist_ok=True)
+        done = {(r["mode"], r["targets"]) for r in results()}
+        if ("base", "-") not in done:
+            record(dict(mode="base", targets="-", steps=0, images=0, cpu_minutes=0.0, **judge_in_child(None)))
+        settings = [tuple(args.only.split("/", 1))] if args.only else [(m, t) for t in TARGETS for m in MODES]
+        with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+            for future in [pool.submit(run, m, t) for m, t in settings if (m, t) not in done]:
+                future.result()
+    report()
