@@ -17,6 +17,7 @@ DRaFT-K and DRaFT-LV, Clark et al. 2023 (arXiv:2309.17400); DRTune, Wu et al. 20
 checkpointing, Chen et al. 2016 (arXiv:1604.06174).
 """
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -40,6 +41,12 @@ class SD:
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler: object
+    text_encoder_2: torch.nn.Module = None  # SDXL only: the second text encoder (with projection) and its tokenizer
+    tokenizer_2: object = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: the empty prompt's conditioning is zeros, as its pipeline does
+
+
+SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionXLPipeline": "SDXL"}
 
 
 class ModelLoadError(RuntimeError):
@@ -51,38 +58,60 @@ class ModelLoadError(RuntimeError):
 
 
 def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
-    """Load a Stable Diffusion: a hub id, a local diffusers-format directory, "tiny" (random weights, built offline) or
-    "shapes" (the coloured-shapes model trained by shapes.py and shipped in models/shapes).
+    """Load a Stable Diffusion (1.x, 2.x or XL): a hub id, a local diffusers-format directory, "tiny" / "tiny-xl"
+    (random weights, built offline) or "shapes" (the coloured-shapes model trained by shapes.py, in models/shapes).
 
-    All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is always a DDIMScheduler."""
-    if model == "tiny":
-        sd = _build_tiny()
+    All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is always a DDIMScheduler. An SDXL
+    VAE whose config says `force_upcast` stays in fp32 when the rest is fp16 (it overflows in fp16), and decode() runs
+    it outside autocast."""
+    if model in ("tiny", "tiny-xl"):
+        sd = _build_tiny(xl=model == "tiny-xl")
     elif model == "shapes":
         if not os.path.isfile(os.path.join(SHAPES_DIR, "unet", "config.json")):
             raise ModelLoadError(f"no shapes model in {SHAPES_DIR}: train it with python shapes.py --train")
         sd = _from_pretrained(SHAPES_DIR, dtype)
     else:
         sd = _from_pretrained(model, dtype)
-    for m in (sd.unet, sd.vae, sd.text_encoder):
+    upcast_vae = sd.text_encoder_2 is not None and sd.vae.config.get("force_upcast") and dtype == torch.float16
+    for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2):
+        if m is None:
+            continue
         m.requires_grad_(False).eval().to(device)
-        if next(m.parameters()).dtype != dtype:
-            m.to(dtype)
+        want = torch.float32 if m is sd.vae and upcast_vae else dtype
+        if next(m.parameters()).dtype != want:
+            m.to(want)
     return sd
 
 
 def _from_pretrained(model, dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     def load(local_only):  # weights come in the run's dtype: no full-precision copy on the way
         kw = dict(pretrained_model_name_or_path=model, local_files_only=local_only)
+        index = _model_index(model, local_only)
+        kind = index.get("_class_name", "StableDiffusionPipeline")  # a bare directory of SD 1.x parts has no index
+        if kind not in SUPPORTED:
+            raise ModelLoadError(f"{model} is a {kind}, which this project does not support; supported: "
+                                 + ", ".join(f"{v} ({k})" for k, v in SUPPORTED.items()))
+        xl = kind == "StableDiffusionXLPipeline"
         with warnings.catch_warnings():  # diffusers passes an argument that newer huggingface_hub deprecates
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
-            return SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", torch_dtype=dtype, **kw),
-                      vae=AutoencoderKL.from_pretrained(subfolder="vae", torch_dtype=dtype, **kw),
-                      text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", dtype=dtype, **kw),
-                      tokenizer=CLIPTokenizer.from_pretrained(subfolder="tokenizer", **kw),
-                      scheduler=DDIMScheduler.from_pretrained(subfolder="scheduler", **kw))
+            sd = SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", torch_dtype=dtype, **kw),
+                    vae=AutoencoderKL.from_pretrained(subfolder="vae", torch_dtype=dtype, **kw),
+                    text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", dtype=dtype, **kw),
+                    tokenizer=CLIPTokenizer.from_pretrained(subfolder="tokenizer", **kw),
+                    scheduler=DDIMScheduler.from_pretrained(subfolder="scheduler", **kw))
+            if xl:  # the second text encoder, and the pipeline's convention for the empty prompt
+                sd.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(subfolder="text_encoder_2",
+                                                                                dtype=dtype, **kw)
+                sd.tokenizer_2 = CLIPTokenizer.from_pretrained(subfolder="tokenizer_2", **kw)
+                sd.force_zeros_for_empty_prompt = index.get("force_zeros_for_empty_prompt", True)
+        if sd.unet.config.in_channels != sd.unet.config.out_channels:
+            raise ModelLoadError(f"{model}'s UNet takes {sd.unet.config.in_channels} input channels for "
+                                 f"{sd.unet.config.out_channels} output ones (an inpainting or image-conditioned "
+                                 "model); supported are text-to-image models")
+        return sd
 
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "unet", "config.json")):
@@ -104,6 +133,19 @@ def _from_pretrained(model, dtype):
         raise ModelLoadError(f"cannot load {model} from the hub: {str(e).splitlines()[0]}") from None
 
 
+def _model_index(model, local_only):
+    """The pipeline's model_index.json ({} for a directory without one): what kind of model this is."""
+    if os.path.isdir(model):
+        path = os.path.join(model, "model_index.json")
+        if not os.path.isfile(path):
+            return {}
+    else:
+        from huggingface_hub import hf_hub_download
+        path = hf_hub_download(model, "model_index.json", local_files_only=local_only)
+    with open(path) as f:
+        return json.load(f)
+
+
 def _hub_reachable(timeout=3.0):
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
@@ -116,12 +158,13 @@ def _hub_reachable(timeout=3.0):
         return False
 
 
-def _build_tiny():
+def _build_tiny(xl=False):
     """A miniature Stable Diffusion from the real diffusers/transformers classes, with small configs and fixed-seed
     weights (identical on every call). 64 px images, 8x8x4 latents; a few ms per UNet call on a CPU. The tokenizer is
-    CLIP's BPE over single characters (no merges), since CLIP's real vocabulary cannot be built offline."""
+    CLIP's BPE over single characters (no merges), since CLIP's real vocabulary cannot be built offline.
+    xl: a miniature SDXL instead (two text encoders, the second with a projection; a "text_time" UNet)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     chars = "abcdefghijklmnopqrstuvwxyz0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
     symbols = list(chars) + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
@@ -147,11 +190,24 @@ def _build_tiny():
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=16, sample_size=64)
-    torch.random.set_rng_state(rng_state)
-    scheduler = DDIMScheduler(  # SD 1.x's schedule and conventions
+    scheduler = DDIMScheduler(  # SD 1.x's schedule and conventions (SDXL's are the same)
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    return SD(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    sd = SD(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    if xl:  # SDXL's layout in miniature: cross-attention on both encoders' states side by side (32 + 32), and the
+        torch.manual_seed(1)  # pooled projection (32) + 6 size/crop numbers (8 dims each) added to the time embedding
+        sd.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(text_encoder.config.to_dict(),
+                                                                              projection_dim=32)))
+        sd.tokenizer_2 = copy.deepcopy(tokenizer)
+        sd.force_zeros_for_empty_prompt = True
+        sd.unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+            attention_head_dim=8, norm_num_groups=16, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+    torch.random.set_rng_state(rng_state)
+    return sd
 
 
 # -----------------------------------------------------------------------------
@@ -212,10 +268,27 @@ class _Recompute(torch.autograd.Function):
 
 
 def encode_prompts(sd, prompts):
-    """Token ids padded to the tokenizer's max length -> text-encoder hidden states (B, L, D), as SD pipelines do."""
-    ids = sd.tokenizer(list(prompts), padding="max_length", max_length=sd.tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt").input_ids
-    return sd.text_encoder(ids.to(sd.text_encoder.device))[0]
+    """Prompts -> the conditioning the UNet reads, as diffusers' pipelines build it (token ids padded to the
+    tokenizer's max length). SD 1.x / 2.x: the text encoder's last hidden states (B, L, D).
+    SDXL: both encoders' penultimate hidden states side by side (B, L, D1 + D2), then one more row holding the second
+    encoder's pooled projection (its first P entries, zeros after): (B, L + 1, D1 + D2). Packed so, the conditioning
+    indexes, expands and concatenates as SD 1.x's does; guided_output takes the row off again. An empty prompt's
+    conditioning is all zeros where the model says force_zeros_for_empty_prompt (SDXL's unconditional convention)."""
+    def ids(tokenizer, device):
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+    if sd.text_encoder_2 is None:
+        return sd.text_encoder(ids(sd.tokenizer, sd.text_encoder.device))[0]
+    hidden = []
+    for tokenizer, encoder in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
+        out = encoder(ids(tokenizer, encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    hidden = torch.cat(hidden, -1)  # (B, L, D1 + D2)
+    pooled = torch.nn.functional.pad(out.text_embeds, (0, hidden.shape[-1] - out.text_embeds.shape[-1]))  # (B, D)
+    cond = torch.cat([hidden, pooled[:, None].to(hidden.dtype)], 1)  # (B, L + 1, D1 + D2)
+    if sd.force_zeros_for_empty_prompt:
+        cond = cond * torch.tensor([p != "" for p in prompts], dtype=cond.dtype, device=cond.device)[:, None, None]
+    return cond
 
 
 def vae_scale_factor(sd):
@@ -241,12 +314,16 @@ def decode(sd, latents):
     if getattr(sd.vae.config, "shift_factor", None):
         z = z + sd.vae.config.shift_factor
     z = z.to(sd.vae.dtype)
+    # an fp32 VAE in a half-precision run is an SDXL VAE kept in fp32 (load_sd): autocast would halve it again
+    fp32 = torch.autocast(z.device.type, enabled=False) if sd.vae.dtype == torch.float32 else contextlib.nullcontext()
     if not torch.is_grad_enabled():
-        return (sd.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
+        with fp32:
+            return (sd.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
     vae, dec = sd.vae, sd.vae.decoder  # diffusers' AutoencoderKL.decode, written out as a sequence of stages
     stages = [lambda z: dec.mid_block(dec.conv_in(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)),
               *dec.up_blocks, lambda x: dec.conv_out(dec.conv_act(dec.conv_norm_out(x))).float()]
-    x = checkpoint(stages, z, [p for p in vae.parameters() if p.requires_grad])
+    with fp32:
+        x = checkpoint(stages, z, [p for p in vae.parameters() if p.requires_grad])
     return (x / 2 + 0.5).clamp(0, 1)
 
 
@@ -437,7 +514,14 @@ def guided_output(sd, x, t, context, guidance):
     """The UNet's output at x_t (B, 4, h, w), classifier-free guided when guidance > 1: out_u + guidance * (out_c -
     out_u), both halves in one batched call on `context` from guidance_context."""
     cfg = guidance > 1.0
-    out = sd.unet((torch.cat([x, x]) if cfg else x).to(sd.unet.dtype), t, encoder_hidden_states=context).sample
+    extra = {}
+    if sd.text_encoder_2 is not None:  # SDXL: the pooled row (encode_prompts), and the size/crop "time ids"
+        context, pooled = context[:, :-1], context[:, -1, :sd.text_encoder_2.config.projection_dim]
+        h, w = (n * vae_scale_factor(sd) for n in x.shape[-2:])  # original size = target size, crop at (0, 0)
+        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=context.dtype, device=context.device)
+        extra = dict(added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids.expand(len(context), 6)))
+    out = sd.unet((torch.cat([x, x]) if cfg else x).to(sd.unet.dtype), t, encoder_hidden_states=context,
+                  **extra).sample
     if cfg:
         out_u, out_c = out.chunk(2)
         out = out_u + guidance * (out_c - out_u)

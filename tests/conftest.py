@@ -18,12 +18,23 @@ def tiny():
     return load_sd("tiny")  # a fresh copy per test (30 ms): tests inject LoRA into it
 
 
+@pytest.fixture
+def tiny_xl():
+    return load_sd("tiny-xl")
+
+
 def pipeline(sd):
-    """diffusers' own StableDiffusionPipeline over our components: the reference implementation."""
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-                                   scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    """diffusers' own StableDiffusionPipeline (or StableDiffusionXLPipeline) over our components: the reference."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    if sd.text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(vae=sd.vae, text_encoder=sd.text_encoder, text_encoder_2=sd.text_encoder_2,
+                                         tokenizer=sd.tokenizer, tokenizer_2=sd.tokenizer_2, unet=sd.unet,
+                                         scheduler=sd.scheduler, add_watermarker=False,
+                                         force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt)
+    else:
+        pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                                       scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
