@@ -2,6 +2,7 @@
 
     python bench.py                                     # the tiny model on a CPU, well under a minute
     python bench.py --arch sd15 --resolution 512        # Stable Diffusion 1.5's architecture, random weights (GPU)
+    python bench.py --arch sdxl                         # SDXL's, at its native 1024 px (GPU)
     python bench.py --steps-sweep 10,25,50              # peak memory against DDIM steps, with and without checkpointing
     python bench.py --model path/to/diffusers/dir       # anything load_sd accepts
 
@@ -38,9 +39,10 @@ from sampler import (ddim_sample, decode, encode_prompts, latent_shape, load_sd,
                      parse_backprop)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--model", default="tiny", help="hub id, local diffusers dir or 'tiny'")
-p.add_argument("--arch", default=None, choices=["sd15", "sd21"], help="a real SD architecture with random weights "
-               "(no download): sd15 = SD 1.x, sd21 = SD 2.x (v-prediction); overrides --model")
+p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, 'tiny' or 'tiny-xl'")
+p.add_argument("--arch", default=None, choices=["sd15", "sd21", "sdxl"], help="a real SD architecture with random "
+               "weights (no download): sd15 = SD 1.x, sd21 = SD 2.x (v-prediction), sdxl = SDXL base; overrides "
+               "--model")
 p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
 p.add_argument("--batch-size", type=int, default=1, help="images per step")
 p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps T")
@@ -51,7 +53,8 @@ p.add_argument("--modes", default="sample,all,1,rand,lv:2,drtune:2", help="comma
 p.add_argument("--keep-activations", type=int, default=0, help="last n grad steps not checkpointed (faster, more "
                "memory); 0 = checkpoint every step")
 p.add_argument("--reward", default="smooth", help="smooth (a free proxy) or a reward name from rewards.py")
-p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
+p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported); --steps-sweep times "
+               "one run per point, none with 0")
 p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode (and per --steps-sweep point) first")
 p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
 p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
@@ -76,14 +79,30 @@ torch.manual_seed(0)
 
 
 def build_arch(arch):
-    """SD 1.x / 2.x networks at full size with random weights; tokenizer and scheduler from the tiny model (the real
-    CLIP vocabulary cannot be built offline; token ids only index the embedding, so speed and memory are the same)."""
+    """SD 1.x / 2.x / XL networks at full size with random weights; tokenizers and scheduler from the tiny models (the
+    real CLIP vocabulary cannot be built offline; token ids only index the embedding, so speed and memory are the
+    same)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    sd = load_sd("tiny")
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    sd = load_sd("tiny-xl" if arch == "sdxl" else "tiny")
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    if arch == "sd15":  # UNet2DConditionModel's defaults are SD 1.x's UNet; text: CLIP ViT-L/14's
+    if arch == "sdxl":  # SDXL base 1.0's configs: CLIP ViT-L/14 + OpenCLIP ViT-bigG/14 text, a 2.6B UNet, 1024 px
+        vae.register_to_config(scaling_factor=0.13025)
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                              num_attention_heads=12, hidden_act="quick_gelu")
+        sd.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            hidden_act="gelu", projection_dim=1280))
+        sd.text_encoder_2.requires_grad_(False).eval().to(device, dtype)
+    elif arch == "sd15":  # UNet2DConditionModel's defaults are SD 1.x's UNet; text: CLIP ViT-L/14's
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                               num_attention_heads=12, hidden_act="quick_gelu")
@@ -100,7 +119,7 @@ def build_arch(arch):
 
 
 sd = build_arch(args.arch) if args.arch else load_sd(args.model, device, dtype)
-model_mb = sum(t.numel() * t.element_size() for m in (sd.unet, sd.vae, sd.text_encoder)
+model_mb = sum(t.numel() * t.element_size() for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2) if m
                for t in [*m.parameters(), *m.buffers()]) / 2**20
 params = inject_lora(sd.unet, rank=4, dtype=torch.float32)
 opt = torch.optim.AdamW(params, lr=1e-4)
@@ -235,7 +254,7 @@ if args.sweep_point:
     steps, keep = (int(v) for v in args.sweep_point.split(","))
     for _ in range(args.warmup):  # allocator caches, lazy initialisations, optimiser state
         run("all", steps, keep)
-    s = seconds(lambda: run("all", steps, keep), 1, 0)
+    s = seconds(lambda: run("all", steps, keep), args.repeats, 0) if args.repeats else float("nan")  # 0: untimed
     peak, step_peak = memory(lambda: run("all", steps, keep))
     print(json.dumps(dict(ddim_steps=steps, checkpointed=keep == 0, seconds=s, peak_mb=peak, step_mb=step_peak)))
     sys.exit(0)
@@ -247,6 +266,7 @@ if args.steps_sweep:
     child = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--resolution", str(resolution),
              "--batch-size", str(args.batch_size), "--guidance", str(args.guidance), "--dtype", args.dtype,
              "--threads", str(args.threads), "--reward", args.reward, "--warmup", str(args.warmup),
+             "--repeats", str(min(args.repeats, 1)),
              *(["--arch", args.arch] if args.arch else []),
              *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else [])]
     for ckpt in (True, False):

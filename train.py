@@ -39,8 +39,9 @@ from sampler import DEFAULT_MODEL, ddim_sample, decode, encode_prompts, image_gr
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--reward", default="compress", help=f"what to maximise: {', '.join(REWARDS)}, or a weighted mix "
                "such as aesthetic,compress:0.5")
-p.add_argument("--model", default=None, help=f"hub id, local diffusers dir, 'shapes' (shipped, trained) or 'tiny' "
-               f"(random weights) (default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
+p.add_argument("--model", default=None, help=f"hub id or local diffusers dir (SD 1.x, 2.x, XL), 'shapes' (shipped, "
+               f"trained) or 'tiny' / 'tiny-xl' (random weights) (default: {DEFAULT_MODEL} on CUDA, shapes without a "
+               "GPU)")
 p.add_argument("--prompts", default=None, help="training prompts, one per line (default: prompts/shapes.txt for "
                "the shapes model, else prompts/animals.txt)")
 p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: the -eval.txt "
@@ -49,7 +50,7 @@ p.add_argument("--steps", type=int, default=50, help="optimisation steps in tota
 p.add_argument("--batch-size", type=int, default=4, help="images per micro-batch")
 p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimisation step")
 p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-3, AlignProp's for SD; "
-               "1e-2 for the tiny model)")
+               "1e-2 for the tiny models)")
 p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (alpha = rank)")
 p.add_argument("--lora-targets", default="attn", help=f"layers that get adapters: {', '.join(TARGET_SETS)} "
                "(the attention projections; the ResNet blocks' convolutions) or module names, joined with '+'")
@@ -84,7 +85,7 @@ if without_gradient(args.reward):
     die(f"--reward {','.join(without_gradient(args.reward))} has no gradient, which reward backprop follows: train "
         "on its differentiable stand-in (jpeg -> compress, shapes-count-exact -> shapes-count), or use ddpo.py")
 if args.lr is None:
-    args.lr = 1e-2 if args.model == "tiny" else 1e-3
+    args.lr = 1e-2 if args.model in ("tiny", "tiny-xl") else 1e-3
 args.out = args.out or os.path.join("out", args.reward.replace(",", "+").replace(":", ""))
 prompts, eval_prompts = run_prompts(args)
 try:
