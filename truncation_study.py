@@ -2,6 +2,7 @@
 
     python truncation_study.py                  # every setting, two at a time (~50 min on 2 cores), then the table
     python truncation_study.py --only drtune:4/attn+conv   # one setting (10 CPU minutes + judging)
+    python truncation_study.py --levers         # then the other levers in LEVERS, on the grid's findings
     python truncation_study.py --report         # the table, from docs/truncation-study-results.jsonl
 
 Every run is `train.py --model shapes --reward shapes-count` (reward backprop on the learned counter, the defaults
@@ -40,6 +41,10 @@ DDIM_STEPS = 20  # train.py's default, in training and judging
 JUDGE_N, JUDGE_GUIDANCE, JUDGE_SEED = 256, 7.5, 0
 MODES = ("all", "1", f"1,{DDIM_STEPS}", "drtune:4")
 TARGETS = ("attn", "attn+conv")
+LEVERS = {  # name -> (mode, targets, more train.py flags): levers tried once the grid was measured (README)
+    "lr 3e-4": ("drtune:4", "attn", ["--lr", "3e-4"]),  # DRTune's training reward fell at lr 1e-3: too fast?
+    "guidance 3 in training": ("all", "attn", ["--guidance", "3"]),  # a weaker prompt pull while training
+}
 COMMON = ["--model", "shapes", "--reward", "shapes-count", "--ddim-steps", str(DDIM_STEPS), "--steps", "100000",
           "--save-every", "5", "--eval-every", "0", "--eval-n", "4"]  # --steps: the budget stops the run, not this
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")  # one core per process
@@ -74,16 +79,16 @@ def judge_in_child(lora):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(mode, targets):
+def run(mode, targets, lever="", extra=()):
     """Train one setting for BUDGET_MINUTES of CPU (resuming a stopped run with the time it had used), judge it."""
-    name = f"{mode}/{targets}"
-    out = os.path.join(OUT, name.replace("/", "_").replace(",", "-").replace(":", "").replace("+", "-"))
+    name = f"{mode}/{targets}" + (f"/{lever}" if lever else "")
+    out = os.path.join(OUT, "".join(c if c.isalnum() else "_" for c in name))
     spent_file = os.path.join(out, "cpu_seconds")
     spent = float(open(spent_file).read()) if os.path.isfile(spent_file) else 0.0
     if os.path.isfile(os.path.join(out, "checkpoint.pt")):
         cmd = ["train.py", "--resume", out]
     else:
-        cmd = ["train.py", "--out", out, *COMMON, "--backprop", mode, "--lora-targets", targets]
+        cmd = ["train.py", "--out", out, *COMMON, "--backprop", mode, "--lora-targets", targets, *extra]
     print(f"[{name}] python {' '.join(cmd)} ({spent / 60:.1f} CPU minutes spent before)", flush=True)
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
@@ -106,7 +111,8 @@ def run(mode, targets):
         raise RuntimeError(f"[{name}] train.py failed ({proc.returncode}):\n{err[-2000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         m = [json.loads(line) for line in f]
-    row = dict(mode=mode, targets=targets, steps=len(m), images=m[-1]["images_seen"], cpu_minutes=(spent + used) / 60,
+    row = dict(mode=mode, targets=targets, lever=lever, steps=len(m), images=m[-1]["images_seen"],
+               cpu_minutes=(spent + used) / 60,
                train_reward_first=sum(x["reward_mean"] for x in m[:10]) / len(m[:10]),
                train_reward_last=sum(x["reward_mean"] for x in m[-10:]) / len(m[-10:]),
                **judge_in_child(os.path.join(out, "lora.safetensors")), wall_minutes=(time.time() - t0) / 60)
@@ -142,16 +148,19 @@ def report():
     base = [r for r in rows if r["mode"] == "base"]
     print(f"shapes model, reward backprop on shapes-count, {BUDGET_MINUTES} CPU minutes per run; judged by describe() "
           f"on {JUDGE_N} held-out samples ({DDIM_STEPS} DDIM steps, guidance {JUDGE_GUIDANCE}):")
-    print("| backprop | LoRA on | steps | count | colour | shape | all | counter's reward | counter agrees |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| backprop | LoRA on | other | steps | training reward, first -> last 10 steps | count | colour | shape | "
+          "all | counter's reward | counter agrees |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in base + sorted((r for r in rows if r["mode"] != "base"), key=lambda r: -r["count"]):
-        print(f"| {r['mode']} | {r['targets']} | {r['steps']} | {r['count']:.3f} | {r['colour']:.3f} | "
-              f"{r['shape']:.3f} | {r['all']:.3f} | {r['reward']:.3f} | {r['agreement']:.3f} |")
+        trained = f"{r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f}" if r["steps"] else ""
+        print(f"| {r['mode']} | {r['targets']} | {r.get('lever', '')} | {r['steps']} | {trained} | {r['count']:.3f} | "
+              f"{r['colour']:.3f} | {r['shape']:.3f} | {r['all']:.3f} | {r['reward']:.3f} | {r['agreement']:.3f} |")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=None, help="one setting, MODE/TARGETS (e.g. drtune:4/attn+conv)")
+    p.add_argument("--levers", action="store_true", help="run the LEVERS instead of the grid")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one core each")
     p.add_argument("--report", action="store_true", help="only print the table")
     p.add_argument("--judge", default=None, help=argparse.SUPPRESS)  # a LoRA file or "base": one judged row, in a child
@@ -163,11 +172,15 @@ if __name__ == "__main__":
         sys.exit()
     if not args.report:
         os.makedirs(OUT, exist_ok=True)
-        done = {(r["mode"], r["targets"]) for r in results()}
-        if ("base", "-") not in done:
+        done = {(r["mode"], r["targets"], r.get("lever", "")) for r in results()}
+        if ("base", "-", "") not in done:
             record(dict(mode="base", targets="-", steps=0, images=0, cpu_minutes=0.0, **judge_in_child(None)))
-        settings = [tuple(args.only.split("/", 1))] if args.only else [(m, t) for t in TARGETS for m in MODES]
+        if args.levers:
+            settings = [(m, t, name, extra) for name, (m, t, extra) in LEVERS.items()]
+        else:
+            grid = [tuple(args.only.split("/", 1))] if args.only else [(m, t) for t in TARGETS for m in MODES]
+            settings = [(m, t, "", ()) for m, t in grid]
         with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-            for future in [pool.submit(run, m, t) for m, t in settings if (m, t) not in done]:
+            for future in [pool.submit(run, *s) for s in settings if s[:3] not in done]:
                 future.result()
     report()
