@@ -46,20 +46,22 @@ p.add_argument("--prompts", default=None, help="training prompts, one per line (
                "the shapes model, else prompts/animals.txt)")
 p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: the -eval.txt "
                "beside the default --prompts)")
-p.add_argument("--steps", type=int, default=50, help="optimisation steps in total")
+p.add_argument("--steps", type=int, default=None, help="optimisation steps in total (default 50; the count demo: 100)")
 p.add_argument("--batch-size", type=int, default=4, help="images per micro-batch")
 p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimisation step")
 p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-3, AlignProp's for SD; "
                "1e-2 for the tiny models)")
 p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (alpha = rank)")
-p.add_argument("--lora-targets", default="attn", help=f"layers that get adapters: {', '.join(TARGET_SETS)} "
-               "(the attention projections; the ResNet blocks' convolutions) or module names, joined with '+'")
+p.add_argument("--lora-targets", default=None, help=f"layers that get adapters: {', '.join(TARGET_SETS)} "
+               "(the attention projections; the ResNet blocks' convolutions) or module names, joined with '+' "
+               "(default attn; the count demo: attn+conv)")
 p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps per sample")
 p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables CFG")
 p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic DDIM, 1 = DDPM-like")
-p.add_argument("--backprop", default="all", help="gradient through: all steps | K (the last K) | lo,hi (K drawn "
+p.add_argument("--backprop", default=None, help="gradient through: all steps | K (the last K) | lo,hi (K drawn "
                "uniformly per trajectory) | lv:N (DRaFT-LV: the last step, N noise draws averaged) | drtune:N "
-               "(DRTune: every step, the UNet's input detached, N evenly spaced steps train it)")
+               "(DRTune: every step, the UNet's input detached, N evenly spaced steps train it) (default all; the "
+               "count demo: 1,T)")
 p.add_argument("--keep-activations", type=int, default=0, help="the last N steps with gradients keep their UNet "
                "activations instead of recomputing them: faster, more memory; 0 = recompute all (flat memory)")
 p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
@@ -86,6 +88,13 @@ if without_gradient(args.reward):
         "on its differentiable stand-in (jpeg -> compress, shapes-count-exact -> shapes-count), or use ddpo.py")
 if args.lr is None:
     args.lr = 1e-2 if args.model in ("tiny", "tiny-xl") else 1e-3
+# The count demo (the shapes model, --reward shapes-count) runs truncation_study.py's best setting (README); a run
+# resumed from before --lora-targets existed had attention-only adapters
+demo = (args.model, args.reward) == ("shapes", "shapes-count") and not args.resume
+for flag, value in (("steps", 100 if demo else 50), ("backprop", f"1,{args.ddim_steps}" if demo else "all"),
+                    ("lora_targets", "attn+conv" if demo else "attn")):
+    if getattr(args, flag) is None:
+        setattr(args, flag, value)
 args.out = args.out or os.path.join("out", args.reward.replace(",", "+").replace(":", ""))
 prompts, eval_prompts = run_prompts(args)
 try:

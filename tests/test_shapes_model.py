@@ -63,7 +63,7 @@ def test_short_shapes_count_run_raises_the_counter_reward(tmp_path):
     (tmp_path / "one.txt").write_text("four red circles\n")
     proc = run("train.py", "--reward", "shapes-count", "--out", tmp_path / "run", "--prompts", tmp_path / "one.txt",
                "--eval-prompts", tmp_path / "one.txt", "--steps", 12, "--batch-size", 4, "--ddim-steps", 10,
-               "--lr", 5e-3, "--eval-every", 0, "--eval-n", 8)
+               "--lr", 5e-3, "--eval-every", 0, "--eval-n", 8, "--backprop", "all", "--lora-targets", "attn")
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"] == "shapes"  # the default without a GPU
     before, after = (float(v) for v in proc.stdout.strip().splitlines()[-1].split(":")[1].split("after")[0].split("->"))
