@@ -426,7 +426,8 @@ def drtune_steps(n, steps, generator=None):
 
 def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, backprop="all", generator=None,
                 keep_activations=0):
-    """Run the DDIM chain from noise `latents` (B, 4, h, w) with text embeddings `cond`, `uncond` (B, L, D).
+    """Run the DDIM chain from noise `latents` (B, 4, h, w) with the conditioning `cond`, `uncond` (B, L, D) from
+    encode_prompts (SDXL's carries its pooled projection as one more row: the same calls serve every model).
 
     Notation (Song et al. 2021, Eq. 12), with a_t = alphas_cumprod[t] (the paper's alpha_t):
         x0    = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)                      predicted clean latents
