@@ -6,7 +6,7 @@ UNet).
     torch.optim.AdamW(params, lr=1e-3)          # ...train...
     save_lora(unet, "lora.safetensors")         # only the LoRA tensors, in the format diffusers' load_lora_weights reads
     load_lora(unet2, "lora.safetensors")        # injects (if needed) and restores them, checking rank/targets/shapes
-    merge_lora(unet)                            # W <- W + scale * up @ down; plain nn.Linear layers again
+    merge_lora(unet)                            # W <- W + scale * up @ down; plain nn.Linear / nn.Conv2d again
 
 A wrapped layer computes  y = W x + b + scale * up(down(x)),  with down (rank x in) random, up (out x rank) zero at
 injection, and scale = alpha / rank (Hu et al. 2021, arXiv:2106.09685, Eq. 3 and Sec. 4.1). A wrapped convolution
