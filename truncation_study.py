@@ -41,7 +41,8 @@ DDIM_STEPS = 20  # train.py's default, in training and judging
 JUDGE_N, JUDGE_GUIDANCE, JUDGE_SEED = 256, 7.5, 0
 MODES = ("all", "1", f"1,{DDIM_STEPS}", "drtune:4")
 TARGETS = ("attn", "attn+conv")
-LEVERS = [  # (name, mode, targets, more train.py flags): runs once the grid was measured (README), in this order
+LEVERS = [  # (name, mode, targets, more train.py flags): runs once the grid was measured (README), in this order;
+    # the two seed-1 runs are measured, the other two not yet
     ("seed 1", f"1,{DDIM_STEPS}", "attn+conv", ["--seed", "1"]),  # the grid's best again: is its lead the draw?
     ("seed 1", "all", "attn", ["--seed", "1"]),  # the runner-up again
     ("lr 3e-4", "drtune:4", "attn", ["--lr", "3e-4"]),  # DRTune's training reward fell at lr 1e-3: too fast?
