@@ -8,9 +8,10 @@
 
 All modes run in this one process on the same batch, steps and guidance: `sample` is DDIM + decode under no_grad;
 the others are one optimisation step (DDIM with grad, decode, reward, backward, AdamW on LoRA rank 4) with backprop
-through all steps, the last 1 (DRaFT-1), a random K in 1..T (AlignProp), DRaFT-LV or DRTune. Each is timed as the median of
---repeats runs after --warmup; peak memory is torch.cuda.max_memory_allocated on a GPU, and on a CPU the peak resident
-set size sampled every millisecond, with MALLOC_MMAP_THRESHOLD_=65536 (set here) so that RSS follows live memory.
+through all steps, the last 1 (DRaFT-1), a random K in 1..T (AlignProp), DRaFT-LV or DRTune. Each is timed as the
+median of --repeats runs after --warmup; peak memory is torch.cuda.max_memory_allocated on a GPU, and on a CPU the peak
+resident set size sampled every millisecond, with MALLOC_MMAP_THRESHOLD_=65536 (set here) so that RSS follows live
+memory.
 The default reward is a smoothness proxy (minus the mean |difference| of horizontally adjacent pixels, as in the peer
 harness we compare with) that costs nothing, so the figures measure the method's own machinery; --reward NAME uses
 one from rewards.py.

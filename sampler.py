@@ -453,9 +453,12 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     sched = _ddim_schedule(sd, steps)
     trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
 
-    def step(x, t, z, context):  # one DDIM update x_t -> x_prev; z is this step's noise (eta > 0)
-        mean, sigma = ddim_transition(sd, guided_output(sd, x, t, context, guidance), x, t, steps, eta)
+    def update(x, out, t, z):  # DDIM's update x_t -> x_prev from the UNet's output at x_t; z: the step's noise
+        mean, sigma = ddim_transition(sd, out, x, t, steps, eta)  # linear in x and out: the graph keeps no tensor
         return mean + sigma * z if eta > 0 else mean
+
+    def step(x, t, z, context):  # one denoising step: the UNet, then the update
+        return update(x, guided_output(sd, x, t, context, guidance), t, z)
 
     def noise(like):  # drawn in step order, once: a recomputed step reuses its own
         return _randn(like, generator) if eta > 0 else None
@@ -476,8 +479,7 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
             else:
                 with torch.no_grad():
                     out = unet(x)  # a constant: the chain's gradient passes this step by c_x alone
-            mean, sigma = ddim_transition(sd, out, x, t, steps, eta)  # linear in x and out: the graph keeps no tensor
-            x = mean + sigma * z if eta > 0 else mean
+            x = update(x, out, t, z)  # x itself, not detached: the gradient's path to the earlier steps
         return x
     with torch.no_grad():  # the steps before the truncation window build no graph at all
         for t in ts[:steps - k]:

@@ -91,10 +91,12 @@ if args.lr is None:
 # The count demo (the shapes model, --reward shapes-count) runs truncation_study.py's best setting (README); a run
 # resumed from before --lora-targets existed had attention-only adapters
 demo = (args.model, args.reward) == ("shapes", "shapes-count") and not args.resume
-for flag, value in (("steps", 100 if demo else 50), ("backprop", f"1,{args.ddim_steps}" if demo else "all"),
-                    ("lora_targets", "attn+conv" if demo else "attn")):
-    if getattr(args, flag) is None:
-        setattr(args, flag, value)
+if args.steps is None:
+    args.steps = 100 if demo else 50
+if args.backprop is None:
+    args.backprop = f"1,{args.ddim_steps}" if demo else "all"  # random K in 1..T
+if args.lora_targets is None:
+    args.lora_targets = "attn+conv" if demo else "attn"
 args.out = args.out or os.path.join("out", args.reward.replace(",", "+").replace(":", ""))
 prompts, eval_prompts = run_prompts(args)
 try:
