@@ -4,14 +4,16 @@
     python bench.py --arch sd15 --resolution 512        # Stable Diffusion 1.5's architecture, random weights (GPU)
     python bench.py --arch sdxl                         # SDXL's, at its native 1024 px (GPU)
     python bench.py --steps-sweep 10,25,50              # peak memory against DDIM steps, with and without checkpointing
+    python bench.py --budget-sweep 0.8,1.0 --resolution 256   # --keep-activations auto under each memory budget (GB)
     python bench.py --model path/to/diffusers/dir       # anything load_sd accepts
 
 All modes run in this one process on the same batch, steps and guidance: `sample` is DDIM + decode under no_grad;
 the others are one optimisation step (DDIM with grad, decode, reward, backward, AdamW on LoRA rank 4) with backprop
-through all steps, the last 1 (DRaFT-1), a random K in 1..T (AlignProp), DRaFT-LV or DRTune. Each is timed as the
-median of --repeats runs after --warmup; peak memory is torch.cuda.max_memory_allocated on a GPU, and on a CPU the peak
-resident set size sampled every millisecond, with MALLOC_MMAP_THRESHOLD_=65536 (set here) so that RSS follows live
-memory.
+through all steps, the last 1 (DRaFT-1), a random K in 1..T (AlignProp), DRaFT-LV or DRTune, keeping the
+activations of as many steps as --memory-budget allows (`kept`; --keep-activations auto, as train.py). Each is timed as
+the median of --repeats runs after --warmup; peak memory is torch.cuda.max_memory_allocated on a GPU, and on a CPU the
+peak resident set size sampled every millisecond, with MALLOC_MMAP_THRESHOLD_=65536 (set here) so that RSS follows
+live memory.
 The default reward is a smoothness proxy (minus the mean |difference| of horizontally adjacent pixels, as in the peer
 harness we compare with) that costs nothing, so the figures measure the method's own machinery; --reward NAME uses
 one from rewards.py.
@@ -36,8 +38,9 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from lora import inject_lora  # noqa: E402
 from rewards import load_reward  # noqa: E402
+from runs import default_memory_budget, steps_that_fit  # noqa: E402
 from sampler import (ddim_sample, decode, encode_prompts, latent_shape, load_sd, native_resolution,  # noqa: E402
-                     parse_backprop)
+                     parse_backprop, step_activation_bytes, steps_with_gradient)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, 'tiny' or 'tiny-xl'")
@@ -51,8 +54,10 @@ p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (one batch
 p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
 p.add_argument("--modes", default="sample,all,1,rand,lv:2,drtune:2", help="comma list: sample, all, K, rand "
                "(K ~ U{1..T}), lv:N, drtune:N")
-p.add_argument("--keep-activations", type=int, default=0, help="last n grad steps not checkpointed (faster, more "
-               "memory); 0 = checkpoint every step")
+p.add_argument("--keep-activations", default="auto", help="the last n grad steps keep their activations (faster, "
+               "more memory); auto = as many as fit --memory-budget (as train.py); 0 = recompute every step")
+p.add_argument("--memory-budget", type=float, default=0, help="GB for --keep-activations auto; 0 = train.py's "
+               "default (90%% of the free GPU memory, half the RAM on a CPU)")
 p.add_argument("--reward", default="smooth", help="smooth (a free proxy) or a reward name from rewards.py")
 p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported); --steps-sweep times "
                "one run per point, none with 0")
@@ -64,9 +69,13 @@ p.add_argument("--tensor-memory", action=argparse.BooleanOptionalAction, default
 p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
 p.add_argument("--steps-sweep", default="", help="e.g. 10,25,50: peak memory of a full-backprop step against T, with "
                "and without checkpointing (replaces the mode table)")
+p.add_argument("--budget-sweep", default="", help="e.g. 0.7,0.8,1.2: a full-backprop step with --keep-activations "
+               "auto under each --memory-budget in GB: steps kept, seconds, peak (replaces the mode table)")
 p.add_argument("--sweep-point", default=None, help=argparse.SUPPRESS)  # "T,keep": one point, in a child
 p.add_argument("--json", default=None, help="also write the results to this JSON file")
 args = p.parse_args()
+if args.keep_activations != "auto" and not args.keep_activations.isdigit():
+    p.error(f"--keep-activations must be auto or an integer >= 0, got {args.keep_activations}")
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 args.dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
@@ -153,7 +162,7 @@ def run(mode, steps, keep_activations):
         with torch.no_grad(), autocast:
             decode(sd, ddim_sample(sd, cond, uncond, noise, steps, args.guidance, 0.0))
         return
-    backprop = (1, steps) if mode == "rand" else parse_backprop(mode, steps)
+    backprop = backprop_of(mode, steps)
     with autocast:
         images = decode(sd, ddim_sample(sd, cond, uncond, noise, steps, args.guidance, 0.0, backprop, rng,
                                         keep_activations))
@@ -162,6 +171,27 @@ def run(mode, steps, keep_activations):
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
+
+
+def backprop_of(mode, steps):
+    return (1, steps) if mode == "rand" else parse_backprop(mode, steps)
+
+
+def keep_for(mode, steps):
+    """--keep-activations for this mode: N as given, or with auto what train.py would choose: the steps whose
+    measured activations fit the budget above the peak of a run that recomputes every step (measured here)."""
+    if args.keep_activations != "auto":
+        return int(args.keep_activations)
+    backprop = backprop_of(mode, steps)
+    for _ in range(args.warmup):  # allocator caches and optimiser state first, as train.py's first step has them
+        run(mode, steps, 0)
+    peak = memory(lambda: run(mode, steps, 0), tensors=False)[0] * 2**20
+    n = backprop[1] if isinstance(backprop, tuple) and backprop[0] == "lv" else 1  # lv:N trains N * B rows
+    with autocast:
+        per_step = step_activation_bytes(sd, cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), noise.repeat(n, 1, 1, 1),
+                                         steps, args.guidance)
+    budget = args.memory_budget * 2**30 or default_memory_budget(device)
+    return steps_that_fit(budget, peak, per_step, steps_with_gradient(backprop, steps))
 
 
 def sync():
@@ -199,7 +229,7 @@ class TensorMemory(TorchDispatchMode):
         self.live -= nbytes
 
 
-def memory(fn):
+def memory(fn, tensors=True):
     """(peak MB of the process while fn() runs, peak MB that fn() itself allocated). On a GPU both come from CUDA's
     allocator; on a CPU the first is the resident set size sampled every millisecond, the second TensorMemory's."""
     if device == "cuda":
@@ -221,7 +251,7 @@ def memory(fn):
     finally:
         done.set()
         watcher.join()
-    if not args.tensor_memory:
+    if not (args.tensor_memory and tensors):
         return max(peaks + [rss_mb()]), float("nan")
     with TensorMemory() as tensors:  # a second run: the dispatch mode slows it, so RSS is sampled without it
         fn()
@@ -249,35 +279,57 @@ header = (f"{args.arch or args.model}: {resolution}px, batch {args.batch_size}, 
 results = dict(config=dict(vars(args), device=device, resolution=resolution, model_mb=model_mb), rows=[])
 
 # -----------------------------------------------------------------------------
-# peak memory against the number of steps: each point in a fresh process, so that no run inherits another's heap
+# the sweeps: each point a full-backprop step in a fresh process, so that no run inherits another's heap
 
 if args.sweep_point:
-    steps, keep = (int(v) for v in args.sweep_point.split(","))
+    steps, keep = args.sweep_point.split(",")
+    steps = int(steps)
+    keep = keep_for("all", steps) if keep == "auto" else int(keep)
     for _ in range(args.warmup):  # allocator caches, lazy initialisations, optimiser state
         run("all", steps, keep)
     s = seconds(lambda: run("all", steps, keep), args.repeats, 0) if args.repeats else float("nan")  # 0: untimed
     peak, step_peak = memory(lambda: run("all", steps, keep))
-    print(json.dumps(dict(ddim_steps=steps, checkpointed=keep == 0, seconds=s, peak_mb=peak, step_mb=step_peak)))
+    print(json.dumps(dict(ddim_steps=steps, checkpointed=keep == 0, kept=keep, seconds=s, peak_mb=peak,
+                          step_mb=step_peak)))
     sys.exit(0)
 
-if args.steps_sweep:
-    print(header)
-    print(f"{'DDIM steps':>10} {'checkpointed':>12} {'s/step':>8} {memory_name + ' MB':>13} {'step MB':>9} "
-          f"{'step growth MB':>15}")
+
+def sweep_point(steps, keep, budget=0.0):
     child = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--resolution", str(resolution),
              "--batch-size", str(args.batch_size), "--guidance", str(args.guidance), "--dtype", args.dtype,
              "--threads", str(args.threads), "--reward", args.reward, "--warmup", str(args.warmup),
-             "--repeats", str(min(args.repeats, 1)),
-             *(["--arch", args.arch] if args.arch else []),
+             "--repeats", str(min(args.repeats, 1)), "--memory-budget", str(budget),
+             *(["--arch", args.arch] if args.arch else []), *(["--no-tensor-memory"] if not args.tensor_memory else []),
              *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else [])]
+    out = subprocess.run(child + ["--sweep-point", f"{steps},{keep}"], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"sweep point T={steps}, keep {keep}, budget {budget} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if args.budget_sweep:
+    print(header)
+    T = args.ddim_steps
+    base = seconds(lambda: run("sample", T, 0), args.repeats, args.warmup)
+    print(f"sampling: {base:.3f} s; a full-backprop step ({T} steps) against --memory-budget:")
+    print(f"{'budget GB':>10} {'kept':>5} {'s/step':>8} {'x sample':>9} {memory_name + ' MB':>13} {'step MB':>9}")
+    points = [("recompute all", "0", 0.0)] + [(f"{float(b):g}", "auto", float(b))
+                                              for b in args.budget_sweep.split(",")] + [("keep all", str(T), 0.0)]
+    for name, keep, budget in points:
+        row = dict(sweep_point(T, keep, budget), budget_gb=budget if keep == "auto" else None, ratio=None)
+        row["ratio"] = row["seconds"] / base
+        results["rows"].append(row)
+        print(f"{name:>10} {row['kept']:>5} {row['seconds']:>8.3f} {row['ratio']:>9.2f} {row['peak_mb']:>13.1f} "
+              f"{row['step_mb']:>9.1f}")
+
+elif args.steps_sweep:
+    print(header)
+    print(f"{'DDIM steps':>10} {'checkpointed':>12} {'s/step':>8} {memory_name + ' MB':>13} {'step MB':>9} "
+          f"{'step growth MB':>15}")
     for ckpt in (True, False):
         first = None
         for steps in [int(v) for v in args.steps_sweep.split(",")]:
-            out = subprocess.run(child + ["--sweep-point", f"{steps},{0 if ckpt else steps}"], capture_output=True,
-                                 text=True)
-            if out.returncode:
-                sys.exit(f"sweep point T={steps} failed:\n{out.stderr[-2000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row = sweep_point(steps, 0 if ckpt else steps)
             first = first if first is not None else row["step_mb"]
             row["growth_mb"] = row["step_mb"] - first
             results["rows"].append(row)
@@ -291,18 +343,20 @@ else:
     print(header)
     T = args.ddim_steps
     modes = ["sample"] + [m for m in args.modes.split(",") if m != "sample"]  # ratios are to sampling
-    print(f"{'mode':>8} {'backprop':>14} {'s/step':>8} {'x sample':>9} {memory_name + ' MB':>13} {'step MB':>9}")
+    print(f"{'mode':>8} {'backprop':>14} {'kept':>5} {'s/step':>8} {'x sample':>9} {memory_name + ' MB':>13} "
+          f"{'step MB':>9}")
     base = None
     for mode in modes:
-        s = seconds(lambda: run(mode, T, args.keep_activations), args.repeats, args.warmup)
-        peak, step_peak = memory(lambda: run(mode, T, args.keep_activations))
+        keep = 0 if mode == "sample" else keep_for(mode, T)
+        s = seconds(lambda: run(mode, T, keep), args.repeats, args.warmup)
+        peak, step_peak = memory(lambda: run(mode, T, keep))
         base = base or s
         what = {"sample": "none (no_grad)", "all": f"all {T}", "rand": f"K ~ U{{1..{T}}}"}.get(
             mode, f"DRaFT-LV, N={mode[3:]}" if mode.startswith("lv:") else f"DRTune, N={mode[7:]}"
             if mode.startswith("drtune:") else f"last {mode}")
-        results["rows"].append(dict(mode=mode, backprop=what, seconds=s, ratio=s / base, peak_mb=peak,
+        results["rows"].append(dict(mode=mode, backprop=what, kept=keep, seconds=s, ratio=s / base, peak_mb=peak,
                                     step_mb=step_peak))
-        print(f"{mode:>8} {what:>14} {s:>8.3f} {s / base:>9.2f} {peak:>13.1f} {step_peak:>9.1f}")
+        print(f"{mode:>8} {what:>14} {keep:>5} {s:>8.3f} {s / base:>9.2f} {peak:>13.1f} {step_peak:>9.1f}")
 
 if args.json:
     with open(args.json, "w") as f:

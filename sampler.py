@@ -414,6 +414,36 @@ def backprop_window(backprop, steps, generator=None, check_only=False):
     return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
 
 
+def steps_with_gradient(backprop, steps):
+    """The most steps of one trajectory that run the UNet with gradients: what keep_activations can keep at most."""
+    if backprop == "all":
+        return steps
+    if isinstance(backprop, (tuple, list)) and backprop[0] in ("lv", "drtune"):
+        return 1 if backprop[0] == "lv" else backprop[1]
+    return backprop if isinstance(backprop, int) else backprop[1]
+
+
+def step_activation_bytes(sd, cond, uncond, latents, steps, guidance=7.5, eta=0.0):
+    """What keep_activations costs per kept step, measured rather than assumed: the bytes autograd holds for backward
+    after one DDIM step with gradients (the UNet, then the update) from `latents` (B, 4, h, w), in the caller's
+    autocast dtype. Counted with saved_tensors_hooks as the distinct storages the step's graph saves, the model's
+    weights excluded (they are in memory anyway). Linear in the batch; CFG's two halves are included."""
+    weights = {t.untyped_storage().data_ptr() for t in [*sd.unet.parameters(), *sd.unet.buffers()]}
+    held = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            held[storage.data_ptr()] = storage.nbytes()
+        return t
+    t = _ddim_schedule(sd, steps).timesteps[0]
+    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = latents.detach().requires_grad_()  # as in the chain, where x_t carries the gradient of the steps before
+        ddim_transition(sd, guided_output(sd, x, t, context, guidance), x, t, steps, eta)
+    return sum(held.values())
+
+
 def drtune_steps(n, steps, generator=None):
     """DRTune's trained steps: n evenly spaced indices into the chain (0 = the first, noisiest step), every
     steps // n-th from an offset drawn once per call in [0, steps // n), so that over many trajectories every step,
@@ -444,7 +474,9 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     the UNet's Jacobian (which is what explodes over a long chain); and only the N steps of drtune_steps run the UNet
     with gradients (checkpointed), the others under no_grad: N UNet backwards per sample whatever the chain's length.
     keep_activations: the last n steps with gradients keep their UNet activations instead of checkpointing
-    (no recomputation in backward, but memory grows by one UNet forward's activations per step); 0 = flat memory.
+    (no recomputation in backward, but memory grows by one step's activations, step_activation_bytes, per step); 0 =
+    flat memory. Why the last ones: every truncation window (random K, DRaFT-K) ends with them, so each kept step
+    saves its recomputation in every trajectory; and backward reaches them first, so their memory is freed first.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")

@@ -17,7 +17,6 @@ N times larger --batch-size. Process 0 alone writes files.
 """
 import argparse
 import os
-import resource
 import sys
 import time
 
@@ -27,11 +26,12 @@ from tqdm import tqdm
 
 from lora import TARGET_SETS
 from rewards import REWARDS, without_gradient
-from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, die, gather, info, inject_adapters,
-                  load_checkpoint, load_model_and_reward, log_metrics, lora_targets, machine_defaults, plot_rewards,
-                  read_metrics, refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes,
-                  write_config)
-from sampler import DEFAULT_MODEL, ddim_sample, decode, encode_prompts, image_grid, native_resolution, parse_backprop
+from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, default_memory_budget, die, gather,
+                  info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
+                  machine_defaults, parse_keep, peak_memory, plot_rewards, read_metrics, refuse_overwrite, resume_args,
+                  run_prompts, save_checkpoint, start_processes, steps_that_fit, write_config)
+from sampler import (DEFAULT_MODEL, ddim_sample, decode, encode_prompts, image_grid, native_resolution, parse_backprop,
+                     step_activation_bytes, steps_with_gradient)
 
 # -----------------------------------------------------------------------------
 # flags
@@ -62,8 +62,12 @@ p.add_argument("--backprop", default=None, help="gradient through: all steps | K
                "uniformly per trajectory) | lv:N (DRaFT-LV: the last step, N noise draws averaged) | drtune:N "
                "(DRTune: every step, the UNet's input detached, N evenly spaced steps train it) (default all; the "
                "count demo: 1,T)")
-p.add_argument("--keep-activations", type=int, default=0, help="the last N steps with gradients keep their UNet "
-               "activations instead of recomputing them: faster, more memory; 0 = recompute all (flat memory)")
+p.add_argument("--keep-activations", default="auto", help="the last N steps with gradients keep their UNet "
+               "activations instead of recomputing them in backward: faster, more memory; auto = as many as fit "
+               "--memory-budget, measured on the first step; 0 = recompute all (flat memory)")
+p.add_argument("--memory-budget", type=float, default=0, help="GB (2^30 bytes) a step may use at its peak (CUDA: "
+               "allocated; CPU: the process's RSS), spent by --keep-activations auto; 0 = 90%% of the GPU memory "
+               "free to this run, half the RAM on a CPU")
 p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
 p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision of the frozen model and "
                "autocast (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
@@ -104,9 +108,10 @@ try:
 except ValueError as e:
     die(f"--backprop {e}")
 targets = lora_targets(args.lora_targets)
+keep = parse_keep(args.keep_activations)  # None: auto, chosen after the first step
 check_numbers(args, at_least_1=("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n",
                                 "max_skips"),
-              at_least_0=("keep_activations", "eta", "max_grad_norm", "resolution", "save_every", "eval_every"),
+              at_least_0=("memory_budget", "eta", "max_grad_norm", "resolution", "save_every", "eval_every"),
               above_0=("lr",), finite=("guidance",))  # NaN and inf included: one line, exit 2
 refuse_overwrite(args.out, args.resume)
 
@@ -133,7 +138,8 @@ eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual
 rng = torch.Generator().manual_seed(args.seed)
 rows = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
 global_batch = args.batch_size * args.grad_accum * world
-write_config(args.out, dict(vars(args), world_size=world, global_batch=global_batch))  # the latest (re)start's flags
+config = dict(vars(args), world_size=world, global_batch=global_batch)
+write_config(args.out, config)  # the latest (re)start's flags
 step, eval_before = 0, None
 
 
@@ -150,7 +156,7 @@ def checkpoint_run(done):  # after `done` optimisation steps; called on every ra
 def sample(cond, noise, generator, backprop):  # noise (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]
     with autocast:
         latents = ddim_sample(sd, cond, uncond.expand(len(cond), -1, -1), noise.to(device), args.ddim_steps,
-                              args.guidance, args.eta, backprop, generator, args.keep_activations)
+                              args.guidance, args.eta, backprop, generator, keep or 0)
         return decode(sd, latents)
 
 
@@ -211,11 +217,28 @@ for step in pbar:
     scaler.update()  # fp16: a non-finite step also lowers the loss scale
     opt.zero_grad(set_to_none=True)
     skipped, skipped_in_a_row = skipped + (not finite), 0 if finite else skipped_in_a_row + 1
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
+    peak = peak_memory(device_type)  # CUDA: allocated, this step; CPU: RSS, this process so far
     log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-               loss=-rewards.mean().item(), grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak,
-               images_seen=(step + 1) * global_batch, skipped=not finite, skipped_total=skipped)
+               loss=-rewards.mean().item(), grad_norm=grad_norm.item(), seconds=time.time() - t0,
+               peak_mem_mb=peak / 2**20, kept_steps=keep or 0, images_seen=(step + 1) * global_batch,
+               skipped=not finite, skipped_total=skipped)
+    if keep is None:  # --keep-activations auto: this step recomputed every step, at the least memory a step needs;
+        # the budget's rest buys kept steps, each costing one step's activations, measured on this micro-batch
+        lv = backprop[1] if isinstance(backprop, tuple) and backprop[0] == "lv" else 1  # lv:N trains N * B rows
+        with autocast:
+            per_step = step_activation_bytes(sd, cond_all[idx].repeat(lv, 1, 1), uncond.expand(lv * len(idx), -1, -1),
+                                             noise.repeat(lv, 1, 1, 1).to(device), args.ddim_steps, args.guidance,
+                                             args.eta)
+        budget = args.memory_budget * 2**30 or default_memory_budget(device_type)
+        if args.memory_budget and peak > budget:
+            die(f"--memory-budget {args.memory_budget:g} GB is below what a step needs with every step recomputed "
+                f"({peak / 2**30:.2f} GB, measured on the first step): raise it, or lower --batch-size or --resolution")
+        most = steps_with_gradient(backprop, args.ddim_steps)
+        keep = steps_that_fit(budget, peak, per_step, most)
+        info(f"--keep-activations auto: {keep} of {most} steps keep their activations ({per_step / 2**20:.1f} MB "
+             f"each); recomputing all, a step peaked at {peak / 2**30:.2f} GB, budget {budget / 2**30:.2f} GB")
+        write_config(args.out, dict(config, kept_steps=keep, activation_mb_per_step=per_step / 2**20,
+                                    peak_gb_recomputing_all=peak / 2**30, memory_budget_gb=budget / 2**30))
     if len(components) > 1:
         log.update({f"reward_{name}": gather(torch.cat(v)).mean().item() for name, v in components.items()})
     done = step + 1

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler
 from conftest import pipeline
 from sampler import (ModelLoadError, backprop_window, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode,
                      drtune_steps, encode_prompts, guidance_context, guided_output, image_grid, latent_shape, load_sd,
-                     native_resolution, parse_backprop)
+                     native_resolution, parse_backprop, step_activation_bytes, steps_with_gradient)
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 
@@ -151,6 +151,36 @@ def test_checkpointing_keeps_one_latent_per_step(tiny):
             ddim_sample(tiny, cond, uncond, x, steps=steps)
         held[steps] = sum(storages.values())
     assert held[25] - held[5] <= 20 * x.numel() * x.element_size() * 1.05
+
+
+def test_a_kept_step_holds_what_step_activation_bytes_measures(tiny):
+    """What --keep-activations auto budgets with: each kept step adds to what backward holds exactly the activation
+    bytes measured for one step (the saved storages of a 6-step chain with 0, 2 and 6 steps kept), with LoRA in every
+    attention layer, so that backward needs activations throughout the UNet."""
+    from lora import inject_lora
+    x = noise(tiny)
+    inject_lora(tiny.unet, rank=2)
+    cond, uncond = encode_prompts(tiny, PROMPTS), encode_prompts(tiny, [""] * 2)
+    weights = {p.untyped_storage().data_ptr() for p in [*tiny.unet.parameters(), *tiny.unet.buffers()]}
+    held = {}
+    for keep in (0, 2, 6):
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ddim_sample(tiny, cond, uncond, x, steps=6, keep_activations=keep)
+        held[keep] = sum(storages.values())
+    per_step = step_activation_bytes(tiny, cond, uncond, x, 6)
+    assert per_step > 100 * x.numel() * x.element_size()  # the UNet's activations, not a latent
+    assert held[2] - held[0] == pytest.approx(2 * per_step, rel=0.02)
+    assert held[6] - held[0] == pytest.approx(6 * per_step, rel=0.02)
+
+
+def test_steps_with_gradient_bound_what_can_be_kept():
+    assert [steps_with_gradient(b, 20) for b in ("all", 3, (2, 7), ("lv", 4), ("drtune", 5))] == [20, 3, 7, 1, 5]
 
 
 def test_random_window_covers_its_range():

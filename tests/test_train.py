@@ -171,6 +171,8 @@ def prompt_files(tmp_path):
     (["--reward", "compress,shapes-count-exact:0.5"], "--reward shapes-count-exact has no gradient"),
     (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),  # would reach AdamW: a traceback there
     (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
+    (["--keep-activations", "most"], "--keep-activations must be auto or an integer >= 0, got most"),
+    (["--memory-budget", "nan"], "--memory-budget must be a finite number >= 0, got nan"),
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]
@@ -275,3 +277,49 @@ def test_two_processes_skip_non_finite_steps_stop_and_resume_after_sigterm(tmp_p
     resumed = run("train.py", "--resume", out, "--steps", done + 2, launcher=TORCHRUN)
     assert f"at step {done}" in resumed.stdout and "identical on all 2 processes" in resumed.stdout
     assert [x["step"] for x in metrics(out)] == list(range(done + 2))
+
+
+def test_steps_that_fit_a_budget():
+    import runs
+    fit = lambda budget, peak, per_step, most: runs.steps_that_fit(budget * 2**20, peak * 2**20, per_step * 2**20, most)
+    assert fit(1000, 600, 40, 20) == int(400 / (40 * runs.OVERHEAD)) - 1 == 7  # one step in reserve
+    assert fit(1000, 600, 1, 20) == 20  # no more than the steps with gradients
+    assert fit(500, 600, 40, 20) == 0  # a recomputing step is over already: keep none
+
+
+def test_a_memory_budget_is_kept_and_changes_no_number(tmp_path):
+    """--keep-activations auto under a budget that buys ~2.5 kept steps (one more in reserve) over what a step needs
+    recomputing all: the run keeps some steps but not all, its measured peak (a fresh process, RSS tracking live
+    memory) stays within the budget, and every logged number equals that of a run that recomputes every step (to fp32
+    rounding; the gradients themselves are compared in test_grad.py's test_keeping_activations_gives_the_same_gradient,
+    and AdamW turns rounding-level differences of near-zero gradients into whole steps of lr, so weights are not)."""
+    import runs
+    from sampler import encode_prompts, latent_shape, load_sd, step_activation_bytes
+    args = ["--model", "tiny", "--batch-size", 2, "--ddim-steps", 6, "--resolution", 128, "--steps", 3, "--eval-n", 2]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    for name, extra in (("all", ["--keep-activations", 0]), ("budget", None)):
+        if extra is None:  # one step's activations at this resolution and batch, measured as train.py measures them
+            sd = load_sd("tiny")
+            cond, uncond = encode_prompts(sd, ["a cat"] * 2), encode_prompts(sd, [""] * 2)
+            per_step = step_activation_bytes(sd, cond, uncond, torch.randn(2, *latent_shape(sd, 128)), 6)
+            recompute_peak = max(x["peak_mem_mb"] for x in metrics(tmp_path / "all")) * 2**20
+            budget = (recompute_peak + 3.5 * runs.OVERHEAD * per_step) / 2**30  # 2 kept, 1 in reserve
+            extra = ["--memory-budget", budget]
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / name),
+                               *map(str, args + extra)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(tmp_path / "all"), metrics(tmp_path / "budget")
+    assert [x["kept_steps"] for x in a] == [0, 0, 0]
+    assert b[0]["kept_steps"] == 0 and 1 <= b[1]["kept_steps"] == b[2]["kept_steps"] < 6  # chosen after step 0
+    assert max(x["peak_mem_mb"] for x in b) <= budget * 1024, (b, budget)
+    cfg = json.loads((tmp_path / "budget" / "config.json").read_text())
+    assert cfg["kept_steps"] == b[1]["kept_steps"] and cfg["memory_budget_gb"] == pytest.approx(budget)
+    for key in ("reward_mean", "grad_norm"):
+        assert [x[key] for x in a] == pytest.approx([y[key] for y in b], rel=1e-5), key
+    assert a[-1]["eval_reward"] == pytest.approx(b[-1]["eval_reward"], rel=1e-5)
+
+
+def test_a_budget_below_what_a_step_needs_is_one_line(tmp_path):
+    proc = run("train.py", "--out", tmp_path, *FAST, "--steps", 2, "--memory-budget", 0.05, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --memory-budget 0.05 GB is below what a step needs with every step recomputed"), proc.stderr
