@@ -60,7 +60,7 @@ p.add_argument("--memory-budget", type=float, default=0, help="GB for --keep-act
                "default (90%% of the free GPU memory, half the RAM on a CPU)")
 p.add_argument("--reward", default="smooth", help="smooth (a free proxy) or a reward name from rewards.py")
 p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported); --steps-sweep times "
-               "one run per point, none with 0")
+               "one run per point, none with 0 (and counts tensor bytes only)")
 p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode (and per --steps-sweep point) first")
 p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
 p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
@@ -229,9 +229,10 @@ class TensorMemory(TorchDispatchMode):
         self.live -= nbytes
 
 
-def memory(fn, tensors=True):
+def memory(fn, tensors=True, rss=True):
     """(peak MB of the process while fn() runs, peak MB that fn() itself allocated). On a GPU both come from CUDA's
-    allocator; on a CPU the first is the resident set size sampled every millisecond, the second TensorMemory's."""
+    allocator; on a CPU the first is the resident set size sampled every millisecond, the second TensorMemory's (each
+    a run of its own: rss=False skips the first, NaN)."""
     if device == "cuda":
         sync()
         before = torch.cuda.memory_allocated()
@@ -239,6 +240,10 @@ def memory(fn, tensors=True):
         fn()
         sync()
         return torch.cuda.max_memory_allocated() / 2**20, (torch.cuda.max_memory_allocated() - before) / 2**20
+    if not rss:
+        with TensorMemory() as tensors:
+            fn()
+        return float("nan"), tensors.peak / 2**20
     peaks, done = [rss_mb()], threading.Event()
 
     def watch():
@@ -288,17 +293,17 @@ if args.sweep_point:
     for _ in range(args.warmup):  # allocator caches, lazy initialisations, optimiser state
         run("all", steps, keep)
     s = seconds(lambda: run("all", steps, keep), args.repeats, 0) if args.repeats else float("nan")  # 0: untimed
-    peak, step_peak = memory(lambda: run("all", steps, keep))
+    peak, step_peak = memory(lambda: run("all", steps, keep), rss=args.repeats > 0)  # untimed: tensor bytes only
     print(json.dumps(dict(ddim_steps=steps, checkpointed=keep == 0, kept=keep, seconds=s, peak_mb=peak,
                           step_mb=step_peak)))
     sys.exit(0)
 
 
-def sweep_point(steps, keep, budget=0.0):
+def sweep_point(steps, keep, budget=0.0, repeats=1):
     child = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--resolution", str(resolution),
              "--batch-size", str(args.batch_size), "--guidance", str(args.guidance), "--dtype", args.dtype,
              "--threads", str(args.threads), "--reward", args.reward, "--warmup", str(args.warmup),
-             "--repeats", str(min(args.repeats, 1)), "--memory-budget", str(budget),
+             "--repeats", str(repeats), "--memory-budget", str(budget),
              *(["--arch", args.arch] if args.arch else []), *(["--no-tensor-memory"] if not args.tensor_memory else []),
              *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else [])]
     out = subprocess.run(child + ["--sweep-point", f"{steps},{keep}"], capture_output=True, text=True)
@@ -316,7 +321,7 @@ if args.budget_sweep:
     points = [("recompute all", "0", 0.0)] + [(f"{float(b):g}", "auto", float(b))
                                               for b in args.budget_sweep.split(",")] + [("keep all", str(T), 0.0)]
     for name, keep, budget in points:
-        row = dict(sweep_point(T, keep, budget), budget_gb=budget if keep == "auto" else None, ratio=None)
+        row = dict(sweep_point(T, keep, budget, args.repeats), budget_gb=budget if keep == "auto" else None)
         row["ratio"] = row["seconds"] / base
         results["rows"].append(row)
         print(f"{name:>10} {row['kept']:>5} {row['seconds']:>8.3f} {row['ratio']:>9.2f} {row['peak_mb']:>13.1f} "
@@ -326,10 +331,15 @@ elif args.steps_sweep:
     print(header)
     print(f"{'DDIM steps':>10} {'checkpointed':>12} {'s/step':>8} {memory_name + ' MB':>13} {'step MB':>9} "
           f"{'step growth MB':>15}")
+    sweep = [int(v) for v in args.steps_sweep.split(",")]
+    if not args.repeats:  # untimed: tensor bytes only, exact in any process, so no fresh one per point
+        run("all", min(sweep), 0)  # AdamW's state first, so that it does not count at the first point alone
     for ckpt in (True, False):
         first = None
-        for steps in [int(v) for v in args.steps_sweep.split(",")]:
-            row = sweep_point(steps, 0 if ckpt else steps)
+        for steps in sweep:
+            row = sweep_point(steps, 0 if ckpt else steps, repeats=min(args.repeats, 1)) if args.repeats else dict(
+                ddim_steps=steps, checkpointed=ckpt, kept=0 if ckpt else steps, seconds=float("nan"),
+                peak_mb=float("nan"), step_mb=memory(lambda: run("all", steps, 0 if ckpt else steps), rss=False)[1])
             first = first if first is not None else row["step_mb"]
             row["growth_mb"] = row["step_mb"] - first
             results["rows"].append(row)

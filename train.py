@@ -7,8 +7,9 @@ whole DDIM sampling chain (Prabhudesai et al. 2023, arXiv:2310.03739).
     torchrun --standalone --nproc_per_node=4 train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5
 
 One optimisation step: draw prompts and noise, sample with DDIM *with gradients on* (each UNet call checkpointed, so
-memory stays flat in the number of steps), decode, score, loss = -mean(reward), backprop into the LoRA weights only,
-clip the gradient norm, AdamW. Writes to --out: config.json, metrics.jsonl (one line per step), lora.safetensors
+memory stays flat in the number of steps, except the last steps whose activations fit --memory-budget: they skip the
+recomputation), decode, score, loss = -mean(reward), backprop into the LoRA weights only, clip the gradient norm,
+AdamW. Writes to --out: config.json, metrics.jsonl (one line per step), lora.safetensors
 (loads in diffusers with pipe.load_lora_weights), checkpoint.pt (for --resume), samples/step_NNNNNN.png.
 
 Under torchrun each process takes its share of every global batch of prompts and noise, and the LoRA gradients are
@@ -231,6 +232,7 @@ for step in pbar:
                                              args.eta)
         budget = args.memory_budget * 2**30 or default_memory_budget(device_type)
         if args.memory_budget and peak > budget:
+            pbar.close()
             die(f"--memory-budget {args.memory_budget:g} GB is below what a step needs with every step recomputed "
                 f"({peak / 2**30:.2f} GB, measured on the first step): raise it, or lower --batch-size or --resolution")
         most = steps_with_gradient(backprop, args.ddim_steps)

@@ -39,17 +39,33 @@ def pipeline(sd):
     return pipe
 
 
-def refused(script, *args):
-    """Run a script's checks of its input in this process: (exit status, stderr) of the first die(). A subprocess would
-    spend seconds importing torch and diffusers for each case; this spends milliseconds. Only for input that a script
-    refuses before it trains (one subprocess case per script shows the same line from a real process)."""
-    argv, err = sys.argv, io.StringIO()
+def in_process(script, *args):
+    """Run a script in this process, as `python script args` would: (exit status, stdout, stderr). A subprocess spends
+    seconds importing torch, diffusers and transformers, which this process has already done. For runs that need no
+    process of their own (what a signal, a kill, torchrun or a peak-memory measurement tests runs in a subprocess);
+    the signal handlers a script installs are put back afterwards."""
+    import signal
+    argv, out, err = sys.argv, io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     sys.argv = [script, *map(str, args)]
+    code = 0
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     except SystemExit as e:
-        return e.code, err.getvalue()
+        code = e.code or 0
     finally:
         sys.argv = argv
-    raise AssertionError(f"{script} {' '.join(map(str, args))} ran to the end instead of refusing its input")
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return code, out.getvalue(), err.getvalue()
+
+
+def refused(script, *args):
+    """Run a script's checks of its input in this process (in_process): (exit status, stderr) of the first die();
+    milliseconds a case. Only for input that a script refuses before it trains (one subprocess case per script shows
+    the same line from a real process)."""
+    code, _, err = in_process(script, *args)
+    if code == 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} ran to the end instead of refusing its input")
+    return code, err
