@@ -13,7 +13,7 @@ from conftest import pipeline, refused
 from lora import inject_lora, save_lora
 from rewards import compress
 from sampler import ddim_sample, decode, encode_prompts, latent_shape, native_resolution
-from test_train import FAST, metrics, run
+from test_train import FAST, metrics, run_here
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 
@@ -138,9 +138,10 @@ def test_train_py_trains_and_resumes_an_sdxl_directory(xl_dir, tmp_path):
     """Two steps, stopped, resumed to four: the held-out reward (same prompts and noise) rises over the whole. That a
     resumed run continues exactly as an uninterrupted one is model-independent and tested on SD 1.x (test_train)."""
     out = tmp_path / "run"
-    first = run("train.py", "--model", xl_dir, *FAST[2:], "--eval-every", 0, "--lr", 3e-2, "--out", out, "--steps", 2)
+    first = run_here("train.py", "--model", xl_dir, *FAST[2:], "--eval-every", 0, "--lr", 3e-2, "--out", out,
+                     "--steps", 2)
     before = float(first.stdout.strip().splitlines()[-1].split(":")[1].split("->")[0])
-    resumed = run("train.py", "--resume", out, "--steps", 4)
+    resumed = run_here("train.py", "--resume", out, "--steps", 4)
     after = float(resumed.stdout.strip().splitlines()[-1].split("->")[1].split("after")[0])
     assert "at step 2" in resumed.stdout and [x["step"] for x in metrics(out)] == [0, 1, 2, 3]
     assert after > before
@@ -169,7 +170,7 @@ def test_sd2_v_prediction_at_768_runs_end_to_end(tmp_path):
     sd.unet = UNet2DConditionModel.from_config(sd.unet.config, sample_size=96)  # SD 2's 96x96 latents
     pipeline(sd).save_pretrained(tmp_path / "sd2")
     assert native_resolution(load_sd(str(tmp_path / "sd2"))) == 768
-    run("train.py", "--model", tmp_path / "sd2", "--out", tmp_path / "out", "--steps", 1, "--resolution", 128,
+    run_here("train.py", "--model", tmp_path / "sd2", "--out", tmp_path / "out", "--steps", 1, "--resolution", 128,
         "--ddim-steps", 2, "--batch-size", 1, "--eval-n", 1)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["resolution"] == 128
     assert metrics(tmp_path / "out")[0]["reward_mean"] == metrics(tmp_path / "out")[0]["reward_mean"]  # not NaN

@@ -10,7 +10,7 @@ import torch
 import shapes
 from rewards import ShapesCount, load_reward
 from sampler import ddim_sample, decode, encode_prompts, latent_shape, load_sd, vae_scale_factor
-from test_train import run
+from test_train import run_here
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +61,10 @@ def test_shapes_count_is_zero_and_flat_where_the_count_rounds_right():
 def test_short_shapes_count_run_raises_the_counter_reward(tmp_path):
     # one prompt the base model tends to overcount; the eval reward is on fixed seeds, so it is free of sampling noise
     (tmp_path / "one.txt").write_text("four red circles\n")
-    proc = run("train.py", "--reward", "shapes-count", "--out", tmp_path / "run", "--prompts", tmp_path / "one.txt",
-               "--eval-prompts", tmp_path / "one.txt", "--steps", 12, "--batch-size", 4, "--ddim-steps", 10,
-               "--lr", 5e-3, "--eval-every", 0, "--eval-n", 8, "--backprop", "all", "--lora-targets", "attn")
+    proc = run_here("train.py", "--reward", "shapes-count", "--out", tmp_path / "run", "--prompts",
+                    tmp_path / "one.txt", "--eval-prompts", tmp_path / "one.txt", "--steps", 12, "--batch-size", 4,
+                    "--ddim-steps", 10, "--lr", 5e-3, "--eval-every", 0, "--eval-n", 8, "--backprop", "all",
+                    "--lora-targets", "attn")
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"] == "shapes"  # the default without a GPU
     before, after = (float(v) for v in proc.stdout.strip().splitlines()[-1].split(":")[1].split("after")[0].split("->"))
