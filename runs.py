@@ -336,12 +336,15 @@ def plot_rewards(out, title, eval_before=None):
 BUDGET_SHARE = {"cuda": 0.9, "cpu": 0.5}  # default budget: of what the GPU has free for us (the rest: CUDA's context
 # and the allocator's fragmentation); of the RAM on a CPU
 OVERHEAD = 1.15  # a kept step's cost in memory, in units of the activation bytes counted for it (step_activation_bytes),
-# plus one step in reserve. Measured (tiny model, 256 px, CPU, 0 to 20 steps kept): the tensors' own peak grew by 0.93x
-# the counted bytes per kept step, the peak RSS by 1.04x per step plus one more step's worth (what the allocator keeps)
+# plus one step in reserve. Measured (tiny model, CPU, 0 to 20 steps kept): the tensors' own peak (128 px) grew by 0.93x
+# the counted bytes per kept step, the peak RSS (256 px) by 1.04x per step plus one step's worth (what the allocator
+# keeps)
 
 
 def parse_keep(text):
-    """--keep-activations: "auto" -> None (chosen from the memory budget), "N" -> N >= 0; else one line, exit 2."""
+    """--keep-activations: "auto" -> None (chosen from the memory budget), "N" -> N >= 0; else one line, exit 2. An
+    integer passes too: a run directory from before auto saved the flag as one."""
+    text = str(text)
     if text == "auto":
         return None
     if not text.isdigit():

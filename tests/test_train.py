@@ -288,6 +288,15 @@ def test_two_processes_skip_non_finite_steps_stop_and_resume_after_sigterm(tmp_p
     assert [x["step"] for x in metrics(out)] == list(range(done + 2))
 
 
+def test_a_run_from_before_auto_resumes(tmp_path):
+    """Run directories saved before --keep-activations auto hold the flag as an integer."""
+    run_here("train.py", "--out", tmp_path, "--steps", 1, "--keep-activations", 0, *FAST)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, keep_activations=0)))
+    run_here("train.py", "--resume", tmp_path, "--steps", 2)
+    assert [x["kept_steps"] for x in metrics(tmp_path)] == [0, 0]
+
+
 def test_steps_that_fit_a_budget():
     import runs
     fit = lambda budget, peak, per_step, most: runs.steps_that_fit(budget * 2**20, peak * 2**20, per_step * 2**20, most)
