@@ -38,9 +38,9 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from lora import inject_lora  # noqa: E402
 from rewards import load_reward  # noqa: E402
-from runs import default_memory_budget, steps_that_fit  # noqa: E402
+from runs import activations_to_keep, memory_budget  # noqa: E402
 from sampler import (ddim_sample, decode, encode_prompts, latent_shape, load_sd, native_resolution,  # noqa: E402
-                     parse_backprop, step_activation_bytes, steps_with_gradient)
+                     parse_backprop)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, 'tiny' or 'tiny-xl'")
@@ -182,16 +182,12 @@ def keep_for(mode, steps):
     measured activations fit the budget above the peak of a run that recomputes every step (measured here)."""
     if args.keep_activations != "auto":
         return int(args.keep_activations)
-    backprop = backprop_of(mode, steps)
     for _ in range(args.warmup):  # allocator caches and optimiser state first, as train.py's first step has them
         run(mode, steps, 0)
     peak = memory(lambda: run(mode, steps, 0), tensors=False)[0] * 2**20
-    n = backprop[1] if isinstance(backprop, tuple) and backprop[0] == "lv" else 1  # lv:N trains N * B rows
     with autocast:
-        per_step = step_activation_bytes(sd, cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), noise.repeat(n, 1, 1, 1),
-                                         steps, args.guidance)
-    budget = args.memory_budget * 2**30 or default_memory_budget(device)
-    return steps_that_fit(budget, peak, per_step, steps_with_gradient(backprop, steps))
+        return activations_to_keep(sd, cond, uncond, noise, steps, args.guidance, 0.0, backprop_of(mode, steps), peak,
+                                   memory_budget(args.memory_budget, device))[0]
 
 
 def sync():
@@ -284,7 +280,7 @@ header = (f"{args.arch or args.model}: {resolution}px, batch {args.batch_size}, 
 results = dict(config=dict(vars(args), device=device, resolution=resolution, model_mb=model_mb), rows=[])
 
 # -----------------------------------------------------------------------------
-# the sweeps: each point a full-backprop step in a fresh process, so that no run inherits another's heap
+# the sweeps: each point a full-backprop step, timed in a fresh process (sweep_point)
 
 if args.sweep_point:
     steps, keep = args.sweep_point.split(",")
@@ -300,6 +296,11 @@ if args.sweep_point:
 
 
 def sweep_point(steps, keep, budget=0.0, repeats=1):
+    """One full-backprop step with `keep` ("auto" or N) as a table row. Timed (repeats > 0) in a fresh process, so that
+    no run inherits another's heap; untimed, it counts tensor bytes only, which are exact in any process: here."""
+    if not repeats:
+        return dict(ddim_steps=steps, checkpointed=keep == 0, kept=keep, seconds=float("nan"), peak_mb=float("nan"),
+                    step_mb=memory(lambda: run("all", steps, keep), rss=False)[1])
     child = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--resolution", str(resolution),
              "--batch-size", str(args.batch_size), "--guidance", str(args.guidance), "--dtype", args.dtype,
              "--threads", str(args.threads), "--reward", args.reward, "--warmup", str(args.warmup),
@@ -332,14 +333,12 @@ elif args.steps_sweep:
     print(f"{'DDIM steps':>10} {'checkpointed':>12} {'s/step':>8} {memory_name + ' MB':>13} {'step MB':>9} "
           f"{'step growth MB':>15}")
     sweep = [int(v) for v in args.steps_sweep.split(",")]
-    if not args.repeats:  # untimed: tensor bytes only, exact in any process, so no fresh one per point
-        run("all", min(sweep), 0)  # AdamW's state first, so that it does not count at the first point alone
+    if not args.repeats:  # untimed points run here: AdamW's state first, so that it does not count at the first alone
+        run("all", min(sweep), 0)
     for ckpt in (True, False):
         first = None
         for steps in sweep:
-            row = sweep_point(steps, 0 if ckpt else steps, repeats=min(args.repeats, 1)) if args.repeats else dict(
-                ddim_steps=steps, checkpointed=ckpt, kept=0 if ckpt else steps, seconds=float("nan"),
-                peak_mb=float("nan"), step_mb=memory(lambda: run("all", steps, 0 if ckpt else steps), rss=False)[1])
+            row = sweep_point(steps, 0 if ckpt else steps, repeats=min(args.repeats, 1))
             first = first if first is not None else row["step_mb"]
             row["growth_mb"] = row["step_mb"] - first
             results["rows"].append(row)

@@ -13,7 +13,8 @@ script keeps only its own loop: the run directory, checkpoints and --resume, sig
     state = load_checkpoint(out, unet, opt, scaler, rng, lr)   # all restored; metrics.jsonl cut to state["step"]
     log_metrics(out, dict(step=..., reward_mean=...))   # a line of metrics.jsonl
     plot_rewards(out, title, eval_before)       # reward.png: training and held-out reward against steps
-    keep = steps_that_fit(budget, peak_memory("cuda"), per_step_bytes, most)   # --keep-activations auto
+    keep, per_step = activations_to_keep(sd, cond, uncond, noise, steps, guidance, eta, backprop,
+                                         peak_memory("cuda"), memory_budget(gb, "cuda"))   # --keep-activations auto
 
 A run directory holds config.json (the flags of the latest start), metrics.jsonl (one JSON line per step),
 checkpoint.pt (for --resume), lora.safetensors (loads in diffusers), samples/ (eval grids) and reward.png.
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from lora import inject_lora, parse_targets, save_lora
 from rewards import RewardLoadError, check_prompts, load_reward, parse_reward_spec
 from sampler import (DEFAULT_MODEL, SHAPES_DIR, ModelLoadError, latent_shape, load_sd, native_resolution,
-                     vae_scale_factor)
+                     step_activation_bytes, steps_with_gradient, vae_scale_factor)
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -335,10 +336,10 @@ def plot_rewards(out, title, eval_before=None):
 
 BUDGET_SHARE = {"cuda": 0.9, "cpu": 0.5}  # default budget: of what the GPU has free for us (the rest: CUDA's context
 # and the allocator's fragmentation); of the RAM on a CPU
-OVERHEAD = 1.15  # a kept step's cost in memory, in units of the activation bytes counted for it (step_activation_bytes),
-# plus one step in reserve. Measured (tiny model, CPU, 0 to 20 steps kept): the tensors' own peak (128 px) grew by 0.93x
-# the counted bytes per kept step, the peak RSS (256 px) by 1.04x per step plus one step's worth (what the allocator
-# keeps)
+OVERHEAD = 1.15  # a kept step's cost in memory, in units of the activation bytes counted for it (sampler's
+# step_activation_bytes), plus one step in reserve. Measured (tiny model, CPU, 0 to 20 steps kept): the tensors' own
+# peak (128 px) grew by 0.93x the counted bytes per kept step, the peak RSS (256 px) by 1.04x per step plus one step's
+# worth (what the allocator keeps)
 
 
 def parse_keep(text):
@@ -360,9 +361,11 @@ def peak_memory(device_type):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def default_memory_budget(device_type):
-    """Bytes: on CUDA a share of what this process can hold (the device's free memory plus what its allocator has
-    reserved already), on a CPU a share of the RAM."""
+def memory_budget(gb, device_type):
+    """--memory-budget in bytes; 0 = the default: on CUDA a share of what this process can hold (the device's free
+    memory plus what its allocator has reserved already), on a CPU a share of the RAM."""
+    if gb:
+        return gb * 2**30
     if device_type == "cuda":
         return BUDGET_SHARE["cuda"] * (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())
     return BUDGET_SHARE["cpu"] * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -374,6 +377,16 @@ def steps_that_fit(budget, peak, per_step, most):
     A kept step's activations live from its forward to its backward, so at any moment K kept steps add at most K
     steps' activations to what the recomputing step holds: its peak plus K * per_step bounds the new peak."""
     return max(0, min(most, int((budget - peak) // (OVERHEAD * per_step)) - 1))
+
+
+def activations_to_keep(sd, cond, uncond, noise, steps, guidance, eta, backprop, peak, budget):
+    """--keep-activations auto, after a step that recomputed every step and peaked at `peak` bytes: (steps to keep,
+    one step's activation bytes), the latter measured on this batch (cond, uncond (B, L, D), noise (B, 4, h, w)) in
+    the caller's autocast dtype."""
+    n = backprop[1] if isinstance(backprop, tuple) and backprop[0] == "lv" else 1  # lv:N trains N * B rows
+    per_step = step_activation_bytes(sd, cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), noise.repeat(n, 1, 1, 1), steps,
+                                     guidance, eta)
+    return steps_that_fit(budget, peak, per_step, steps_with_gradient(backprop, steps)), per_step
 
 
 class StopOnSignal:

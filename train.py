@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 from lora import TARGET_SETS
 from rewards import REWARDS, without_gradient
-from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, default_memory_budget, die, gather,
+from runs import (DTYPES, StopOnSignal, activations_to_keep, agree, average_gradients, check_numbers, die, gather,
                   info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
-                  machine_defaults, parse_keep, peak_memory, plot_rewards, read_metrics, refuse_overwrite, resume_args,
-                  run_prompts, save_checkpoint, start_processes, steps_that_fit, write_config)
+                  machine_defaults, memory_budget, parse_keep, peak_memory, plot_rewards, read_metrics,
+                  refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes, write_config)
 from sampler import (DEFAULT_MODEL, ddim_sample, decode, encode_prompts, image_grid, native_resolution, parse_backprop,
-                     step_activation_bytes, steps_with_gradient)
+                     steps_with_gradient)
 
 # -----------------------------------------------------------------------------
 # flags
@@ -226,18 +226,15 @@ for step in pbar:
                skipped=not finite, skipped_total=skipped)
     if keep is None:  # --keep-activations auto: this step recomputed every step, at the least memory a step needs;
         # the budget's rest buys kept steps, each costing one step's activations, measured on this micro-batch
-        lv = backprop[1] if isinstance(backprop, tuple) and backprop[0] == "lv" else 1  # lv:N trains N * B rows
-        with autocast:
-            per_step = step_activation_bytes(sd, cond_all[idx].repeat(lv, 1, 1), uncond.expand(lv * len(idx), -1, -1),
-                                             noise.repeat(lv, 1, 1, 1).to(device), args.ddim_steps, args.guidance,
-                                             args.eta)
-        budget = args.memory_budget * 2**30 or default_memory_budget(device_type)
+        budget = memory_budget(args.memory_budget, device_type)
         if args.memory_budget and peak > budget:
             pbar.close()
             die(f"--memory-budget {args.memory_budget:g} GB is below what a step needs with every step recomputed "
                 f"({peak / 2**30:.2f} GB, measured on the first step): raise it, or lower --batch-size or --resolution")
+        with autocast:
+            keep, per_step = activations_to_keep(sd, cond_all[idx], uncond.expand(len(idx), -1, -1), noise.to(device),
+                                                 args.ddim_steps, args.guidance, args.eta, backprop, peak, budget)
         most = steps_with_gradient(backprop, args.ddim_steps)
-        keep = steps_that_fit(budget, peak, per_step, most)
         info(f"--keep-activations auto: {keep} of {most} steps keep their activations ({per_step / 2**20:.1f} MB "
              f"each); recomputing all, a step peaked at {peak / 2**30:.2f} GB, budget {budget / 2**30:.2f} GB")
         write_config(args.out, dict(config, kept_steps=keep, activation_mb_per_step=per_step / 2**20,

@@ -39,12 +39,14 @@ def pipeline(sd):
     return pipe
 
 
-def in_process(script, *args):
-    """Run a script in this process, as `python script args` would: (exit status, stdout, stderr). A subprocess spends
-    seconds importing torch, diffusers and transformers, which this process has already done. For runs that need no
-    process of their own (what a signal, a kill, torchrun or a peak-memory measurement tests runs in a subprocess);
-    the signal handlers a script installs are put back afterwards."""
+def run_here(script, *args, check=True):
+    """Run a script in this process, as `python script args` would, and return what subprocess.run would (returncode,
+    stdout, stderr); check: the run must succeed. A subprocess spends seconds importing torch, diffusers and
+    transformers, which this process has already done. For runs that need no process of their own (what a signal, a
+    kill, torchrun or a peak-memory measurement tests runs in a subprocess); the signal handlers a script installs
+    are put back afterwards."""
     import signal
+    import subprocess
     argv, out, err = sys.argv, io.StringIO(), io.StringIO()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     sys.argv = [script, *map(str, args)]
@@ -58,14 +60,16 @@ def in_process(script, *args):
         sys.argv = argv
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return code, out.getvalue(), err.getvalue()
+    if check:
+        assert code == 0, err.getvalue()[-3000:]
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def refused(script, *args):
-    """Run a script's checks of its input in this process (in_process): (exit status, stderr) of the first die();
+    """Run a script's checks of its input in this process (run_here): (exit status, stderr) of the first die();
     milliseconds a case. Only for input that a script refuses before it trains (one subprocess case per script shows
     the same line from a real process)."""
-    code, _, err = in_process(script, *args)
-    if code == 0:
+    proc = run_here(script, *args, check=False)
+    if proc.returncode == 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} ran to the end instead of refusing its input")
-    return code, err
+    return proc.returncode, proc.stderr

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, in_process, refused
+from conftest import ROOT, refused, run_here
 
 FAST = ["--model", "tiny", "--ddim-steps", "4", "--eval-n", "2", "--batch-size", "2"]
 
@@ -105,14 +105,6 @@ def test_the_rl_gradient_measured_in_the_readme_is_ddpo_s_update(tiny):
     assert path.norm() > 0 and torch.nn.functional.cosine_similarity(score, path, 0) < 0.99  # two estimates
 
 
-def run_here(*args, check=True):
-    """ddpo.py in this process (conftest.in_process): for runs that test neither signals nor processes."""
-    code, stdout, stderr = in_process("ddpo.py", *args)
-    if check:
-        assert code == 0, stderr[-3000:]
-    return subprocess.CompletedProcess(["ddpo.py", *args], code, stdout, stderr)
-
-
 def run(*args, check=True):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "ddpo.py"), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -131,7 +123,8 @@ def test_ratio_is_one_on_the_first_inner_epoch_and_the_update_ascends(tmp_path):
     sampled, so every ratio is 1 to rounding and the surrogate is -mean(A) = 0 (advantages normalised over the
     round); after one small AdamW step along its gradient the second epoch's ratios have moved and the surrogate
     -mean(A * ratio) has gone down (clip range 1: no clipping, so this is first order in the step)."""
-    run_here("--reward", "jpeg", "--out", tmp_path / "r", "--steps", 1, "--samples-per-step", 4, "--grad-accum", 2,
+    run_here("ddpo.py", "--reward", "jpeg", "--out", tmp_path / "r", "--steps", 1, "--samples-per-step", 4,
+             "--grad-accum", 2,
         "--inner-epochs", 2, "--lr", 1e-3, "--clip-range", 1.0, *FAST)
     (m,) = metrics(tmp_path / "r")
     first, second = m["ratio_max_dev"]
@@ -161,9 +154,9 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     # running advantages with a buffer of 2: from the second round on, each prompt's own statistics, saved and restored
     args = ["--reward", "jpeg", "--steps", 4, "--samples-per-step", 4, "--grad-accum", 1, "--group-size", 2,
             "--stat-buffer", 2, "--save-every", 1, "--eval-every", 0, "--lr", 1e-2, "--clip-range", 1e-2, *FAST]
-    run_here("--out", tmp_path / "whole", *args)
+    run_here("ddpo.py", "--out", tmp_path / "whole", *args)
     assert kill_after(3, tmp_path / "cut", *args) == -signal.SIGKILL
-    run_here("--resume", tmp_path / "cut")
+    run_here("ddpo.py", "--resume", tmp_path / "cut")
     whole, cut = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
     assert [x["step"] for x in cut] == [0, 1, 2, 3]
     for key in ("reward_mean", "loss", "grad_norm"):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import pipeline, refused
+from conftest import pipeline, refused, run_here
 from lora import inject_lora, save_lora
 from rewards import compress
 from sampler import ddim_sample, decode, encode_prompts, latent_shape, native_resolution
-from test_train import FAST, metrics, run_here
+from test_train import FAST, metrics
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import shapes
+from conftest import run_here
 from rewards import ShapesCount, load_reward
 from sampler import ddim_sample, decode, encode_prompts, latent_shape, load_sd, vae_scale_factor
-from test_train import run_here
 
 
 @pytest.fixture(scope="module")

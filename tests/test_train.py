@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, in_process, refused
+from conftest import ROOT, refused, run_here
 
 FAST = ["--model", "tiny", "--batch-size", "2", "--ddim-steps", "8", "--eval-n", "4"]
 
@@ -21,14 +21,6 @@ def run(script, *args, check=True, launcher=()):
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def run_here(script, *args, check=True):
-    """Like run, in this process (conftest.in_process): for runs that test neither signals nor memory."""
-    code, stdout, stderr = in_process(script, *args)
-    if check:
-        assert code == 0, stderr[-3000:]
-    return subprocess.CompletedProcess([script, *args], code, stdout, stderr)
 
 
 def metrics(out):
