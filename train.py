@@ -219,11 +219,10 @@ for step in pbar:
     opt.zero_grad(set_to_none=True)
     skipped, skipped_in_a_row = skipped + (not finite), 0 if finite else skipped_in_a_row + 1
     peak = peak_memory(device_type)  # CUDA: allocated, this step; CPU: RSS, this process so far
-    log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1
-               else float("nan"),
-               loss=-rewards.mean().item(), grad_norm=grad_norm.item(), seconds=time.time() - t0,
-               peak_mem_mb=peak / 2**20, kept_steps=keep or 0, images_seen=(step + 1) * global_batch,
-               skipped=not finite, skipped_total=skipped)
+    spread = rewards.std().item() if len(rewards) > 1 else float("nan")  # one image has none (logged as null)
+    log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=spread, loss=-rewards.mean().item(),
+               grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak / 2**20, kept_steps=keep or 0,
+               images_seen=(step + 1) * global_batch, skipped=not finite, skipped_total=skipped)
     if keep is None:  # --keep-activations auto: this step recomputed every step, at the least memory a step needs;
         # the budget's rest buys kept steps, each costing one step's activations, measured on this micro-batch
         budget = memory_budget(args.memory_budget, device_type)
