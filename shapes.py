@@ -385,10 +385,10 @@ def _optimise(name, modules, steps, lr, loss_fn, generator, state_dir, after_ste
             os.replace(path + ".tmp", path)
 
 
-def train_vae(steps, batch, generator, state_dir):
+def train_vae(steps, batch, generator, state_dir, n_scale=512):
     """An AutoencoderKL for rendered images: L1 + MSE reconstruction and a small KL term (as SD's, which keeps the
     latents near N(0, I) in scale but lets them carry detail). Returns it with scaling_factor set to 1 / the std of
-    its latents, the role of SD's 0.18215."""
+    its latents (over `n_scale` renders), the role of SD's 0.18215."""
     from diffusers import AutoencoderKL
     vae = AutoencoderKL(**VAE_CONFIG)
 
@@ -401,7 +401,7 @@ def train_vae(steps, batch, generator, state_dir):
     _optimise("vae", torch.nn.ModuleList([vae]), steps, 1e-3, loss, generator, state_dir)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        z = vae.encode(sample_batch(512, torch.Generator().manual_seed(0))[0] * 2 - 1).latent_dist.mode()
+        z = vae.encode(sample_batch(n_scale, torch.Generator().manual_seed(0))[0] * 2 - 1).latent_dist.mode()
     vae.register_to_config(scaling_factor=1 / z.std().item())
     return vae
 
@@ -568,17 +568,18 @@ def evaluate(sd, prompts, n=256, steps=20, guidance=7.5, seed=0, batch=64, rewar
 
 
 def train(out=MODEL_DIR, vae_steps=1500, unet_steps=8000, counter_steps=1500, pool=40000, counter_samples=1536,
-          seed=0, counter_only=False):
+          seed=0, counter_only=False, checks=512):
     """The whole model, from nothing: VAE, then UNet + text encoder on a pool of encoded images, saved to `out`; then
     the counter, on renders and on `counter_samples` of the saved model's own images for the training captions.
     Every phase checkpoints to out/.train, so an interrupted run picks up where it stopped. counter_only: keep the
-    model in `out` and train its counter afresh."""
+    model in `out` and train its counter afresh. checks: renders for the VAE's latent scale and the counter's check
+    (half as many for the VAE's round trip and the counter's check on samples); a smoke run passes fewer."""
     state_dir = os.path.join(out, ".train")
     os.makedirs(state_dir, exist_ok=True)
     t0 = time.time()
     if not counter_only:
-        vae = train_vae(vae_steps, 32, torch.Generator().manual_seed(seed), state_dir)
-        check = sample_batch(256, torch.Generator().manual_seed(seed + 1))
+        vae = train_vae(vae_steps, 32, torch.Generator().manual_seed(seed), state_dir, checks)
+        check = sample_batch(checks // 2, torch.Generator().manual_seed(seed + 1))
         with torch.no_grad():  # the VAE's round trip must keep what describe() reads, or no diffusion model can
             recon = (vae.decode(vae.encode(check[0] * 2 - 1).latent_dist.mode()).sample / 2 + 0.5).clamp(0, 1)
         print(f"vae: {time.time() - t0:.0f} s, describe() on its reconstructions: {score(describe(recon), check[1])}")
@@ -588,11 +589,11 @@ def train(out=MODEL_DIR, vae_steps=1500, unet_steps=8000, counter_steps=1500, po
                                                  torch.Generator().manual_seed(seed + 3), state_dir)
         save_model(out, vae, unet, text_encoder, tokenizer)
         print(f"unet + text encoder: {time.time() - t0:.0f} s")
-    train_and_save_counter(out, counter_steps, counter_samples, seed, state_dir, fresh=counter_only)
+    train_and_save_counter(out, counter_steps, counter_samples, seed, state_dir, fresh=counter_only, checks=checks)
     print(f"saved to {out} after {(time.time() - t0) / 60:.1f} minutes")
 
 
-def train_and_save_counter(out, steps, n_samples, seed, state_dir, fresh):
+def train_and_save_counter(out, steps, n_samples, seed, state_dir, fresh, checks=512):
     """The counter phase of train(): samples of the model in `out` (cached in state_dir, redrawn when the UNet
     checkpoint is newer, or when `fresh`), train_counter, its agreement with describe(), out/counter.safetensors."""
     from safetensors.torch import save_file
@@ -612,8 +613,8 @@ def train_and_save_counter(out, steps, n_samples, seed, state_dir, fresh):
         samples = model_samples(sd, split_captions()[0], n_samples, torch.Generator().manual_seed(seed + 6))
         torch.save(samples, samples_path)
     counter = train_counter(steps, 64, torch.Generator().manual_seed(seed + 4), state_dir, samples)
-    rendered, rendered_counts = counting_batch(512, torch.Generator().manual_seed(seed + 5))
-    drawn, drawn_counts = model_samples(sd, split_captions()[1], min(256, n_samples),
+    rendered, rendered_counts = counting_batch(checks, torch.Generator().manual_seed(seed + 5))
+    drawn, drawn_counts = model_samples(sd, split_captions()[1], min(checks // 2, n_samples),
                                         torch.Generator().manual_seed(seed + 7))
     with torch.no_grad():
         right = [(counter(x).round() == c).float().mean().item()

@@ -43,16 +43,19 @@ def run_here(script, *args, check=True):
     """Run a script in this process, as `python script args` would, and return what subprocess.run would (returncode,
     stdout, stderr); check: the run must succeed. A subprocess spends seconds importing torch, diffusers and
     transformers, which this process has already done. For runs that need no process of their own (what a signal, a
-    kill, torchrun or a peak-memory measurement tests runs in a subprocess); the signal handlers a script installs
-    are put back afterwards."""
+    kill, torchrun or a peak-memory measurement tests runs in a subprocess); what a script sets for the whole process
+    (signal handlers, torch's random state and thread count) is put back afterwards."""
     import signal
     import subprocess
+
+    import torch
     argv, out, err = sys.argv, io.StringIO(), io.StringIO()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
     sys.argv = [script, *map(str, args)]
     code = 0
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), torch.random.fork_rng(devices=[]):
             runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     except SystemExit as e:
         code = e.code or 0
@@ -60,6 +63,7 @@ def run_here(script, *args, check=True):
         sys.argv = argv
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        torch.set_num_threads(threads)
     if check:
         assert code == 0, err.getvalue()[-3000:]
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())

@@ -1,33 +1,31 @@
 """bench.py runs and prints its table; memory is flat in the number of DDIM steps with checkpointing (measured, not
-timed: tensor bytes counted exactly, which needs no fresh process per point, unlike RSS)."""
+timed: tensor bytes counted exactly, which needs no fresh process per point, unlike RSS). Both run in the test process
+(conftest.run_here): nothing they check depends on the process's RSS."""
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_here
 
 
-def bench(tmp_path, *args):
+def bench(tmp_path, monkeypatch, *args):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # already "set": bench.py does not re-execute itself
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *args, "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_here("bench.py", *args, "--json", out)
     return proc.stdout, json.loads(out.read_text())
 
 
-def test_memory_is_flat_in_the_number_of_steps(tmp_path):
+def test_memory_is_flat_in_the_number_of_steps(tmp_path, monkeypatch):
     # 128 px: one step's activations (12 MB) dwarf the tiny model's 5 MB of weights. The tensor bytes it checks are
     # exact in any process (fresh processes and warm-up runs are for the timing and RSS columns)
-    _, res = bench(tmp_path, "--steps-sweep", "2,6", "--resolution", "128", "--warmup", "0", "--repeats", "0")
+    _, res = bench(tmp_path, monkeypatch, "--steps-sweep", "2,6", "--resolution", "128", "--warmup", "0",
+                   "--repeats", "0")
     model_mb = res["config"]["model_mb"]
     growth = {row["checkpointed"]: row["growth_mb"] for row in res["rows"] if row["ddim_steps"] == 6}
     assert 0 <= growth[True] < 0.05 * model_mb, growth  # 4 more latents of 4 KB, nothing else
     assert growth[False] > 5 * model_mb, growth  # the measurement does see activations when they are kept
 
 
-def test_bench_prints_every_mode(tmp_path):
-    stdout, res = bench(tmp_path, "--repeats", "1", "--warmup", "0", "--ddim-steps", "4")
+def test_bench_prints_every_mode(tmp_path, monkeypatch):
+    stdout, res = bench(tmp_path, monkeypatch, "--repeats", "1", "--warmup", "0", "--ddim-steps", "4")
     assert [row["mode"] for row in res["rows"]] == ["sample", "all", "1", "rand", "lv:2", "drtune:2"]
     assert all(row["seconds"] > 0 and row["step_mb"] > 0 for row in res["rows"])
     kept = {row["mode"]: row["kept"] for row in res["rows"]}  # auto on a CPU: half the RAM fits every step here

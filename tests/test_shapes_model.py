@@ -75,7 +75,7 @@ def test_short_shapes_count_run_raises_the_counter_reward(tmp_path):
 
 def test_training_code_end_to_end_on_a_few_steps(tmp_path):
     out = str(tmp_path / "model")
-    shapes.train(out, vae_steps=2, unet_steps=2, counter_steps=2, pool=64, counter_samples=8)
+    shapes.train(out, vae_steps=2, unet_steps=2, counter_steps=2, pool=64, counter_samples=8, checks=64)
     sd = load_sd(out)
     assert sd.vae.config.scaling_factor > 0 and sd.tokenizer.model_max_length == shapes.MAX_TOKENS
     latents = ddim_sample(sd, encode_prompts(sd, ["a red circle"]), encode_prompts(sd, [""]),
@@ -91,6 +91,6 @@ def test_training_code_end_to_end_on_a_few_steps(tmp_path):
     state = torch.load(os.path.join(out, ".train", "unet.pt"), weights_only=True)
     assert state["step"] == 2
     drawn_at = os.path.getmtime(samples_path)
-    shapes.train(out, vae_steps=2, unet_steps=3, counter_steps=2, pool=64, counter_samples=8)  # one more UNet step
+    shapes.train(out, vae_steps=2, unet_steps=3, counter_steps=2, pool=64, counter_samples=8, checks=64)  # + 1 step
     assert torch.load(os.path.join(out, ".train", "unet.pt"), weights_only=True)["step"] == 3
     assert os.path.getmtime(samples_path) > drawn_at  # a new UNet: its samples are drawn again for the counter

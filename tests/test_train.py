@@ -223,10 +223,9 @@ def test_sample_py_refuses_a_non_finite_flag_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr == "error: --guidance must be a finite number, got nan\n"
 
 
-def test_unreachable_hub_is_a_short_message(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "nobody/no-such-model",
-                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+def test_unreachable_hub_is_a_short_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read when the hub is tried: as good as no network
+    proc = run_here("train.py", "--model", "nobody/no-such-model", "--out", tmp_path / "out", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--model tiny" in proc.stderr
 
@@ -245,15 +244,30 @@ def test_same_seed_same_rewards(tmp_path):
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    args = ["--model", "tiny", "--steps", 3, "--eval-every", 0, "--ddim-steps", 8, "--eval-n", 4]
-    two = run("train.py", "--out", tmp_path / "two", "--batch-size", 2, *args, launcher=TORCHRUN)
-    assert "global batch 4 images/step = 2 x 1 grad-accum x 2 processes" in two.stdout
-    assert "LoRA weights identical on all 2 processes" in two.stdout  # rank 1's weights are rank 0's, bit for bit
+def test_two_processes_skip_non_finite_steps_and_stop_together(tmp_path):
+    proc = run("train.py", "--out", tmp_path, "--steps", 20, "--lr", 1e30, "--max-grad-norm", 0, "--max-skips", 2,
+               *FAST, launcher=TORCHRUN, check=False)
+    assert proc.returncode != 0 and "2 steps in a row had a non-finite loss" in proc.stderr  # both ranks stopped
+    assert [x["skipped"] for x in metrics(tmp_path)] == [False, True, True]
+
+
+def test_two_processes_stopped_by_sigterm_and_resumed_equal_one_with_the_same_global_batch(tmp_path):
+    """torchrun, 2 processes of 2 images: torchrun passes SIGTERM on to every rank, they finish the step together and
+    rank 0 saves; resumed under torchrun, the run logs step for step what one process with a batch of 4 logs."""
+    steps = ["--steps", 4, "--save-every", 0, "--eval-every", 0]
+    status, stdout = signal_after(1, signal.SIGTERM, tmp_path / "two", *steps, *FAST, launcher=TORCHRUN)
+    assert "global batch 4 images/step = 2 x 1 grad-accum x 2 processes" in stdout
+    assert "stopped by SIGTERM" in stdout
+    done = len(metrics(tmp_path / "two"))
+    resumed = run("train.py", "--resume", tmp_path / "two", launcher=TORCHRUN)
+    assert f"at step {done}" in resumed.stdout
+    assert "LoRA weights identical on all 2 processes" in resumed.stdout  # rank 1's weights are rank 0's, bit for bit
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["global_batch"] == 4
-    run_here("train.py", "--out", tmp_path / "one", "--batch-size", 4, *args)
-    for x, y in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one"), strict=True):
+    run_here("train.py", "--out", tmp_path / "one", *steps, *FAST, "--batch-size", 4)
+    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert [x["step"] for x in two] == [x["step"] for x in one] == list(range(4))  # no step lost or logged twice
+    for x, y in zip(two, one):
         for key in ("reward_mean", "reward_std", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
     from safetensors.torch import load_file
@@ -261,23 +275,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in b])
     # The gradients agree to fp32 rounding, but AdamW moves each weight by about lr * sign(gradient), so a gradient
     # within rounding of 0 can flip its step: allow a few such entries, each by at most 2 * lr per step.
-    assert (diff > 1e-5).float().mean() < 0.03 and diff.max() < 2 * 1e-2 * 3
-
-
-def test_two_processes_skip_non_finite_steps_stop_and_resume_after_sigterm(tmp_path):
-    proc = run("train.py", "--out", tmp_path / "nan", "--steps", 20, "--lr", 1e30, "--max-grad-norm", 0,
-               "--max-skips", 2, *FAST, launcher=TORCHRUN, check=False)
-    assert proc.returncode != 0 and "2 steps in a row had a non-finite loss" in proc.stderr  # both ranks stopped
-    assert [x["skipped"] for x in metrics(tmp_path / "nan")] == [False, True, True]
-    # torchrun passes SIGTERM on to every rank: they finish the step together, rank 0 saves
-    out = tmp_path / "term"
-    status, stdout = signal_after(2, signal.SIGTERM, out, "--steps", 40, "--save-every", 0, "--eval-every", 0,
-                                  *FAST, launcher=TORCHRUN)
-    assert "stopped by SIGTERM" in stdout
-    done = len(metrics(out))
-    resumed = run("train.py", "--resume", out, "--steps", done + 2, launcher=TORCHRUN)
-    assert f"at step {done}" in resumed.stdout and "identical on all 2 processes" in resumed.stdout
-    assert [x["step"] for x in metrics(out)] == list(range(done + 2))
+    assert (diff > 1e-5).float().mean() < 0.03 and diff.max() < 2 * cfg["lr"] * 4
 
 
 def test_a_run_from_before_auto_resumes(tmp_path):
