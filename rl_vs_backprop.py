@@ -47,6 +47,8 @@ TASKS = {  # task -> (metric judged, higher is better?, {method: training reward
 }
 COMMON = ["--model", "shapes", "--ddim-steps", str(DDIM_STEPS), "--guidance", "7.5", "--lora-rank", "4",
           "--eval-every", "0", "--eval-n", "4"]  # same model, sampler, LoRA rank and prompts for both methods
+BACKPROP = ["--keep-activations", "0"]  # train.py: every step recomputed (flat memory), as the committed results were
+# measured; its default since, auto, keeps activations up to a memory budget: fewer minutes, more peak memory
 # The settings compared: each method's best in its sweep below (README: "Reward backprop against RL").
 RUNS = {
     ("compress", "backprop"): ["--batch-size", "4", "--lr", "1e-2"],
@@ -155,6 +157,8 @@ def run_stages(task, method, setting, flags, seed, stages):
         else:
             cmd = [script, "--out", out, "--reward", TASKS[task][2][method], "--seed", str(seed), "--steps",
                    str(steps), "--save-every", str(max(1, 32 // per_step)), *COMMON, *flags]  # a kill loses <= 32
+            if method == "backprop":
+                cmd += BACKPROP
         print(f"[{task} {method} {setting} seed {seed}] to {queries} queries: python {' '.join(cmd)}", flush=True)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # glibc returns freed blocks: peak RSS means memory
         t0 = time.time()

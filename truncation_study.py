@@ -49,7 +49,10 @@ LEVERS = [  # (name, mode, targets, more train.py flags): runs once the grid was
     ("guidance 3 in training", "all", "attn", ["--guidance", "3"]),  # a weaker prompt pull while training
 ]
 COMMON = ["--model", "shapes", "--reward", "shapes-count", "--ddim-steps", str(DDIM_STEPS), "--steps", "100000",
-          "--save-every", "5", "--eval-every", "0", "--eval-n", "4"]  # --steps: the budget stops the run, not this
+          "--save-every", "5", "--eval-every", "0", "--eval-n", "4",  # --steps: the budget stops the run, not this
+          "--keep-activations", "0"]  # every step recomputed, as the committed results were measured: train.py's
+# default since, auto, keeps activations where memory allows, which buys the modes with more steps with gradients
+# more steps per CPU minute (full backprop the most), so it would be a different study
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")  # one core per process
 lock = threading.Lock()
 
