@@ -308,8 +308,9 @@ def native_resolution(sd):
 
 def decode(sd, latents):
     """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]. With grad enabled the VAE decoder is checkpointed stage
-    by stage (its mid block, each up block, the output head), so backward holds one stage's activations at a time:
-    at 512 px the decoder's activations are the largest in the whole model."""
+    by stage (its mid block, each ResNet block and upsampler of its up blocks, the output head), so backward holds one
+    stage's activations at a time: at full resolution the decoder's activations are the largest in the whole model
+    (tiny model, 256 px: the last up block holds 120 MB for backward, one of its ResNet blocks 60 MB, a UNet step 34)."""
     z = latents / sd.vae.config.scaling_factor
     if getattr(sd.vae.config, "shift_factor", None):
         z = z + sd.vae.config.shift_factor
@@ -321,10 +322,20 @@ def decode(sd, latents):
             return (sd.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
     vae, dec = sd.vae, sd.vae.decoder  # diffusers' AutoencoderKL.decode, written out as a sequence of stages
     stages = [lambda z: dec.mid_block(dec.conv_in(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)),
-              *dec.up_blocks, lambda x: dec.conv_out(dec.conv_act(dec.conv_norm_out(x))).float()]
+              *(stage for block in dec.up_blocks for stage in _up_block_stages(block)),
+              lambda x: dec.conv_out(dec.conv_act(dec.conv_norm_out(x))).float()]
     with fp32:
         x = checkpoint(stages, z, [p for p in vae.parameters() if p.requires_grad])
     return (x / 2 + 0.5).clamp(0, 1)
+
+
+def _up_block_stages(block):
+    """A VAE decoder's up block as the steps its forward runs: each ResNet block (no time embedding in a VAE), then
+    the upsampler (diffusers' UpDecoderBlock2D.forward); another kind of block stays one stage."""
+    from diffusers.models.unets.unet_2d_blocks import UpDecoderBlock2D
+    if type(block) is not UpDecoderBlock2D:
+        return [block]
+    return [functools.partial(resnet, temb=None) for resnet in block.resnets] + list(block.upsamplers or [])
 
 
 def image_grid(images, nrow, pad=2, labels=None, title=None):
