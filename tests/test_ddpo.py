@@ -124,8 +124,7 @@ def test_ratio_is_one_on_the_first_inner_epoch_and_the_update_ascends(tmp_path):
     round); after one small AdamW step along its gradient the second epoch's ratios have moved and the surrogate
     -mean(A * ratio) has gone down (clip range 1: no clipping, so this is first order in the step)."""
     run_here("ddpo.py", "--reward", "jpeg", "--out", tmp_path / "r", "--steps", 1, "--samples-per-step", 4,
-             "--grad-accum", 2,
-        "--inner-epochs", 2, "--lr", 1e-3, "--clip-range", 1.0, *FAST)
+             "--grad-accum", 2, "--inner-epochs", 2, "--lr", 1e-3, "--clip-range", 1.0, *FAST)
     (m,) = metrics(tmp_path / "r")
     first, second = m["ratio_max_dev"]
     assert first < 1e-5 and second > 100 * max(first, 1e-7), m["ratio_max_dev"]

@@ -171,6 +171,6 @@ def test_sd2_v_prediction_at_768_runs_end_to_end(tmp_path):
     pipeline(sd).save_pretrained(tmp_path / "sd2")
     assert native_resolution(load_sd(str(tmp_path / "sd2"))) == 768
     run_here("train.py", "--model", tmp_path / "sd2", "--out", tmp_path / "out", "--steps", 1, "--resolution", 128,
-        "--ddim-steps", 2, "--batch-size", 1, "--eval-n", 1)
+             "--ddim-steps", 2, "--batch-size", 1, "--eval-n", 1)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["resolution"] == 128
     assert metrics(tmp_path / "out")[0]["reward_mean"] == metrics(tmp_path / "out")[0]["reward_mean"]  # not NaN

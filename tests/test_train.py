@@ -65,7 +65,7 @@ def test_run_directory(trained):
 def test_sample_compares_base_and_lora(trained, tmp_path):
     out, _ = trained
     proc = run_here("sample.py", "--lora", out / "lora.safetensors", "--prompts", "a llama", "a seal", "--n", 2,
-               "--reward", "compress", "--out", tmp_path / "grid.png")
+                    "--reward", "compress", "--out", tmp_path / "grid.png")
     assert (tmp_path / "grid.png").is_file()
     base, lora = (float(v) for v in proc.stdout.strip().splitlines()[-1].split("base")[1].split("-> LoRA"))
     assert lora > base
@@ -255,7 +255,7 @@ def test_two_processes_stopped_by_sigterm_and_resumed_equal_one_with_the_same_gl
     """torchrun, 2 processes of 2 images: torchrun passes SIGTERM on to every rank, they finish the step together and
     rank 0 saves; resumed under torchrun, the run logs step for step what one process with a batch of 4 logs."""
     steps = ["--steps", 4, "--save-every", 0, "--eval-every", 0]
-    status, stdout = signal_after(1, signal.SIGTERM, tmp_path / "two", *steps, *FAST, launcher=TORCHRUN)
+    _, stdout = signal_after(1, signal.SIGTERM, tmp_path / "two", *steps, *FAST, launcher=TORCHRUN)
     assert "global batch 4 images/step = 2 x 1 grad-accum x 2 processes" in stdout
     assert "stopped by SIGTERM" in stdout
     done = len(metrics(tmp_path / "two"))
