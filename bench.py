@@ -37,10 +37,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from lora import inject_lora  # noqa: E402
+from model import decode, encode_prompts, latent_shape, load_sd, native_resolution  # noqa: E402
 from rewards import load_reward  # noqa: E402
 from runs import activations_to_keep, memory_budget  # noqa: E402
-from sampler import (ddim_sample, decode, encode_prompts, latent_shape, load_sd, native_resolution,  # noqa: E402
-                     parse_backprop)
+from sampler import ddim_sample, parse_backprop  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, 'tiny' or 'tiny-xl'")

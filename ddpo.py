@@ -35,14 +35,15 @@ import time
 import torch
 from tqdm import tqdm
 
+from grid import image_grid
 from lora import TARGET_SETS
+from model import DEFAULT_MODEL, decode, encode_prompts, native_resolution
 from rewards import REWARDS
 from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, die, gather, info, inject_adapters,
                   load_checkpoint, load_model_and_reward, log_metrics, lora_targets, machine_defaults, plot_rewards,
                   read_metrics, refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes,
                   write_config)
-from sampler import (DEFAULT_MODEL, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode, encode_prompts,
-                     guidance_context, guided_output, image_grid, native_resolution)
+from sampler import ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output
 
 # -----------------------------------------------------------------------------
 # advantages and the PPO loss: the whole of the method that is not sampling

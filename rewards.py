@@ -33,7 +33,7 @@ image processor (resize, crop, normalise), so the gradient reaches the pixels.
               see parse_count): the soft count of the open-vocabulary detector OWL-ViT (Minderer et al. 2022,
               arXiv:2205.06230) queried with "a photo of a <noun>". Downloads google/owlvit-base-patch32 (0.6 GB).
   shapes-count  minus the count error beyond rounding for the shapes model's prompts, from a small learned counter
-              (ShapeCounter below; its weights ship in models/shapes). Nothing to download.
+              (shapes.ShapeCounter; its weights ship in models/shapes). Nothing to download.
   shapes-count-exact
               minus |count - n| as shapes.describe() reads it, for the shapes model's prompts: the exact count error,
               with no gradient (for ddpo.py); `shapes-count` is its learned, differentiable stand-in.
@@ -397,15 +397,20 @@ def parse_count(prompt):
     return n, phrase[-1] if n == 1 else singular(phrase[-1])
 
 
-COUNTING_REWARDS = ("count", "shapes-count", "shapes-count-exact")  # they read a number of objects from each prompt
+SHAPES_REWARDS = ("shapes-count", "shapes-count-exact")  # they read the count from the shapes grammar's captions
 
 
 def check_prompts(spec, prompts):
-    """ValueError (from parse_count) for the first prompt that a reward of `spec` cannot score: run it before training,
-    not at the first step that draws the prompt."""
-    if {name for name, _ in parse_reward_spec(spec)} & set(COUNTING_REWARDS):
-        for prompt in prompts:
+    """ValueError for the first prompt that a reward of `spec` cannot score: run it before training, not at the first
+    step that draws the prompt. `count` needs a count in every prompt (parse_count); the shapes rewards need captions
+    of the shapes grammar (shapes.parse_caption)."""
+    names = {name for name, _ in parse_reward_spec(spec)}
+    for prompt in prompts:
+        if "count" in names:
             parse_count(prompt)
+        if names & set(SHAPES_REWARDS):
+            from shapes import parse_caption
+            parse_caption(prompt)
 
 
 COUNT_QUERY = "a photo of a {}"  # CLIP's prompt template, which OWL-ViT's text queries use (Minderer et al. 2022)
@@ -443,66 +448,20 @@ class ObjectCount(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# shapes-count: the same question for the coloured-shapes model (shapes.py), asked of a small learned counter
-
-SHAPE_COUNTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes", "counter.safetensors")
-
-
-class ShapeCounter(nn.Module):
-    """images (B, 3, H, W) in [0, 1] -> soft count of shapes (B,): a small CNN predicts a density map, one unit of
-    mass per shape, and sums it (counting by density, Lempitsky & Zisserman 2010). `python shapes.py --train` fits it
-    to rendered images of 0 to 5 shapes, blurred and noised, and to the shapes model's own samples counted by
-    shapes.describe(); like any learned reward it can still be fooled, which is what describe() is there to catch."""
-
-    def __init__(self, width=32):
-        super().__init__()
-        w = width
-        self.net = nn.Sequential(  # 64 px -> 8x8 density cells, each seeing ~40 px: a whole shape
-            nn.Conv2d(3, w, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(w, w, 3, padding=1, stride=2), nn.SiLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1, stride=2), nn.SiLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.SiLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(2 * w, 1, 1))
-
-    def forward(self, images):
-        return F.softplus(self.net(images * 2 - 1)).sum((1, 2, 3))
-
-
-class ShapesCount(nn.Module):
-    """-max(|counted shapes - n| - 1/2, 0) for prompts of shapes.py's grammar ("three red circles": n = 3, by
-    parse_count): how far the soft count is from rounding to n. An image whose count rounds to n scores 0 and sends no
-    gradient. Why not -|c - n| as for OWL-ViT: a counter that reads right images a little high (the first one, trained
-    on renders alone, read four right shapes as 4.17 on average) makes -|c - n| push every right image towards fewer
-    shapes with full force; measured with that counter (global batch 32, lr 2e-3, 25 steps), it emptied a third of the
-    "a ..." images and cost 13 points of count accuracy, where this form at lr 3e-3 lost none of colour or shape."""
-
-    def __init__(self, counter):
-        super().__init__()
-        self.counter = counter
-
-    def forward(self, images, prompts):
-        targets = torch.tensor([parse_count(p)[0] for p in prompts], dtype=torch.float32, device=images.device)
-        error = (self.counter(images.to(next(self.counter.parameters()).dtype)).float() - targets).abs()
-        return -(error - 0.5).clamp(min=0)
-
-
-def shapes_count_exact(images, prompts):
-    """-|describe()'s count - n| for prompts of shapes.py's grammar: the exact count error, no gradient."""
-    from shapes import describe  # imported here: rewards.py stays usable without shapes.py beside it
-    targets = torch.tensor([parse_count(p)[0] for p in prompts], dtype=torch.float32)
-    counts = torch.tensor([d["count"] for d in describe(images)], dtype=torch.float32)
-    return -(counts - targets).abs().to(images.device)
+# shapes-count and shapes-count-exact: the shapes world's own (shapes.py), served here under their names
 
 
 def load_shapes_count(device, dtype):
-    from safetensors.torch import load_file
-    if not os.path.isfile(SHAPE_COUNTER):
-        raise RewardLoadError(f"no counter weights at {SHAPE_COUNTER}: they ship with the repository, or train them "
+    from shapes import COUNTER_WEIGHTS, load_counter_reward
+    if not os.path.isfile(COUNTER_WEIGHTS):
+        raise RewardLoadError(f"no counter weights at {COUNTER_WEIGHTS}: they ship with the repository, or train them "
                               "with python shapes.py --train")
-    counter = ShapeCounter()
-    counter.load_state_dict(load_file(SHAPE_COUNTER))
-    return frozen(ShapesCount(counter), device, dtype)
+    return frozen(load_counter_reward(COUNTER_WEIGHTS), device, dtype)
+
+
+def load_shapes_count_exact(device, dtype):
+    from shapes import shapes_count_exact
+    return shapes_count_exact
 
 
 # -----------------------------------------------------------------------------
@@ -649,7 +608,7 @@ REWARDS = {  # name -> loader(device, dtype) -> fn(images, prompts) -> (B,)
     "count": load_count,
     "shapes-count": load_shapes_count,
     "jpeg": lambda device, dtype: jpeg,
-    "shapes-count-exact": lambda device, dtype: shapes_count_exact,
+    "shapes-count-exact": load_shapes_count_exact,
 }
 NO_GRADIENT = ("jpeg", "shapes-count-exact")  # measured, not modelled: their values carry no gradient to the pixels
 

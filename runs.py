@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 
 from lora import inject_lora, parse_targets, save_lora
+from model import DEFAULT_MODEL, SHAPES_DIR, ModelLoadError, latent_shape, load_sd, native_resolution, vae_scale_factor
 from rewards import RewardLoadError, check_prompts, load_reward, parse_reward_spec
-from sampler import (DEFAULT_MODEL, SHAPES_DIR, ModelLoadError, latent_shape, load_sd, native_resolution,
-                     step_activation_bytes, steps_with_gradient, vae_scale_factor)
+from sampler import step_activation_bytes, steps_with_gradient
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

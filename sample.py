@@ -12,11 +12,12 @@ import os
 
 import torch
 
+from grid import image_grid
 from lora import load_lora
+from model import DEFAULT_MODEL, ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution
 from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
 from runs import check_numbers, die, warn_unknown_words
-from sampler import (DEFAULT_MODEL, ModelLoadError, ddim_sample, decode, encode_prompts, image_grid, latent_shape,
-                     load_sd, native_resolution)
+from sampler import ddim_sample
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--lora", required=True, help="a LoRA file written by train.py (or lora.save_lora)")

@@ -1,6 +1,6 @@
-"""Stable Diffusion loading and a DDIM sampler you can backpropagate through.
+"""A DDIM sampler you can backpropagate through: gradient checkpointing, the backprop modes, and the RL rollout.
 
-    sd = load_sd("tiny", "cpu", torch.float32)          # or "shapes", a hub id, or a local diffusers directory
+    sd = load_sd("tiny")                                 # model.py: the parts, and the conditioning and decoding
     cond, uncond = encode_prompts(sd, ["a cat"]), encode_prompts(sd, [""])
     latents = torch.randn(1, *latent_shape(sd, 64))      # (B, 4, h, w)
     images = decode(sd, ddim_sample(sd, cond, uncond, latents, steps=20, backprop=1))   # (B, 3, H, W) in [0, 1]
@@ -10,204 +10,20 @@ With grad enabled, `ddim_sample` keeps only the latents between steps: the steps
 checkpointing, written out below), so each step's UNet activations are recomputed during backward and memory stays
 flat in the number of steps. `backprop` truncates the chain: steps before the window run under `no_grad` and build
 no graph. Under `torch.no_grad()` it is a plain DDIM sampler that matches diffusers' `DDIMScheduler` to fp32 precision.
+`ddim_rollout` samples the same chain and keeps what policy-gradient RL needs (ddpo.py). This file imports nothing
+of the project's: `sd` is what model.load_sd returns, or any object with its `unet`, `vae`, `scheduler` (a
+DDIMScheduler) and `text_encoder_2` (None but for SDXL).
 
 References: DDIM, Song et al. 2021 (arXiv:2010.02502), Eq. 12 and 16; classifier-free guidance, Ho & Salimans 2022;
 v-prediction, Salimans & Ho 2022 (arXiv:2202.00512); AlignProp, Prabhudesai et al. 2023 (arXiv:2310.03739);
 DRaFT-K and DRaFT-LV, Clark et al. 2023 (arXiv:2309.17400); DRTune, Wu et al. 2024 (arXiv:2405.00760); gradient
-checkpointing, Chen et al. 2016 (arXiv:1604.06174).
+checkpointing, Chen et al. 2016 (arXiv:1604.06174); DDPO, Black et al. 2023 (arXiv:2305.13301).
 """
 import contextlib
-import copy
 import functools
-import json
 import math
-import os
-import socket
-import tempfile
-import urllib.parse
-import warnings
-from dataclasses import dataclass
 
 import torch
-
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SHAPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes")  # load_sd("shapes")
-
-
-@dataclass
-class SD:
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler: object
-    text_encoder_2: torch.nn.Module = None  # SDXL only: the second text encoder (with projection) and its tokenizer
-    tokenizer_2: object = None
-    force_zeros_for_empty_prompt: bool = False  # SDXL: the empty prompt's conditioning is zeros, as its pipeline does
-
-
-SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionXLPipeline": "SDXL"}
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says what to do instead."""
-
-
-# -----------------------------------------------------------------------------
-# loading
-
-
-def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
-    """Load a Stable Diffusion (1.x, 2.x or XL): a hub id, a local diffusers-format directory, "tiny" / "tiny-xl"
-    (random weights, built offline) or "shapes" (the coloured-shapes model trained by shapes.py, in models/shapes).
-
-    All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is always a DDIMScheduler. An SDXL
-    VAE whose config says `force_upcast` stays in fp32 when the rest is fp16 (it overflows in fp16), and decode() runs
-    it outside autocast."""
-    if model in ("tiny", "tiny-xl"):
-        sd = _build_tiny(xl=model == "tiny-xl")
-    elif model == "shapes":
-        if not os.path.isfile(os.path.join(SHAPES_DIR, "unet", "config.json")):
-            raise ModelLoadError(f"no shapes model in {SHAPES_DIR}: train it with python shapes.py --train")
-        sd = _from_pretrained(SHAPES_DIR, dtype)
-    else:
-        sd = _from_pretrained(model, dtype)
-    upcast_vae = sd.text_encoder_2 is not None and sd.vae.config.get("force_upcast") and dtype == torch.float16
-    for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2):
-        if m is None:
-            continue
-        m.requires_grad_(False).eval().to(device)
-        want = torch.float32 if m is sd.vae and upcast_vae else dtype
-        if next(m.parameters()).dtype != want:
-            m.to(want)
-    return sd
-
-
-def _from_pretrained(model, dtype):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    def load(local_only):  # weights come in the run's dtype: no full-precision copy on the way
-        kw = dict(pretrained_model_name_or_path=model, local_files_only=local_only)
-        index = _model_index(model, local_only)
-        kind = index.get("_class_name", "StableDiffusionPipeline")  # a bare directory of SD 1.x parts has no index
-        if kind not in SUPPORTED:
-            raise ModelLoadError(f"{model} is a {kind}, which this project does not support; supported: "
-                                 + ", ".join(f"{v} ({k})" for k, v in SUPPORTED.items()))
-        xl = kind == "StableDiffusionXLPipeline"
-        with warnings.catch_warnings():  # diffusers passes an argument that newer huggingface_hub deprecates
-            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
-            sd = SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", torch_dtype=dtype, **kw),
-                    vae=AutoencoderKL.from_pretrained(subfolder="vae", torch_dtype=dtype, **kw),
-                    text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", dtype=dtype, **kw),
-                    tokenizer=CLIPTokenizer.from_pretrained(subfolder="tokenizer", **kw),
-                    scheduler=DDIMScheduler.from_pretrained(subfolder="scheduler", **kw))
-            if xl:  # the second text encoder, and the pipeline's convention for the empty prompt
-                sd.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(subfolder="text_encoder_2",
-                                                                                dtype=dtype, **kw)
-                sd.tokenizer_2 = CLIPTokenizer.from_pretrained(subfolder="tokenizer_2", **kw)
-                sd.force_zeros_for_empty_prompt = index.get("force_zeros_for_empty_prompt", True)
-        if sd.unet.config.in_channels != sd.unet.config.out_channels:
-            raise ModelLoadError(f"{model}'s UNet takes {sd.unet.config.in_channels} input channels for "
-                                 f"{sd.unet.config.out_channels} output ones (an inpainting or image-conditioned "
-                                 "model); supported are text-to-image models")
-        return sd
-
-    if os.path.isdir(model):
-        if not os.path.isfile(os.path.join(model, "unet", "config.json")):
-            raise ModelLoadError(f"{model} is not a diffusers Stable Diffusion directory (no unet/config.json); "
-                                 "make one with pipe.save_pretrained(dir), or use --model tiny")
-        return load(local_only=True)
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise ModelLoadError(f"no such model directory: {model} (a hub id looks like 'owner/name')")
-    try:  # the Hugging Face cache first: no network needed for a model downloaded before
-        return load(local_only=True)
-    except OSError:
-        pass
-    if not _hub_reachable():  # fail in seconds, not after a minute of retries and a long traceback
-        raise ModelLoadError(f"cannot download {model}: the Hugging Face hub is unreachable and the model is not in "
-                             "the local cache. Pass a local diffusers directory (--model path/to/dir) or --model tiny.")
-    try:
-        return load(local_only=False)
-    except OSError as e:
-        raise ModelLoadError(f"cannot load {model} from the hub: {str(e).splitlines()[0]}") from None
-
-
-def _model_index(model, local_only):
-    """The pipeline's model_index.json ({} for a directory without one): what kind of model this is."""
-    if os.path.isdir(model):
-        path = os.path.join(model, "model_index.json")
-        if not os.path.isfile(path):
-            return {}
-    else:
-        from huggingface_hub import hf_hub_download
-        path = hf_hub_download(model, "model_index.json", local_files_only=local_only)
-    with open(path) as f:
-        return json.load(f)
-
-
-def _hub_reachable(timeout=3.0):
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    from huggingface_hub import constants
-    url = urllib.parse.urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _build_tiny(xl=False):
-    """A miniature Stable Diffusion from the real diffusers/transformers classes, with small configs and fixed-seed
-    weights (identical on every call). 64 px images, 8x8x4 latents; a few ms per UNet call on a CPU. The tokenizer is
-    CLIP's BPE over single characters (no merges), since CLIP's real vocabulary cannot be built offline.
-    xl: a miniature SDXL instead (two text encoders, the second with a projection; a "text_time" UNet)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
-    symbols = list(chars) + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as d:  # the portable way to build a CLIPTokenizer: from vocab/merges files
-        with open(os.path.join(d, "vocab.json"), "w") as f:
-            json.dump({s: i for i, s in enumerate(symbols)}, f)
-        with open(os.path.join(d, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        tokenizer = CLIPTokenizer.from_pretrained(d, model_max_length=77)
-
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(0)  # fixed-seed weights, without disturbing the caller's RNG stream
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(symbols), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=len(symbols) - 2, eos_token_id=len(symbols) - 1,
-        pad_token_id=len(symbols) - 1))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16)
-    vae = AutoencoderKL(  # four blocks, so the VAE downsamples by 8 like SD's
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=16, sample_size=64)
-    scheduler = DDIMScheduler(  # SD 1.x's schedule and conventions (SDXL's are the same)
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    sd = SD(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-    if xl:  # SDXL's layout in miniature: cross-attention on both encoders' states side by side (32 + 32), and the
-        torch.manual_seed(1)  # pooled projection (32) + 6 size/crop numbers (8 dims each) added to the time embedding
-        sd.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(text_encoder.config.to_dict(),
-                                                                              projection_dim=32)))
-        sd.tokenizer_2 = copy.deepcopy(tokenizer)
-        sd.force_zeros_for_empty_prompt = True
-        sd.unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-            attention_head_dim=8, norm_num_groups=16, use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
-    torch.random.set_rng_state(rng_state)
-    return sd
 
 
 # -----------------------------------------------------------------------------
@@ -262,118 +78,6 @@ class _Recompute(torch.autograd.Function):
         total = iter(total)
         return None, grad, *(next(total) if need else None for need in ctx.needs_input_grad[2:])
 
-
-# -----------------------------------------------------------------------------
-# prompts, shapes, decoding
-
-
-def encode_prompts(sd, prompts):
-    """Prompts -> the conditioning the UNet reads, as diffusers' pipelines build it (token ids padded to the
-    tokenizer's max length). SD 1.x / 2.x: the text encoder's last hidden states (B, L, D).
-    SDXL: both encoders' penultimate hidden states side by side (B, L, D1 + D2), then one more row holding the second
-    encoder's pooled projection (its first P entries, zeros after): (B, L + 1, D1 + D2). Packed so, the conditioning
-    indexes, expands and concatenates as SD 1.x's does; guided_output takes the row off again. An empty prompt's
-    conditioning is all zeros where the model says force_zeros_for_empty_prompt (SDXL's unconditional convention)."""
-    def ids(tokenizer, device):
-        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(device)
-    if sd.text_encoder_2 is None:
-        return sd.text_encoder(ids(sd.tokenizer, sd.text_encoder.device))[0]
-    hidden = []
-    for tokenizer, encoder in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
-        out = encoder(ids(tokenizer, encoder.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-    hidden = torch.cat(hidden, -1)  # (B, L, D1 + D2)
-    pooled = torch.nn.functional.pad(out.text_embeds, (0, hidden.shape[-1] - out.text_embeds.shape[-1]))  # (B, D)
-    cond = torch.cat([hidden, pooled[:, None].to(hidden.dtype)], 1)  # (B, L + 1, D1 + D2)
-    if sd.force_zeros_for_empty_prompt:
-        cond = cond * torch.tensor([p != "" for p in prompts], dtype=cond.dtype, device=cond.device)[:, None, None]
-    return cond
-
-
-def vae_scale_factor(sd):
-    return 2 ** (len(sd.vae.config.block_out_channels) - 1)  # 8 for SD: one 2x downsample between blocks
-
-
-def latent_shape(sd, resolution):
-    """(C, h, w) of the latents for square images of `resolution` pixels."""
-    f = vae_scale_factor(sd)
-    assert resolution % f == 0, f"resolution {resolution} is not divisible by the VAE's factor {f}"
-    return (sd.unet.config.in_channels, resolution // f, resolution // f)
-
-
-def native_resolution(sd):
-    return sd.unet.config.sample_size * vae_scale_factor(sd)
-
-
-def decode(sd, latents):
-    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]. With grad enabled the VAE decoder is checkpointed stage
-    by stage (its mid block, each ResNet block and upsampler of its up blocks, the output head), so backward holds one
-    stage's activations at a time: at full resolution the decoder's are the largest in the whole model (SD 1.5's
-    architecture, 256 px: a step's peak 1914 MB with whole up blocks as stages, 1735 MB with their ResNet blocks)."""
-    z = latents / sd.vae.config.scaling_factor
-    if getattr(sd.vae.config, "shift_factor", None):
-        z = z + sd.vae.config.shift_factor
-    z = z.to(sd.vae.dtype)
-    # an fp32 VAE in a half-precision run is an SDXL VAE kept in fp32 (load_sd): autocast would halve it again
-    fp32 = torch.autocast(z.device.type, enabled=False) if sd.vae.dtype == torch.float32 else contextlib.nullcontext()
-    if not torch.is_grad_enabled():
-        with fp32:
-            return (sd.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
-    vae, dec = sd.vae, sd.vae.decoder  # diffusers' AutoencoderKL.decode, written out as a sequence of stages
-    stages = [lambda z: dec.mid_block(dec.conv_in(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)),
-              *(stage for block in dec.up_blocks for stage in _up_block_stages(block)),
-              lambda x: dec.conv_out(dec.conv_act(dec.conv_norm_out(x))).float()]
-    with fp32:
-        x = checkpoint(stages, z, [p for p in vae.parameters() if p.requires_grad])
-    return (x / 2 + 0.5).clamp(0, 1)
-
-
-def _up_block_stages(block):
-    """A VAE decoder's up block as the steps its forward runs: each ResNet block (no time embedding in a VAE), then
-    the upsampler (diffusers' UpDecoderBlock2D.forward); another kind of block stays one stage."""
-    from diffusers.models.unets.unet_2d_blocks import UpDecoderBlock2D
-    if type(block) is not UpDecoderBlock2D:
-        return [block]
-    return [functools.partial(resnet, temb=None) for resnet in block.resnets] + list(block.upsamplers or [])
-
-
-def image_grid(images, nrow, pad=2, labels=None, title=None):
-    """Images (B, 3, H, W) in [0, 1] -> one PIL image, `nrow` images per row, on a white background. `labels` (one
-    string per image, e.g. its prompt) are written above each image and `title` above the grid, wrapped to fit, so
-    that a picture read alone says what it shows."""
-    from PIL import Image, ImageDraw, ImageFont
-    B, C, H, W = images.shape
-    rows = -(-B // nrow)
-    width = nrow * (W + pad) + pad
-    font = ImageFont.load_default(size=max(10, W // 24))  # Pillow's own font: legible on 64 px and on 512 px images
-    line = font.size + 2
-    lines = [_wrap(text, font, W) for text in labels] if labels else [[]] * B
-    strip = line * max(len(t) for t in lines)  # the label band above each row of images
-    heading = _wrap(title, font, width - 2 * pad) if title else []
-    top = line * len(heading) + (pad if heading else 0)
-    grid = Image.new("RGB", (width, top + rows * (strip + H + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for k, text in enumerate(heading):
-        draw.text((pad, pad + k * line), text, fill="black", font=font)
-    pixels = (images.detach().float().cpu().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-    for i in range(B):
-        x, y = pad + (i % nrow) * (W + pad), top + pad + (i // nrow) * (strip + H + pad)
-        for k, text in enumerate(lines[i]):
-            draw.text((x, y + k * line), text, fill="black", font=font)
-        grid.paste(Image.fromarray(pixels[i]), (x, y + strip))
-    return grid
-
-
-def _wrap(text, font, width):
-    """Greedy word wrap of `text` to lines at most `width` pixels wide in `font` (a longer word keeps its own line)."""
-    lines = []
-    for word in text.split():
-        if lines and font.getlength(lines[-1] + " " + word) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
-    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -563,7 +267,8 @@ def guided_output(sd, x, t, context, guidance):
     extra = {}
     if sd.text_encoder_2 is not None:  # SDXL: the pooled row (encode_prompts), and the size/crop "time ids"
         context, pooled = context[:, :-1], context[:, -1, :sd.text_encoder_2.config.projection_dim]
-        h, w = (n * vae_scale_factor(sd) for n in x.shape[-2:])  # original size = target size, crop at (0, 0)
+        f = 2 ** (len(sd.vae.config.block_out_channels) - 1)  # the VAE's downsampling factor: 8 for SDXL
+        h, w = (n * f for n in x.shape[-2:])  # original size = target size, crop at (0, 0)
         time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=context.dtype, device=context.device)
         extra = dict(added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids.expand(len(context), 6)))
     out = sd.unet((torch.cat([x, x]) if cfg else x).to(sd.unet.dtype), t, encoder_hidden_states=context,

@@ -25,14 +25,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from grid import image_grid
 from lora import TARGET_SETS
+from model import DEFAULT_MODEL, decode, encode_prompts, native_resolution
 from rewards import REWARDS, without_gradient
 from runs import (DTYPES, StopOnSignal, activations_to_keep, agree, average_gradients, check_numbers, die, gather,
                   info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
                   machine_defaults, memory_budget, parse_keep, peak_memory, plot_rewards, read_metrics,
                   refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes, write_config)
-from sampler import (DEFAULT_MODEL, ddim_sample, decode, encode_prompts, image_grid, native_resolution, parse_backprop,
-                     steps_with_gradient)
+from sampler import ddim_sample, parse_backprop, steps_with_gradient
 
 # -----------------------------------------------------------------------------
 # flags
@@ -93,8 +94,8 @@ if without_gradient(args.reward):
         "on its differentiable stand-in (jpeg -> compress, shapes-count-exact -> shapes-count), or use ddpo.py")
 if args.lr is None:
     args.lr = 1e-2 if args.model in ("tiny", "tiny-xl") else 1e-3
-# The count demo (the shapes model, --reward shapes-count) runs truncation_study.py's best setting (README); a run
-# resumed from before --lora-targets existed had attention-only adapters
+# The count demo (the shapes model, --reward shapes-count) runs studies/truncation_study.py's best setting (docs); a
+# run resumed from before --lora-targets existed had attention-only adapters
 demo = (args.model, args.reward) == ("shapes", "shapes-count") and not args.resume
 if args.steps is None:
     args.steps = 100 if demo else 50

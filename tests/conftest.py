@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sampler import load_sd  # noqa: E402
+from model import load_sd  # noqa: E402
 
 
 @pytest.fixture

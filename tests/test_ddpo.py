@@ -73,11 +73,11 @@ def test_the_rl_gradient_measured_in_the_readme_is_ddpo_s_update(tiny):
     """rl_vs_backprop.gradient_estimates' score-function estimate (the README's 'RL' column) is the gradient ddpo.py
     follows: minus the PPO surrogate's gradient at ratio 1, summed over the steps, times the latent's size (DDPO
     averages the log-density over it), on the same trajectories and advantages r - mean r."""
-    import rl_vs_backprop
+    from studies import rl_vs_backprop
     from lora import inject_lora
+    from model import decode, encode_prompts, latent_shape
     from rewards import load_reward
-    from sampler import (ddim_logprob, ddim_rollout, ddim_transition, decode, encode_prompts, guidance_context,
-                         guided_output, latent_shape)
+    from sampler import ddim_logprob, ddim_rollout, ddim_transition, guidance_context, guided_output
     params = inject_lora(tiny.unet, rank=4)
     with torch.no_grad():  # away from up = 0, so that every LoRA weight has a gradient
         for p in params:

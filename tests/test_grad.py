@@ -5,8 +5,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from lora import inject_lora
+from model import decode, encode_prompts, latent_shape
 from rewards import compress
-from sampler import ddim_sample, decode, drtune_steps, encode_prompts, latent_shape
+from sampler import ddim_sample, drtune_steps
 
 PROMPTS = ["a cat", "a dog"]
 STEPS = 6

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from conftest import pipeline
 from lora import (DEFAULT_TARGETS, LoRAConv2d, LoRALinear, inject_lora, load_lora, lora_layers, merge_lora,
                   parse_targets, read_lora_config, save_lora)
-from sampler import load_sd
+from model import load_sd
 
 
 def unet_out(sd, seed=0):

@@ -6,9 +6,10 @@ import torch
 from diffusers import DDIMScheduler
 
 from conftest import pipeline
-from sampler import (ModelLoadError, backprop_window, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode,
-                     drtune_steps, encode_prompts, guidance_context, guided_output, image_grid, latent_shape, load_sd,
-                     native_resolution, parse_backprop, step_activation_bytes, steps_with_gradient)
+from grid import image_grid
+from model import ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution
+from sampler import (backprop_window, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, drtune_steps,
+                     guidance_context, guided_output, parse_backprop, step_activation_bytes, steps_with_gradient)
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 

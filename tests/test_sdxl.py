@@ -11,8 +11,9 @@ from diffusers import DDIMScheduler
 
 from conftest import pipeline, refused, run_here
 from lora import inject_lora, save_lora
+from model import decode, encode_prompts, latent_shape, native_resolution
 from rewards import compress
-from sampler import ddim_sample, decode, encode_prompts, latent_shape, native_resolution
+from sampler import ddim_sample
 from test_train import FAST, metrics
 
 PROMPTS = ["a cat", "a red dog on the grass"]
@@ -120,7 +121,7 @@ def test_our_lora_file_loads_in_the_stock_sdxl_pipeline(tiny_xl, tmp_path):
     with torch.no_grad():
         want = ours(tiny_xl, x, 4, 5.0)
     save_lora(tiny_xl.unet, tmp_path / "lora.safetensors")
-    from sampler import load_sd
+    from model import load_sd
     pipe = pipeline(load_sd("tiny-xl"))
     pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
     torch.testing.assert_close(stock(None, x, 4, 5.0, pipe=pipe), want, rtol=1e-5, atol=1e-5 * want.abs().max())
@@ -128,7 +129,7 @@ def test_our_lora_file_loads_in_the_stock_sdxl_pipeline(tiny_xl, tmp_path):
 
 @pytest.fixture(scope="module")
 def xl_dir(tmp_path_factory):
-    from sampler import load_sd
+    from model import load_sd
     path = tmp_path_factory.mktemp("tiny-xl")
     pipeline(load_sd("tiny-xl")).save_pretrained(path)
     return path
@@ -164,7 +165,7 @@ def test_sd2_v_prediction_at_768_runs_end_to_end(tmp_path):
     sample size). The sampler's v-prediction parity is in test_sampler; here train.py runs it end to end, at 128 px
     for the suite's time (one step at its native 768 px takes ~1 minute on 2 cores)."""
     from diffusers import UNet2DConditionModel
-    from sampler import load_sd
+    from model import load_sd
     sd = load_sd("tiny")
     sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config, prediction_type="v_prediction")
     sd.unet = UNet2DConditionModel.from_config(sd.unet.config, sample_size=96)  # SD 2's 96x96 latents

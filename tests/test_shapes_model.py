@@ -9,8 +9,10 @@ import torch
 
 import shapes
 from conftest import run_here
-from rewards import ShapesCount, load_reward
-from sampler import ddim_sample, decode, encode_prompts, latent_shape, load_sd, vae_scale_factor
+from model import decode, encode_prompts, latent_shape, load_sd, vae_scale_factor
+from rewards import load_reward
+from sampler import ddim_sample
+from shapes import ShapesCount
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_short_shapes_count_run_raises_the_counter_reward(tmp_path):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"] == "shapes"  # the default without a GPU
     before, after = (float(v) for v in proc.stdout.strip().splitlines()[-1].split(":")[1].split("after")[0].split("->"))
-    # measured -0.456 -> -0.338: only the images counted wrong send a gradient (rewards.ShapesCount), so the
+    # measured -0.456 -> -0.338: only the images counted wrong send a gradient (shapes.ShapesCount), so the
     # rise is smaller than -|c - n|'s was and the margin leaves room for other platforms' rounding
     assert after > before + 0.05, (before, after)
 

@@ -1,9 +1,9 @@
 """Where the gradient enters: which backprop truncation, and which layers, align the shapes model's count.
 
-    python truncation_study.py                  # every setting, two at a time (~50 min on 2 cores), then the table
-    python truncation_study.py --only drtune:4/attn+conv   # one setting (10 CPU minutes + judging)
-    python truncation_study.py --levers         # then the other levers in LEVERS, on the grid's findings
-    python truncation_study.py --report         # the table, from docs/truncation-study-results.jsonl
+    python studies/truncation_study.py            # every setting, two at a time (~50 min on 2 cores), then the table
+    python studies/truncation_study.py --only drtune:4/attn+conv   # one setting (10 CPU minutes + judging)
+    python studies/truncation_study.py --levers   # then the other levers in LEVERS, on the grid's findings
+    python studies/truncation_study.py --report   # the table, from studies/truncation-study-results.jsonl
 
 Every run is `train.py --model shapes --reward shapes-count` (reward backprop on the learned counter, the defaults
 otherwise) with one --backprop mode and one --lora-targets set, for the same budget of CPU time: BUDGET_MINUTES of one
@@ -12,7 +12,7 @@ other or with anything else get the same compute). When the budget is spent the 
 and saves (train.py's own signal handling). Its LoRA is then judged by describe() on the held-out prompts (JUDGE_N
 samples, fixed seeds, the runs' DDIM steps): count, colour and shape accuracy; the counter's reward on the same
 images; and how often the counter's rounded count agrees with describe()'s - a counter fooled by the run's images
-(reward hacking) shows there first. Each judged run is a line of docs/truncation-study-results.jsonl (committed: the
+(reward hacking) shows there first. Each judged run is a line of studies/truncation-study-results.jsonl (committed: the
 README's table is --report's output). A stopped study continues: judged runs are skipped, a run in progress resumes
 from its last checkpoint with the CPU time it had used (out/truncation-study/<setting>/cpu_seconds).
 
@@ -32,9 +32,10 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: studies/..
+sys.path.insert(0, ROOT)  # run as python studies/<this file>: the project's modules live one level up
 OUT = os.path.join(ROOT, "out", "truncation-study")
-RESULTS = os.path.join(ROOT, "docs", "truncation-study-results.jsonl")
+RESULTS = os.path.join(ROOT, "studies", "truncation-study-results.jsonl")
 EVAL_PROMPTS = os.path.join(ROOT, "prompts", "shapes-eval.txt")
 BUDGET_MINUTES = 10  # CPU minutes of one core per run
 DDIM_STEPS = 20  # train.py's default, in training and judging
@@ -132,8 +133,8 @@ def judge(lora):
     them, and the fraction where the counter's rounded count equals describe()'s."""
     import torch
     from lora import load_lora
+    from model import load_sd
     from rewards import load_shapes_count
-    from sampler import load_sd
     from shapes import describe, evaluate
     sd = load_sd("shapes")
     if lora != "base":

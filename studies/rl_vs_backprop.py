@@ -1,10 +1,10 @@
 """Reward backprop (train.py, AlignProp) against reinforcement learning (ddpo.py, DDPO) at equal reward queries, on
 the shapes model: the claim this method exists for, measured.
 
-    python rl_vs_backprop.py --task compress --seeds 0 --budget 256   # one seed of one comparison (~10 min, 2 cores)
-    python rl_vs_backprop.py                              # both tasks x both methods x 3 seeds, then the report
-    python rl_vs_backprop.py --sweep --task compress      # the tuning sweep (seed 0) behind the settings in RUNS
-    python rl_vs_backprop.py --report                     # plots in docs/ and the table, from what is measured
+    python studies/rl_vs_backprop.py --task compress --seeds 0 --budget 256   # one seed, one task (~10 min, 2 cores)
+    python studies/rl_vs_backprop.py                           # both tasks x both methods x 3 seeds, then the report
+    python studies/rl_vs_backprop.py --sweep --task compress   # the tuning sweep (seed 0) behind the settings in RUNS
+    python studies/rl_vs_backprop.py --report                  # plots in docs/ and the table, from what is measured
 
 Tasks (TASKS): each method trains on what it can use and both are judged by the same exact measure.
   compress  backprop trains on `compress` (the differentiable JPEG-size estimate), RL on `jpeg` (Pillow's real size);
@@ -14,7 +14,7 @@ Tasks (TASKS): each method trains on what it can use and both are judged by the 
 
 Every run goes through the scripts' own command lines, in stages: train to Q reward queries (--steps), judge the
 LoRA (JUDGE_N samples of the 12 held-out prompts, fixed seeds, DDIM eta 0, guidance 7.5, the runs' DDIM_STEPS),
---resume to the next Q. Each judged stage is a line of docs/rl-vs-backprop-results.jsonl (committed, so that
+--resume to the next Q. Each judged stage is a line of studies/rl-vs-backprop-results.jsonl (committed, so that
 --report redraws the README's plots and tables from a clean clone), so a stopped experiment continues where it was:
 finished stages are skipped, an unfinished run resumes from its checkpoint in out/rl-vs-backprop/ (or starts again
 where that is gone: runs are deterministic in their seed). Minutes are training time (metrics.jsonl `seconds`),
@@ -29,10 +29,11 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: studies/..
+sys.path.insert(0, ROOT)  # run as python studies/<this file>: the project's modules live one level up
 OUT = os.path.join(ROOT, "out", "rl-vs-backprop")
 DOCS = os.path.join(ROOT, "docs")
-RESULTS = os.path.join(DOCS, "rl-vs-backprop-results.jsonl")  # every judged stage; committed: --report redraws
+RESULTS = os.path.join(ROOT, "studies", "rl-vs-backprop-results.jsonl")  # each judged stage; --report redraws
 EVAL_PROMPTS = os.path.join(ROOT, "prompts", "shapes-eval.txt")
 DDIM_STEPS = 10  # in training and judging alike: half the README's 20, so that the whole study fits 2 hours on 2 cores
 JUDGE_N, JUDGE_GUIDANCE, JUDGE_SEED = 128, 7.5, 0
@@ -96,8 +97,8 @@ def judge(lora):
     """Held-out samples of the shapes model (with the LoRA file, if any): real JPEG kB and describe()'s accuracies."""
     global _judge_sd
     from lora import load_lora
+    from model import load_sd
     from rewards import real_jpeg_kilobytes
-    from sampler import load_sd
     from shapes import evaluate
     if _judge_sd is None:
         _judge_sd = load_sd("shapes")
@@ -188,8 +189,8 @@ def gradient_estimates(sd, params, reward_fn, prompt, n, seed, resolution, steps
     and pathwise, what reward backprop follows: mean of grad r through the chain, with the same noise. Both are
     unbiased estimates of one gradient (Stein's lemma makes them equal in expectation); they differ in variance.
     Returns the two as flat vectors."""
-    from sampler import (ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode, encode_prompts,
-                         guidance_context, guided_output, latent_shape)
+    from model import decode, encode_prompts, latent_shape
+    from sampler import ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output
     cond, uncond = encode_prompts(sd, [prompt]), encode_prompts(sd, [""])
     x_T = torch.randn(n, *latent_shape(sd, resolution), generator=torch.Generator().manual_seed(seed))
 
@@ -225,8 +226,8 @@ def gradients():
     estimate from GRADIENT_REF samples), at the first training step, on the tiny model (cheap enough for thousands of
     samples): cosine, and the estimate's norm over the gradient's (noise makes it larger)."""
     from lora import inject_lora
+    from model import load_sd
     from rewards import load_reward
-    from sampler import load_sd
     sd = load_sd("tiny")
     torch.manual_seed(0)
     params = inject_lora(sd.unet, rank=4)
