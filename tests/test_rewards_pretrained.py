@@ -17,10 +17,12 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, OwlViTConfig, Owl
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
 
+import reward_models
 import rewards
-from rewards import (OPENCLIP_VIT_H_14, SOURCES, Aesthetic, AestheticMLP, ClipScore, ObjectCount, Preprocess,
-                     RewardLoadError, clip_config_from_openclip, load_aesthetic_mlp, load_reward,
-                     openclip_to_transformers, parse_count, parse_reward_spec, soft_count)
+from reward_models import (OPENCLIP_VIT_H_14, SOURCES, Aesthetic, AestheticMLP, ClipScore, ObjectCount, Preprocess,
+                           RewardLoadError, clip_config_from_openclip, load_aesthetic_mlp, openclip_to_transformers,
+                           parse_count, soft_count)
+from rewards import load_reward, parse_reward_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAINED = ("aesthetic", "hps", "pickscore", "clip", "count")
@@ -100,7 +102,7 @@ def processor_error(processor, h, w):
 
 # The processors resize with PIL, which resizes the width, then the height, storing each pass in 8 bits; that
 # rounding, up to half a level per pass (0.5/255/std = 0.0075 after normalising), is the whole difference.
-ONE_ROUNDING = 0.5 / 255 / min(rewards.OPENAI_CLIP_STD) * 1.01
+ONE_ROUNDING = 0.5 / 255 / min(reward_models.OPENAI_CLIP_STD) * 1.01
 
 
 @pytest.mark.parametrize("h, w", [(200, 300), (300, 200), (100, 150), (512, 512)])
@@ -229,7 +231,7 @@ def test_openclip_state_dict_maps_onto_transformers_clip():
         tokens[i, 0], tokens[i, n + 1] = 48, 49
         tokens[i, 1:n + 1] = torch.randint(1, 48, (n,), generator=g)
     with torch.no_grad():
-        torch.testing.assert_close(rewards.image_embedding(ours, images),
+        torch.testing.assert_close(reward_models.image_embedding(ours, images),
                                    reference.encode_image(images, normalize=True), atol=1e-5, rtol=1e-4)
         text = torch.nn.functional.normalize(ours.text_projection(ours.text_model(input_ids=tokens).pooler_output))
         torch.testing.assert_close(text, reference.encode_text(tokens, normalize=True), atol=1e-5, rtol=1e-4)
@@ -295,7 +297,7 @@ def test_count_prompts():
     assert len({noun for _, noun in parsed}) >= 30
     for p, (n, noun) in zip(prompts, parsed):
         words = p.split()  # the noun is a word of the prompt, or its singular: the detector's query
-        assert noun.isalpha() and noun in words + [rewards.singular(w) for w in words], p
+        assert noun.isalpha() and noun in words + [reward_models.singular(w) for w in words], p
 
 
 def test_soft_count_counts_confident_boxes():
@@ -399,9 +401,9 @@ def local_weights(tmp_path, monkeypatch, no_weights):
          OwlViTImageProcessorPil(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64}))
     torch.save(AestheticMLP().state_dict(), tmp_path / "aesthetic-model.pth")
     monkeypatch.setenv("ALIGNPROP_AESTHETIC_WEIGHTS", str(tmp_path / "aesthetic-model.pth"))
-    rewards.from_hub.cache_clear()  # it keeps models per process, keyed by source: not by where they came from
+    reward_models.from_hub.cache_clear()  # it keeps models per process, keyed by source: not by where they came from
     yield tmp_path
-    rewards.from_hub.cache_clear()
+    reward_models.from_hub.cache_clear()
 
 
 @pytest.mark.parametrize("name", ["aesthetic", "pickscore", "clip", "count"])
@@ -425,7 +427,7 @@ def test_hps_loads_an_openclip_checkpoint(local_weights, monkeypatch):
     reference = open_clip.model.CLIP(**cfg).eval()
     torch.save({"state_dict": reference.state_dict()}, local_weights / "HPS_v2.1_compressed.pt")
     monkeypatch.setenv("ALIGNPROP_HPS_WEIGHTS", str(local_weights / "HPS_v2.1_compressed.pt"))
-    monkeypatch.setattr(rewards, "OPENCLIP_VIT_H_14", cfg)  # the tiny architecture in place of ViT-H/14
+    monkeypatch.setattr(reward_models, "OPENCLIP_VIT_H_14", cfg)  # the tiny architecture in place of ViT-H/14
     images, prompts = images_batch(), ["a cat", "two dogs on a sofa", "a red apple"]
     r = load_reward("hps")(images, prompts)
     assert_gradient_reaches_every_image(r, images)

@@ -3,7 +3,6 @@
 built on the pipeline's own conditioning, memory stays flat in the steps, our LoRA file loads in the stock pipeline,
 and train.py trains, resumes and refuses the models it does not support in one line."""
 import json
-import os
 
 import pytest
 import torch
