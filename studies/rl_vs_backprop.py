@@ -15,9 +15,9 @@ Tasks (TASKS): each method trains on what it can use and both are judged by the 
 Every run goes through the scripts' own command lines, in stages: train to Q reward queries (--steps), judge the
 LoRA (JUDGE_N samples of the 12 held-out prompts, fixed seeds, DDIM eta 0, guidance 7.5, the runs' DDIM_STEPS),
 --resume to the next Q. Each judged stage is a line of studies/rl-vs-backprop-results.jsonl (committed, so that
---report redraws the README's plots and tables from a clean clone), so a stopped experiment continues where it was:
-finished stages are skipped, an unfinished run resumes from its checkpoint in out/rl-vs-backprop/ (or starts again
-where that is gone: runs are deterministic in their seed). Minutes are training time (metrics.jsonl `seconds`),
+--report redraws the plots and tables of docs/rl-vs-backprop.md from a clean clone), so a stopped experiment
+continues where it was: finished stages are skipped, an unfinished run resumes from its checkpoint in
+out/rl-vs-backprop/ (or starts again where that is gone: runs are deterministic in their seed). Minutes are training time (metrics.jsonl `seconds`),
 judging excluded. Start afresh: delete the results file and out/rl-vs-backprop/.
 """
 import argparse
@@ -35,7 +35,7 @@ OUT = os.path.join(ROOT, "out", "rl-vs-backprop")
 DOCS = os.path.join(ROOT, "docs")
 RESULTS = os.path.join(ROOT, "studies", "rl-vs-backprop-results.jsonl")  # each judged stage; --report redraws
 EVAL_PROMPTS = os.path.join(ROOT, "prompts", "shapes-eval.txt")
-DDIM_STEPS = 10  # in training and judging alike: half the README's 20, so that the whole study fits 2 hours on 2 cores
+DDIM_STEPS = 10  # in training and judging alike: half the quick start's 20, so that the study fits 2 hours on 2 cores
 JUDGE_N, JUDGE_GUIDANCE, JUDGE_SEED = 128, 7.5, 0
 BUDGET = 1024  # reward queries per compared run: 32 rounds of RL's 32 images, 4x the sweeps', to see where RL goes
 STAGES = (8, 16, 32, 64, 128, 192, 256, 512, BUDGET)  # where each run is judged (those its images per step divide)

@@ -12,9 +12,9 @@ other or with anything else get the same compute). When the budget is spent the 
 and saves (train.py's own signal handling). Its LoRA is then judged by describe() on the held-out prompts (JUDGE_N
 samples, fixed seeds, the runs' DDIM steps): count, colour and shape accuracy; the counter's reward on the same
 images; and how often the counter's rounded count agrees with describe()'s - a counter fooled by the run's images
-(reward hacking) shows there first. Each judged run is a line of studies/truncation-study-results.jsonl (committed: the
-README's table is --report's output). A stopped study continues: judged runs are skipped, a run in progress resumes
-from its last checkpoint with the CPU time it had used (out/truncation-study/<setting>/cpu_seconds).
+(reward hacking) shows there first. Each judged run is a line of studies/truncation-study-results.jsonl (committed:
+docs/shapes.md's table is --report's output). A stopped study continues: judged runs are skipped, a run in progress
+resumes from its last checkpoint with the CPU time it had used (out/truncation-study/<setting>/cpu_seconds).
 
 Modes (sampler.py): all = full backprop (AlignProp); 1 = the last step only (DRaFT-1); 1,T = K drawn per trajectory
 (AlignProp's randomised truncation); drtune:N = DRTune (Wu et al. 2024, arXiv:2405.00760): every step passes the

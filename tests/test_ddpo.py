@@ -70,9 +70,9 @@ def test_ppo_loss_clips_the_ratio_in_the_direction_of_the_advantage():
 
 
 def test_the_rl_gradient_measured_in_the_readme_is_ddpo_s_update(tiny):
-    """rl_vs_backprop.gradient_estimates' score-function estimate (the README's 'RL' column) is the gradient ddpo.py
-    follows: minus the PPO surrogate's gradient at ratio 1, summed over the steps, times the latent's size (DDPO
-    averages the log-density over it), on the same trajectories and advantages r - mean r."""
+    """rl_vs_backprop.gradient_estimates' score-function estimate (docs/rl-vs-backprop.md's 'RL' column) is the
+    gradient ddpo.py follows: minus the PPO surrogate's gradient at ratio 1, summed over the steps, times the latent's
+    size (DDPO averages the log-density over it), on the same trajectories and advantages r - mean r."""
     from studies import rl_vs_backprop
     from lora import inject_lora
     from model import decode, encode_prompts, latent_shape
