@@ -17,8 +17,9 @@ LoRA (JUDGE_N samples of the 12 held-out prompts, fixed seeds, DDIM eta 0, guida
 --resume to the next Q. Each judged stage is a line of studies/rl-vs-backprop-results.jsonl (committed, so that
 --report redraws the plots and tables of docs/rl-vs-backprop.md from a clean clone), so a stopped experiment
 continues where it was: finished stages are skipped, an unfinished run resumes from its checkpoint in
-out/rl-vs-backprop/ (or starts again where that is gone: runs are deterministic in their seed). Minutes are training time (metrics.jsonl `seconds`),
-judging excluded. Start afresh: delete the results file and out/rl-vs-backprop/.
+out/rl-vs-backprop/ (or starts again where that is gone: runs are deterministic in their seed). Minutes are
+training time (metrics.jsonl `seconds`), judging excluded. Start afresh: delete the results file and
+out/rl-vs-backprop/.
 """
 import argparse
 import json
