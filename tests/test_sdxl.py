@@ -1,4 +1,4 @@
-"""SDXL through the same five files, on the offline miniature `tiny-xl` (real classes: two text encoders, a
+"""SDXL through the same files as SD 1.x, on the offline miniature `tiny-xl` (real classes: two text encoders, a
 "text_time" UNet): sampling equals diffusers' StableDiffusionXLPipeline, LoRA gradients equal a plain autograd loop
 built on the pipeline's own conditioning, memory stays flat in the steps, our LoRA file loads in the stock pipeline,
 and train.py trains, resumes and refuses the models it does not support in one line."""
