@@ -3,6 +3,7 @@ sample.py compares base and LoRA."""
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -60,6 +61,8 @@ def test_run_directory(trained):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["steps"] == 10 and cfg["lr"] == 3e-2 and cfg["model"] == "tiny"
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    mode = lambda name: stat.S_IMODE(os.stat(out / name).st_mode)
+    assert mode("lora.safetensors") == mode("checkpoint.pt") == mode("config.json")  # safetensors alone wrote 0600
 
 
 def test_sample_compares_base_and_lora(trained, tmp_path):
