@@ -335,3 +335,24 @@ def test_a_budget_below_what_a_step_needs_is_one_line(tmp_path):
                     1, "--steps", 2, "--memory-budget", 0.05, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "error: --memory-budget 0.05 GB is below what a step needs with every step recomputed"), proc.stderr
+
+
+def test_loading_a_model_says_nothing_about_accelerate(monkeypatch):
+    """Without accelerate (not a requirement), diffusers warned once per model it loads (UNet and VAE) that it would
+    use its plain load instead of its low-memory one. Simulated here by telling diffusers that accelerate is missing,
+    on the shipped shapes model: the tiny one is built, not loaded, so it never met the warning."""
+    import logging
+
+    import diffusers.utils.import_utils
+
+    from sampler import load_sd
+    monkeypatch.setattr(diffusers.utils.import_utils, "_accelerate_available", False)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        load_sd("shapes")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [r.getMessage() for r in records if "accelerate" in r.getMessage()]
