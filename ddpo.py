@@ -92,9 +92,9 @@ p.add_argument("--model", default=None, help=f"hub id, local diffusers dir, 'sha
                f"(random weights) (default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
 p.add_argument("--prompts", default=None, help="training prompts, one per line (default: as train.py's)")
 p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: as train.py's)")
-p.add_argument("--steps", type=int, default=20, help="rounds of sampling + training in total")
+p.add_argument("--steps", type=int, default=20, help="rounds of sampling + training in total (default %(default)s)")
 p.add_argument("--samples-per-step", type=int, default=32, help="images sampled and scored per round: the reward "
-               "queries (DDPO: 256 per epoch over 8 GPUs)")
+               "queries (default %(default)s; DDPO: 256 per epoch over 8 GPUs)")
 p.add_argument("--batch-size", type=int, default=4, help="images per UNet call, in sampling and training")
 p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimisation step (the defaults: 2 "
                "optimisation steps per round and inner epoch)")

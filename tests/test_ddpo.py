@@ -199,3 +199,8 @@ def test_bad_input_from_a_real_process(tmp_path):
     proc = run(*FAST, "--out", tmp_path / "out", "--clip-range", "inf", check=False)
     assert proc.returncode == 2 and proc.stderr == "error: --clip-range must be a finite number > 0, got inf\n"
 
+
+def test_help_shows_the_defaults():
+    text = " ".join(run_here("ddpo.py", "-h").stdout.split())  # argparse wraps the lines
+    assert "rounds of sampling + training in total (default 20)" in text
+    assert "the reward queries (default 32; DDPO: 256 per epoch over 8 GPUs)" in text
