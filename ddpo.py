@@ -292,7 +292,7 @@ for step in pbar:
 
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+    log = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                loss=sum(losses) / len(losses), loss_per_epoch=losses, ratio_max_dev=ratio_dev,
                clip_fraction=sum(clipped) / len(clipped), grad_norm=sum(norms) / len(norms),
                seconds=time.time() - t0, peak_mem_mb=peak, images_seen=(step + 1) * args.samples_per_step,

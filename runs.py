@@ -275,7 +275,7 @@ def save_checkpoint(out, unet, params, opt, scaler, rng, **state):
 def load_checkpoint(out, unet, opt, scaler, rng, lr):
     """Restore what save_checkpoint saved into `unet`, `opt` (with this run's `lr`, which wins over the saved one),
     `scaler`, `rng` and torch's RNG; return the rest of the state (step, ...). metrics.jsonl keeps only the lines of
-    the steps before the checkpoint (a killed run logged steps it did not save)."""
+    the steps up to the checkpoint (a killed run logged steps it did not save)."""
     state = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
     named = dict(unet.named_parameters())
     with torch.no_grad():
@@ -290,7 +290,7 @@ def load_checkpoint(out, unet, opt, scaler, rng, lr):
     if is_master():
         path = os.path.join(out, "metrics.jsonl")
         with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] < state["step"]]
+            kept = [line for line in f if json.loads(line)["step"] <= state["step"]]  # step: steps done (1..N)
         with open(path, "w") as f:
             f.writelines(kept)
     return state
@@ -318,9 +318,9 @@ def plot_rewards(out, title, eval_before=None):
     import matplotlib.pyplot as plt
     m = read_metrics(out)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([x["step"] + 1 for x in m], [x["reward_mean"] for x in m], lw=1, alpha=0.6, label="training batch")
+    ax.plot([x["step"] for x in m], [x["reward_mean"] for x in m], lw=1, alpha=0.6, label="training batch")
     evals = [(0, eval_before)] * (eval_before is not None)
-    evals += [(x["step"] + 1, x["eval_reward"]) for x in m if x.get("eval_reward") is not None]
+    evals += [(x["step"], x["eval_reward"]) for x in m if x.get("eval_reward") is not None]
     if evals:
         ax.plot(*zip(*evals), "o-", label="held-out prompts, fixed seeds")
     ax.set(xlabel="step", ylabel="reward", title=title)

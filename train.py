@@ -220,7 +220,7 @@ for step in pbar:
     skipped, skipped_in_a_row = skipped + (not finite), 0 if finite else skipped_in_a_row + 1
     peak = peak_memory(device_type)  # CUDA: allocated, this step; CPU: RSS, this process so far
     spread = rewards.std().item() if len(rewards) > 1 else float("nan")  # one image has none (logged as null)
-    log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=spread, loss=-rewards.mean().item(),
+    log = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=spread, loss=-rewards.mean().item(),
                grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak / 2**20, kept_steps=keep or 0,
                images_seen=(step + 1) * global_batch, skipped=not finite, skipped_total=skipped)
     if keep is None:  # --keep-activations auto: this step recomputed every step, at the least memory a step needs;

@@ -133,6 +133,8 @@ def test_ratio_is_one_on_the_first_inner_epoch_and_the_update_ascends(tmp_path):
     assert m["images_seen"] == 4 and {"reward_mean", "seconds", "step"} <= set(m)
     assert {"config.json", "metrics.jsonl", "lora.safetensors", "checkpoint.pt", "reward.png"} <= set(
         os.listdir(tmp_path / "r"))
+    assert m["step"] == 1  # rounds done, as the grids are named (step_000001.png); step 0 is the eval before training
+    assert sorted(os.listdir(tmp_path / "r" / "samples")) == ["step_000000.png", "step_000001.png"]
 
 
 def kill_after(lines, out, *args):
@@ -157,7 +159,7 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     assert kill_after(3, tmp_path / "cut", *args) == -signal.SIGKILL
     run_here("ddpo.py", "--resume", tmp_path / "cut")
     whole, cut = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
-    assert [x["step"] for x in cut] == [0, 1, 2, 3]
+    assert [x["step"] for x in cut] == [1, 2, 3, 4]
     for key in ("reward_mean", "loss", "grad_norm"):
         assert [x[key] for x in cut] == pytest.approx([x[key] for x in whole], rel=1e-5, abs=1e-7), key
     assert cut[-1]["eval_reward"] == pytest.approx(whole[-1]["eval_reward"], rel=1e-5)

@@ -46,7 +46,7 @@ def test_training_raises_the_reward(trained):
     with 1 thread, 0.019 with 2, below the 0.02 this test once asked of it."""
     out, proc = trained
     m = metrics(out)
-    assert [x["step"] for x in m] == list(range(10))
+    assert [x["step"] for x in m] == list(range(1, 11))
     for key in ("step", "reward_mean", "reward_std", "loss", "grad_norm", "seconds", "peak_mem_mb"):
         assert all(key in x and x[key] == x[key] for x in m), key  # logged at every step, never NaN
     assert all(x["loss"] == pytest.approx(-x["reward_mean"]) for x in m)
@@ -97,7 +97,7 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     resumed = run_here("train.py", "--resume", cut)
     assert "resuming" in resumed.stdout and "at step 3" in resumed.stdout
     a, b = metrics(whole), metrics(cut)
-    assert [x["step"] for x in b] == list(range(6))  # no step lost or logged twice
+    assert [x["step"] for x in b] == list(range(1, 7))  # no step lost or logged twice
     for x, y in zip(a, b):
         assert x["reward_mean"] == pytest.approx(y["reward_mean"], abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
@@ -125,7 +125,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert [x["skipped"] for x in m] == [False, True, True, True] and m[-1]["skipped_total"] == 3
     assert m[-1]["reward_mean"] is None  # NaN is logged as null: the file stays valid JSON
     run_here("train.py", "--resume", tmp_path, "--steps", 2, "--lr", 1e-2)  # the checkpoint (step 0) is intact
-    assert [x["step"] for x in metrics(tmp_path)] == [0, 1]
+    assert [x["step"] for x in metrics(tmp_path)] == [1, 2]
 
 
 def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
@@ -135,7 +135,7 @@ def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
     done = len(metrics(tmp_path))
     resumed = run_here("train.py", "--resume", tmp_path, "--steps", done + 2)
     assert f"at step {done}" in resumed.stdout
-    assert [x["step"] for x in metrics(tmp_path)] == list(range(done + 2))
+    assert [x["step"] for x in metrics(tmp_path)] == list(range(1, done + 3))
 
 
 def test_resume_refuses_to_overwrite_or_resume_nothing(trained, tmp_path):
@@ -269,7 +269,7 @@ def test_two_processes_stopped_by_sigterm_and_resumed_equal_one_with_the_same_gl
     assert cfg["world_size"] == 2 and cfg["global_batch"] == 4
     run_here("train.py", "--out", tmp_path / "one", *steps, *FAST, "--batch-size", 4)
     two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
-    assert [x["step"] for x in two] == [x["step"] for x in one] == list(range(4))  # no step lost or logged twice
+    assert [x["step"] for x in two] == [x["step"] for x in one] == list(range(1, 5))  # no step lost or logged twice
     for x, y in zip(two, one):
         for key in ("reward_mean", "reward_std", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
