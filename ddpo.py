@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 from lora import TARGET_SETS
 from rewards import REWARDS
-from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, die, gather, info, inject_adapters,
-                  load_checkpoint, load_model_and_reward, log_metrics, lora_targets, machine_defaults, plot_rewards,
-                  read_metrics, refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes,
-                  write_config)
+from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, check_out, die, gather, info,
+                  inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets, machine_defaults,
+                  plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts, save_checkpoint,
+                  start_processes, write_config)
 from sampler import (DEFAULT_MODEL, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode, encode_prompts,
                      guidance_context, guided_output, image_grid, native_resolution)
 
@@ -150,6 +150,7 @@ if args.advantage == "group" and args.group_size < 2:
     die("--advantage group needs --group-size >= 2: the advantage compares images of the same prompt")
 targets = lora_targets(args.lora_targets)
 refuse_overwrite(args.out, args.resume)
+check_out(args.out)  # a file, or a place this process may not write: one line now, not a traceback later
 
 # -----------------------------------------------------------------------------
 # setup

@@ -29,6 +29,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -155,6 +156,28 @@ def resume_args(parser, args):
     return args
 
 
+def check_out(out):
+    """--out must be a directory this process can write in, or one it can create: else one line, exit 2, before any
+    work."""
+    path, made = os.path.abspath(out), None
+    while not os.path.lexists(path):  # up to the first part of the path that exists
+        path, made = os.path.dirname(path), path
+    if not os.path.isdir(path):
+        die(f"--out {out}: {'it' if made is None else path} is a file, not a directory")
+    check_writable("--out", out, path)
+
+
+def check_writable(flag, value, directory):
+    """One line, exit 2, unless this process can create a file in `directory`. Tried, not asked: os.access says yes
+    to root on a read-only mount or in /sys; the probe file is removed at once."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        die(f"{flag} {value}: cannot write in {directory} ({e.strerror})")
+
+
 def machine_defaults(args):
     """Fill the flags whose default depends on the machine and the reward: --model (SD 1.5 on CUDA, else the shapes
     model), --prompts / --eval-prompts (the shapes, count or animal prompts), --dtype (bf16 on CUDA, fp32 on a CPU).
@@ -232,8 +255,11 @@ def read_prompts(flag, path):
     """The non-empty lines of a prompt file; a missing or empty file is a one-line error naming the flag."""
     if not os.path.isfile(path):
         die(f"{flag} {path}: no such file")
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        die(f"{flag} {path}: not a text file ({e.reason} at byte {e.start}); prompts are lines of UTF-8 text")
     if not lines:
         die(f"{flag} {path}: the file has no prompts")
     return lines

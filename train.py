@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from lora import TARGET_SETS
 from rewards import REWARDS, without_gradient
-from runs import (DTYPES, StopOnSignal, activations_to_keep, agree, average_gradients, check_numbers, die, gather,
-                  info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
+from runs import (DTYPES, StopOnSignal, activations_to_keep, agree, average_gradients, check_numbers, check_out, die,
+                  gather, info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
                   machine_defaults, memory_budget, parse_keep, peak_memory, plot_rewards, read_metrics,
                   refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes, write_config)
 from sampler import (DEFAULT_MODEL, ddim_sample, decode, encode_prompts, image_grid, native_resolution, parse_backprop,
@@ -115,6 +115,7 @@ check_numbers(args, at_least_1=("steps", "batch_size", "grad_accum", "lora_rank"
               at_least_0=("memory_budget", "eta", "max_grad_norm", "resolution", "save_every", "eval_every"),
               above_0=("lr",), finite=("guidance",))  # NaN and inf included: one line, exit 2
 refuse_overwrite(args.out, args.resume)
+check_out(args.out)  # a file, or a place this process may not write: one line now, not a traceback later
 
 # -----------------------------------------------------------------------------
 # setup

@@ -189,12 +189,14 @@ def test_two_processes_share_each_round_and_stay_in_sync(tmp_path):
     (["--steps", "0"], ">= 1"),
     (["--lora-targets", "conv9"], "is named 'conv9'"),
     (["--resume", "{tmp}"], "no checkpoint.pt"),
+    (["--out", "/sys/alignprop-test"], "cannot write in /sys"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     """(Prompt files, an existing run and the model are checked by runs.py, as for train.py: tested there.)"""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     status, stderr = refused("ddpo.py", *FAST, "--out", tmp_path / "out", *args)
     assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "out").exists()  # a refused command writes nothing
 
 
 def test_bad_input_from_a_real_process(tmp_path):

@@ -149,6 +149,7 @@ def test_resume_refuses_to_overwrite_or_resume_nothing(trained, tmp_path):
 @pytest.fixture
 def prompt_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
     (tmp_path / "nocount.txt").write_text("three apples on a table\ncats on a sofa\n")
     (tmp_path / "notsd").mkdir()
     (tmp_path / "notsd" / "README").write_text("hello")
@@ -177,12 +178,18 @@ def prompt_files(tmp_path):
     (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
     (["--keep-activations", "most"], "--keep-activations must be auto or an integer >= 0, got most"),
     (["--memory-budget", "nan"], "--memory-budget must be a finite number >= 0, got nan"),
+    (["--prompts", "{tmp}/binary.txt"], "binary.txt: not a text file (invalid start byte at byte 128)"),
+    (["--out", "{tmp}/empty.txt"], "empty.txt: it is a file, not a directory"),
+    (["--out", "{tmp}/empty.txt/run"], "empty.txt is a file, not a directory"),
+    # /sys takes no files, even from root (whom chmod does not stop): a real refusal, wherever the tests run as
+    (["--out", "/sys/alignprop-test/run"], "--out /sys/alignprop-test/run: cannot write in /sys ("),
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]
     status, stderr = refused("train.py", "--out", prompt_files / "out", "--model", "tiny", *args)
     lines = stderr.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
+    assert not (prompt_files / "out").exists() and not os.path.exists("/sys/alignprop-test")  # nothing written
 
 
 def test_words_the_shapes_model_never_saw_are_named_up_front(tmp_path):
