@@ -228,6 +228,25 @@ def test_numeric_flags_are_checked_in_range_and_finite(capsys):
         assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
+def test_sample_py_checks_its_lora_and_its_output_before_sampling(trained, tmp_path):
+    (tmp_path / "text.safetensors").write_text("not a LoRA")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")  # a safetensors file, but no LoRA metadata
+    lora = trained[0] / "lora.safetensors"
+    for args, message in [
+        (["--lora", tmp_path / "text.safetensors"], "text.safetensors: not a LoRA file written by train.py or "
+                                                    "ddpo.py (Error while deserializing header"),
+        (["--lora", tmp_path / "plain.safetensors"], "has no LoRA metadata"),
+        (["--lora", lora, "--out", tmp_path / "no" / "grid.png"], f"no such directory {tmp_path / 'no'}"),
+        (["--lora", lora, "--out", tmp_path], "is a directory; name the PNG file to write"),
+        (["--lora", lora, "--out", "/sys/grid.png"], "--out /sys/grid.png: cannot write in /sys ("),
+    ]:
+        status, stderr = refused("sample.py", *args)
+        lines = stderr.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and message in lines[0], stderr
+    assert sorted(os.listdir(tmp_path)) == ["plain.safetensors", "text.safetensors"]
+
+
 def test_sample_py_refuses_a_non_finite_flag_in_one_line(tmp_path):
     proc = run("sample.py", "--lora", tmp_path / "none.safetensors", "--guidance", "nan", check=False)
     assert proc.returncode == 2 and proc.stderr == "error: --guidance must be a finite number, got nan\n"
