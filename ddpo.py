@@ -174,7 +174,9 @@ stats = RunningPromptStats(args.stat_buffer)
 n_local = args.samples_per_step // world  # this rank's images per round
 rows = slice(rank * n_local, (rank + 1) * n_local)
 train_steps = max(1, round(args.timestep_fraction * args.ddim_steps))  # denoising steps trained per micro-batch
-write_config(args.out, dict(vars(args), world_size=world))
+config = dict(vars(args), world_size=world)
+if not args.resume:  # a resumed run's config.json is rewritten once its checkpoint has loaded
+    write_config(args.out, config)
 step, eval_before = 0, None
 
 
@@ -208,6 +210,7 @@ def evaluate(step):  # as train.py's: the same held-out prompts, seeds and eta n
 
 if args.resume:
     ckpt = load_checkpoint(args.out, sd.unet, opt, scaler, rng, args.lr)  # this run's --lr wins
+    write_config(args.out, config)
     step, eval_before, stats.seen = ckpt["step"], ckpt["eval_before"], ckpt["stats"]
     info(f"resuming {args.out} at round {step}")
 else:

@@ -149,8 +149,13 @@ def resume_args(parser, args):
     cfg_path = os.path.join(args.resume, "config.json")
     if not os.path.isfile(os.path.join(args.resume, "checkpoint.pt")) or not os.path.isfile(cfg_path):
         die(f"--resume {args.resume}: no checkpoint.pt and config.json there")
-    with open(cfg_path) as f:
-        parser.set_defaults(**{k: v for k, v in json.load(f).items() if k in vars(args)})
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        die(f"{cfg_path} is damaged or not a config of this project ({e})")
+    read_checkpoint(args.resume)  # damaged: one line now, before the model loads and anything is written
+    parser.set_defaults(**{k: v for k, v in cfg.items() if k in vars(args)})
     args = parser.parse_args()
     args.out = args.resume
     return args
@@ -298,11 +303,31 @@ def save_checkpoint(out, unet, params, opt, scaler, rng, **state):
     atomic_save(lambda path: save_lora(unet, path), os.path.join(out, "lora.safetensors"))
 
 
+CHECKPOINT_KEYS = {"step", "eval_before", "lora", "opt", "scaler", "rng", "torch_rng"}  # what save_checkpoint writes
+
+
+def read_checkpoint(out):
+    """checkpoint.pt's state; a truncated file, or one that is not a checkpoint of this project: one line, exit 2
+    (torch's own error suggests weights_only=False, the wrong advice for a damaged file)."""
+    path = os.path.join(out, "checkpoint.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle of other objects, not a torch file: each raises differently
+        reason = f"torch.load: {type(e).__name__}: {str(e).strip().split('. ')[0]}"  # a first line, not torch's essay
+        if "Weights only load failed" in reason:
+            reason = "it holds Python objects besides tensors"
+        die(f"{path} is damaged or not a checkpoint of this project ({reason})")
+    missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
+    if missing:
+        die(f"{path} is damaged or not a checkpoint of this project (it has no {', '.join(sorted(missing))})")
+    return state
+
+
 def load_checkpoint(out, unet, opt, scaler, rng, lr):
     """Restore what save_checkpoint saved into `unet`, `opt` (with this run's `lr`, which wins over the saved one),
     `scaler`, `rng` and torch's RNG; return the rest of the state (step, ...). metrics.jsonl keeps only the lines of
     the steps up to the checkpoint (a killed run logged steps it did not save)."""
-    state = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    state = read_checkpoint(out)
     named = dict(unet.named_parameters())
     with torch.no_grad():
         for n, v in state.pop("lora").items():

@@ -141,7 +141,8 @@ rng = torch.Generator().manual_seed(args.seed)
 rows = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
 global_batch = args.batch_size * args.grad_accum * world
 config = dict(vars(args), world_size=world, global_batch=global_batch)
-write_config(args.out, config)  # the latest (re)start's flags
+if not args.resume:  # a resumed run's config.json is rewritten once its checkpoint has loaded
+    write_config(args.out, config)  # the latest (re)start's flags
 step, eval_before = 0, None
 
 
@@ -175,6 +176,7 @@ def evaluate(step):  # the same held-out prompts and seeds every time, so grids 
 
 if args.resume:
     ckpt = load_checkpoint(args.out, sd.unet, opt, scaler, rng, args.lr)  # this run's --lr wins
+    write_config(args.out, config)
     step, eval_before = ckpt["step"], ckpt["eval_before"]
     info(f"resuming {args.out} at step {step}")
 else:

@@ -2,6 +2,7 @@
 sample.py compares base and LoRA."""
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -190,6 +191,29 @@ def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     lines = stderr.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
     assert not (prompt_files / "out").exists() and not os.path.exists("/sys/alignprop-test")  # nothing written
+
+
+def files(out):
+    """{path: bytes} of every file under a directory: what a failed command must leave as it was."""
+    return {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint"])
+def test_resume_of_a_damaged_checkpoint_is_one_line_and_changes_nothing(trained, tmp_path, damage):
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)
+    data = (out / "checkpoint.pt").read_bytes()
+    if damage == "truncated":  # a copy cut short, a disk that filled up
+        (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+    else:
+        torch.save({"weights": torch.zeros(2)}, out / "checkpoint.pt")
+    before = files(out)
+    status, stderr = refused("train.py", "--resume", out, "--steps", 20, "--keep-activations", 0)
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith(f"error: {out}/checkpoint.pt is damaged or not a checkpoint of this project (")
+    assert "weights_only" not in stderr
+    assert files(out) == before  # config.json byte for byte: not rewritten with this command's --steps
 
 
 def test_words_the_shapes_model_never_saw_are_named_up_front(tmp_path):
