@@ -174,7 +174,7 @@ stats = RunningPromptStats(args.stat_buffer)
 n_local = args.samples_per_step // world  # this rank's images per round
 rows = slice(rank * n_local, (rank + 1) * n_local)
 train_steps = max(1, round(args.timestep_fraction * args.ddim_steps))  # denoising steps trained per micro-batch
-config = dict(vars(args), world_size=world)
+config = dict(vars(args), script="ddpo.py", world_size=world)
 if not args.resume:  # a resumed run's config.json is rewritten once its checkpoint has loaded
     write_config(args.out, config)
 step, eval_before = 0, None

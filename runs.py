@@ -154,11 +154,25 @@ def resume_args(parser, args):
             cfg = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         die(f"{cfg_path} is damaged or not a config of this project ({e})")
+    # the other script's run: its flags would make this one refuse them one by one (ddpo.py: "--eta must be > 0")
+    script, other = os.path.basename(parser.prog), run_script(cfg)
+    if script in SCRIPTS and other != script:
+        die(f"{args.resume} is a {other} run ({SCRIPTS[other]}), not a {script} run; continue it with python {other} "
+            f"--resume {args.resume}")
     read_checkpoint(args.resume)  # damaged: one line now, before the model loads and anything is written
     parser.set_defaults(**{k: v for k, v in cfg.items() if k in vars(args)})
     args = parser.parse_args()
     args.out = args.resume
     return args
+
+
+SCRIPTS = {"train.py": "reward backprop", "ddpo.py": "reinforcement learning"}
+
+
+def run_script(cfg):
+    """The script whose run a config.json describes: its "script" field; a run from before that field by a flag that
+    only ddpo.py has."""
+    return cfg.get("script") or ("ddpo.py" if "samples_per_step" in cfg else "train.py")
 
 
 def check_out(out):

@@ -140,7 +140,7 @@ eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual
 rng = torch.Generator().manual_seed(args.seed)
 rows = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
 global_batch = args.batch_size * args.grad_accum * world
-config = dict(vars(args), world_size=world, global_batch=global_batch)
+config = dict(vars(args), script="train.py", world_size=world, global_batch=global_batch)
 if not args.resume:  # a resumed run's config.json is rewritten once its checkpoint has loaded
     write_config(args.out, config)  # the latest (re)start's flags
 step, eval_before = 0, None

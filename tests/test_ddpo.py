@@ -2,6 +2,7 @@
 model (the PPO ratio starts at 1, the real-JPEG reward rises, a killed run resumes to the same numbers, bad input is
 one line)."""
 import ast
+import json
 import os
 import signal
 import subprocess
@@ -135,6 +136,7 @@ def test_ratio_is_one_on_the_first_inner_epoch_and_the_update_ascends(tmp_path):
         os.listdir(tmp_path / "r"))
     assert m["step"] == 1  # rounds done, as the grids are named (step_000001.png); step 0 is the eval before training
     assert sorted(os.listdir(tmp_path / "r" / "samples")) == ["step_000000.png", "step_000001.png"]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["script"] == "ddpo.py"
 
 
 def kill_after(lines, out, *args):
@@ -197,6 +199,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     status, stderr = refused("ddpo.py", *FAST, "--out", tmp_path / "out", *args)
     assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "out").exists()  # a refused command writes nothing
+
+
+def test_resume_of_a_train_py_run_says_so(tmp_path):
+    """Its flags would be refused one by one (train.py's --eta 0: "--eta must be > 0"); a run from before config.json
+    named its script is told by the flags only ddpo.py has."""
+    for name, cfg in (("new", dict(script="train.py", eta=0.0)), ("old", dict(eta=0.0, backprop="all"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"")
+        status, stderr = refused("ddpo.py", "--resume", tmp_path / name)
+        assert status == 2 and stderr == (f"error: {tmp_path / name} is a train.py run (reward backprop), not a "
+                                          f"ddpo.py run; continue it with python train.py --resume {tmp_path / name}\n")
 
 
 def test_bad_input_from_a_real_process(tmp_path):

@@ -60,7 +60,7 @@ def test_run_directory(trained):
     assert {"config.json", "metrics.jsonl", "lora.safetensors", "checkpoint.pt"} <= set(os.listdir(out))
     assert sorted(os.listdir(out / "samples")) == ["step_000000.png", "step_000005.png", "step_000010.png"]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["steps"] == 10 and cfg["lr"] == 3e-2 and cfg["model"] == "tiny"
+    assert cfg["steps"] == 10 and cfg["lr"] == 3e-2 and cfg["model"] == "tiny" and cfg["script"] == "train.py"
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     mode = lambda name: stat.S_IMODE(os.stat(out / name).st_mode)
     assert mode("lora.safetensors") == mode("checkpoint.pt") == mode("config.json")  # safetensors alone wrote 0600
@@ -214,6 +214,19 @@ def test_resume_of_a_damaged_checkpoint_is_one_line_and_changes_nothing(trained,
     assert lines[0].startswith(f"error: {out}/checkpoint.pt is damaged or not a checkpoint of this project (")
     assert "weights_only" not in stderr
     assert files(out) == before  # config.json byte for byte: not rewritten with this command's --steps
+
+
+def test_the_other_script_s_run_is_named_on_resume(tmp_path):
+    """train.py --resume of a ddpo.py run: said in one line, not a refusal of the run's flags (its --reward jpeg has
+    no gradient). A run from before config.json named its script is told by a flag only ddpo.py has."""
+    for name, cfg in (("new", dict(script="ddpo.py", reward="jpeg", eta=1.0)),
+                      ("old", dict(reward="jpeg", eta=1.0, samples_per_step=32))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"")
+        status, stderr = refused("train.py", "--resume", tmp_path / name)
+        assert status == 2 and stderr == (f"error: {tmp_path / name} is a ddpo.py run (reinforcement learning), not a "
+                                          f"train.py run; continue it with python ddpo.py --resume {tmp_path / name}\n")
 
 
 def test_words_the_shapes_model_never_saw_are_named_up_front(tmp_path):
