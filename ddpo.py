@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 from lora import TARGET_SETS
 from rewards import REWARDS
-from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, check_out, die, gather, info,
-                  inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets, machine_defaults,
-                  plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts, save_checkpoint,
-                  start_processes, write_config)
+from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_batch_fits, check_numbers, check_out, die,
+                  gather, info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
+                  machine_defaults, plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts,
+                  save_checkpoint, start_processes, write_config)
 from sampler import (DEFAULT_MODEL, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, decode, encode_prompts,
                      guidance_context, guided_output, image_grid, native_resolution)
 
@@ -158,6 +158,10 @@ check_out(args.out)  # a file, or a place this process may not write: one line n
 sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run's dtype; shape (4, h, w)
 dtype = DTYPES[args.dtype]
 resolution = args.resolution or native_resolution(sd)
+# a round keeps every image's latents x_T .. x_0 and its decoded image, on every rank (a lower bound: no activations)
+per_image = (args.ddim_steps + 1) * 4 * torch.Size(shape).numel() + 4 * 3 * resolution ** 2
+check_batch_fits(f"--samples-per-step {args.samples_per_step}", args.samples_per_step // world * per_image,
+                 device_type, "lower --samples-per-step")
 torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
 params = inject_adapters(sd.unet, args.lora_rank, targets)  # the only trainable weights, kept in fp32
 opt = torch.optim.AdamW(params, lr=args.lr)

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import tempfile
@@ -177,13 +178,14 @@ def run_script(cfg):
 
 def check_out(out):
     """--out must be a directory this process can write in, or one it can create: else one line, exit 2, before any
-    work."""
+    work. Returns the first directory a run would create on the way to `out` (None: `out` exists), for undo_start."""
     path, made = os.path.abspath(out), None
     while not os.path.lexists(path):  # up to the first part of the path that exists
         path, made = os.path.dirname(path), path
     if not os.path.isdir(path):
         die(f"--out {out}: {'it' if made is None else path} is a file, not a directory")
     check_writable("--out", out, path)
+    return made
 
 
 def check_writable(flag, value, directory):
@@ -195,6 +197,57 @@ def check_writable(flag, value, directory):
         os.remove(probe)
     except OSError as e:
         die(f"{flag} {value}: cannot write in {directory} ({e.strerror})")
+
+
+def start_snapshot(out, made):
+    """What undo_start needs to put `out` back as it was before this start: the first directory the start creates
+    (check_out), else the names in `out` and the bytes of the files a start rewrites."""
+    if made is not None or not os.path.isdir(out):
+        return dict(made=made)
+    files = {}
+    for name in ("config.json", "metrics.jsonl"):
+        if os.path.isfile(os.path.join(out, name)):
+            with open(os.path.join(out, name), "rb") as f:
+                files[name] = f.read()
+    return dict(made=None, names=set(os.listdir(out)), files=files)
+
+
+def undo_start(out, snapshot):
+    """A start that failed before its first step leaves the disk as it found it: what it made is removed, the files
+    it rewrote are put back."""
+    if not is_master():
+        return
+    if snapshot["made"] is not None:
+        shutil.rmtree(snapshot["made"], ignore_errors=True)
+        return
+    for name in set(os.listdir(out)) - snapshot["names"]:
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    for name, data in snapshot["files"].items():
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+
+
+def is_out_of_memory(e):
+    """The allocator's error: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def device_memory(device_type):
+    """Bytes of memory on the device: the GPU's, or the machine's RAM."""
+    if device_type == "cuda":
+        return torch.cuda.mem_get_info()[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_batch_fits(flag, need, device_type, advice):
+    """Refuse, before any work, a batch whose tensors alone (`need` bytes: the caller counts its latents and decoded
+    images, a lower bound, since the UNet's activations come on top) exceed the device's memory: one line, exit 2,
+    rather than the allocator's error after the model has loaded and the first eval has run."""
+    have = device_memory(device_type)
+    if need > have:
+        die(f"{flag} does not fit in memory: its latents and images alone take {need / 2**30:,.1f} GB, and this "
+            f"{'GPU' if device_type == 'cuda' else 'machine'} has {have / 2**30:,.1f} GB; {advice}")
 
 
 def machine_defaults(args):

@@ -191,6 +191,8 @@ def test_two_processes_share_each_round_and_stay_in_sync(tmp_path):
     (["--steps", "0"], ">= 1"),
     (["--lora-targets", "conv9"], "is named 'conv9'"),
     (["--resume", "{tmp}"], "no checkpoint.pt"),
+    (["--samples-per-step", "1000000000", "--batch-size", "1", "--grad-accum", "1"],
+     "--samples-per-step 1000000000 does not fit in memory"),  # after loading the model, before any work
     (["--out", "/sys/alignprop-test"], "cannot write in /sys"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):

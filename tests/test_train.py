@@ -184,6 +184,7 @@ def prompt_files(tmp_path):
     (["--out", "{tmp}/empty.txt/run"], "empty.txt is a file, not a directory"),
     # /sys takes no files, even from root (whom chmod does not stop): a real refusal, wherever the tests run as
     (["--out", "/sys/alignprop-test/run"], "--out /sys/alignprop-test/run: cannot write in /sys ("),
+    (["--batch-size", "1000000000"], "--batch-size 1000000000 does not fit in memory"),  # after loading, before work
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]
@@ -214,6 +215,33 @@ def test_resume_of_a_damaged_checkpoint_is_one_line_and_changes_nothing(trained,
     assert lines[0].startswith(f"error: {out}/checkpoint.pt is damaged or not a checkpoint of this project (")
     assert "weights_only" not in stderr
     assert files(out) == before  # config.json byte for byte: not rewritten with this command's --steps
+
+
+def test_the_first_step_out_of_memory_is_one_line_and_changes_nothing(trained, tmp_path, monkeypatch):
+    """A batch that passes the up-front check but not the allocator: the first step's RuntimeError (simulated: the
+    CPU allocator's message, raised by the sampler where training samples with gradients) is one line, exit 2, and a
+    new run directory is removed (parents included), a resumed one put back as it was (config.json, metrics.jsonl)."""
+    import sampler
+    real = sampler.ddim_sample
+
+    def out_of_memory(*args, **kwargs):
+        if torch.is_grad_enabled():  # the training step; evaluation samples under no_grad
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sampler, "ddim_sample", out_of_memory)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained[0], resumed)
+    before = files(resumed)
+    for args in (["--out", tmp_path / "new" / "run", "--steps", 2, *FAST], ["--resume", resumed, "--steps", 12]):
+        proc = run_here("train.py", *args, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, proc.stderr
+        assert lines[-1].startswith("error: --batch-size 2 does not fit in memory: the first step ran out of it; "
+                                    "lower --batch-size"), proc.stderr
+        assert not [line for line in lines if line.startswith(("error", "Traceback"))][:-1]
+    assert not (tmp_path / "new").exists()
+    assert files(resumed) == before
 
 
 def test_the_other_script_s_run_is_named_on_resume(tmp_path):
