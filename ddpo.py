@@ -39,10 +39,10 @@ from grid import image_grid
 from lora import TARGET_SETS
 from model import DEFAULT_MODEL, decode, encode_prompts, native_resolution
 from rewards import REWARDS
-from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_numbers, die, gather, info, inject_adapters,
-                  load_checkpoint, load_model_and_reward, log_metrics, lora_targets, machine_defaults, plot_rewards,
-                  read_metrics, refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes,
-                  write_config)
+from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_batch_fits, check_numbers, check_out, die,
+                  gather, info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
+                  machine_defaults, plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts,
+                  save_checkpoint, start_processes, write_config)
 from sampler import ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output
 
 # -----------------------------------------------------------------------------
@@ -93,9 +93,9 @@ p.add_argument("--model", default=None, help=f"hub id, local diffusers dir, 'sha
                f"(random weights) (default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
 p.add_argument("--prompts", default=None, help="training prompts, one per line (default: as train.py's)")
 p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: as train.py's)")
-p.add_argument("--steps", type=int, default=20, help="rounds of sampling + training in total")
+p.add_argument("--steps", type=int, default=20, help="rounds of sampling + training in total (default %(default)s)")
 p.add_argument("--samples-per-step", type=int, default=32, help="images sampled and scored per round: the reward "
-               "queries (DDPO: 256 per epoch over 8 GPUs)")
+               "queries (default %(default)s; DDPO: 256 per epoch over 8 GPUs)")
 p.add_argument("--batch-size", type=int, default=4, help="images per UNet call, in sampling and training")
 p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimisation step (the defaults: 2 "
                "optimisation steps per round and inner epoch)")
@@ -151,6 +151,7 @@ if args.advantage == "group" and args.group_size < 2:
     die("--advantage group needs --group-size >= 2: the advantage compares images of the same prompt")
 targets = lora_targets(args.lora_targets)
 refuse_overwrite(args.out, args.resume)
+check_out(args.out)  # a file, or a place this process may not write: one line now, not a traceback later
 
 # -----------------------------------------------------------------------------
 # setup
@@ -158,6 +159,10 @@ refuse_overwrite(args.out, args.resume)
 sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run's dtype; shape (4, h, w)
 dtype = DTYPES[args.dtype]
 resolution = args.resolution or native_resolution(sd)
+# a round keeps every image's latents x_T .. x_0 and its decoded image, on every rank (a lower bound: no activations)
+per_image = (args.ddim_steps + 1) * 4 * torch.Size(shape).numel() + 4 * 3 * resolution ** 2
+check_batch_fits(f"--samples-per-step {args.samples_per_step}", args.samples_per_step // world * per_image,
+                 device_type, "lower --samples-per-step")
 torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
 params = inject_adapters(sd.unet, args.lora_rank, targets)  # the only trainable weights, kept in fp32
 opt = torch.optim.AdamW(params, lr=args.lr)
@@ -174,7 +179,9 @@ stats = RunningPromptStats(args.stat_buffer)
 n_local = args.samples_per_step // world  # this rank's images per round
 rows = slice(rank * n_local, (rank + 1) * n_local)
 train_steps = max(1, round(args.timestep_fraction * args.ddim_steps))  # denoising steps trained per micro-batch
-write_config(args.out, dict(vars(args), world_size=world))
+config = dict(vars(args), script="ddpo.py", world_size=world)
+if not args.resume:  # a resumed run's config.json is rewritten once its checkpoint has loaded
+    write_config(args.out, config)
 step, eval_before = 0, None
 
 
@@ -208,6 +215,7 @@ def evaluate(step):  # as train.py's: the same held-out prompts, seeds and eta n
 
 if args.resume:
     ckpt = load_checkpoint(args.out, sd.unet, opt, scaler, rng, args.lr)  # this run's --lr wins
+    write_config(args.out, config)
     step, eval_before, stats.seen = ckpt["step"], ckpt["eval_before"], ckpt["stats"]
     info(f"resuming {args.out} at round {step}")
 else:
@@ -293,7 +301,7 @@ for step in pbar:
 
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+    log = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                loss=sum(losses) / len(losses), loss_per_epoch=losses, ratio_max_dev=ratio_dev,
                clip_fraction=sum(clipped) / len(clipped), grad_norm=sum(norms) / len(norms),
                seconds=time.time() - t0, peak_mem_mb=peak, images_seen=(step + 1) * args.samples_per_step,

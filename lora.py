@@ -20,6 +20,7 @@ lora_B so the file means the same thing to any reader; rank, alpha and targets a
 """
 import json
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -147,6 +148,9 @@ def save_lora(module, path, prefix="unet."):
     meta = dict(format="pt", rank=str(cfg["rank"]), alpha=str(cfg["alpha"]), targets=json.dumps(cfg["targets"]),
                 lora_B="includes scale alpha/rank")
     save_file(lora_state_dict(module, prefix), path, metadata=meta)
+    umask = os.umask(0)  # read it (the only way), then put it back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; the mode a plain open() gives, as every other output
 
 
 def read_lora_config(path):

@@ -83,10 +83,15 @@ def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
 
 def _from_pretrained(model, dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.utils import is_accelerate_available
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     def load(local_only):  # weights come in the run's dtype: no full-precision copy on the way
         kw = dict(pretrained_model_name_or_path=model, local_files_only=local_only)
+        # diffusers' low-memory load needs accelerate, which this project does not require: without it diffusers
+        # falls back to the plain load, warning on every model (UNet, VAE) that accelerate is missing. Ask for the
+        # plain load then, the same load without the warning; with accelerate, diffusers' default.
+        lean = dict(low_cpu_mem_usage=is_accelerate_available())
         index = _model_index(model, local_only)
         kind = index.get("_class_name", "StableDiffusionPipeline")  # a bare directory of SD 1.x parts has no index
         if kind not in SUPPORTED:
@@ -95,8 +100,8 @@ def _from_pretrained(model, dtype):
         xl = kind == "StableDiffusionXLPipeline"
         with warnings.catch_warnings():  # diffusers passes an argument that newer huggingface_hub deprecates
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
-            sd = SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", torch_dtype=dtype, **kw),
-                    vae=AutoencoderKL.from_pretrained(subfolder="vae", torch_dtype=dtype, **kw),
+            sd = SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", torch_dtype=dtype, **kw, **lean),
+                    vae=AutoencoderKL.from_pretrained(subfolder="vae", torch_dtype=dtype, **kw, **lean),
                     text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", dtype=dtype, **kw),
                     tokenizer=CLIPTokenizer.from_pretrained(subfolder="tokenizer", **kw),
                     scheduler=DDIMScheduler.from_pretrained(subfolder="scheduler", **kw))

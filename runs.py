@@ -27,8 +27,10 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -148,11 +150,104 @@ def resume_args(parser, args):
     cfg_path = os.path.join(args.resume, "config.json")
     if not os.path.isfile(os.path.join(args.resume, "checkpoint.pt")) or not os.path.isfile(cfg_path):
         die(f"--resume {args.resume}: no checkpoint.pt and config.json there")
-    with open(cfg_path) as f:
-        parser.set_defaults(**{k: v for k, v in json.load(f).items() if k in vars(args)})
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        die(f"{cfg_path} is damaged or not a config of this project ({e})")
+    # the other script's run: its flags would make this one refuse them one by one (ddpo.py: "--eta must be > 0")
+    script, other = os.path.basename(parser.prog), run_script(cfg)
+    if script in SCRIPTS and other != script:
+        die(f"{args.resume} is a {other} run ({SCRIPTS[other]}), not a {script} run; continue it with python {other} "
+            f"--resume {args.resume}")
+    read_checkpoint(args.resume)  # damaged: one line now, before the model loads and anything is written
+    parser.set_defaults(**{k: v for k, v in cfg.items() if k in vars(args)})
     args = parser.parse_args()
     args.out = args.resume
     return args
+
+
+SCRIPTS = {"train.py": "reward backprop", "ddpo.py": "reinforcement learning"}
+
+
+def run_script(cfg):
+    """The script whose run a config.json describes: its "script" field; a run from before that field by a flag that
+    only ddpo.py has."""
+    return cfg.get("script") or ("ddpo.py" if "samples_per_step" in cfg else "train.py")
+
+
+def check_out(out):
+    """--out must be a directory this process can write in, or one it can create: else one line, exit 2, before any
+    work. Returns the first directory a run would create on the way to `out` (None: `out` exists), for undo_start."""
+    path, made = os.path.abspath(out), None
+    while not os.path.lexists(path):  # up to the first part of the path that exists
+        path, made = os.path.dirname(path), path
+    if not os.path.isdir(path):
+        die(f"--out {out}: {'it' if made is None else path} is a file, not a directory")
+    check_writable("--out", out, path)
+    return made
+
+
+def check_writable(flag, value, directory):
+    """One line, exit 2, unless this process can create a file in `directory`. Tried, not asked: os.access says yes
+    to root on a read-only mount or in /sys; the probe file is removed at once."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        die(f"{flag} {value}: cannot write in {directory} ({e.strerror})")
+
+
+def start_snapshot(out, made):
+    """What undo_start needs to put `out` back as it was before this start: the first directory the start creates
+    (check_out), else the names in `out` and the bytes of the files a start rewrites."""
+    if made is not None or not os.path.isdir(out):
+        return dict(made=made)
+    files = {}
+    for name in ("config.json", "metrics.jsonl"):
+        if os.path.isfile(os.path.join(out, name)):
+            with open(os.path.join(out, name), "rb") as f:
+                files[name] = f.read()
+    return dict(made=None, names=set(os.listdir(out)), files=files)
+
+
+def undo_start(out, snapshot):
+    """A start that failed before its first step leaves the disk as it found it: what it made is removed, the files
+    it rewrote are put back."""
+    if not is_master():
+        return
+    if snapshot["made"] is not None:
+        shutil.rmtree(snapshot["made"], ignore_errors=True)
+        return
+    for name in set(os.listdir(out)) - snapshot["names"]:
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    for name, data in snapshot["files"].items():
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+
+
+def is_out_of_memory(e):
+    """The allocator's error: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def device_memory(device_type):
+    """Bytes of memory on the device: the GPU's, or the machine's RAM."""
+    if device_type == "cuda":
+        return torch.cuda.mem_get_info()[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_batch_fits(flag, need, device_type, advice):
+    """Refuse, before any work, a batch whose tensors alone (`need` bytes: the caller counts its latents and decoded
+    images, a lower bound, since the UNet's activations come on top) exceed the device's memory: one line, exit 2,
+    rather than the allocator's error after the model has loaded and the first eval has run."""
+    have = device_memory(device_type)
+    if need > have:
+        die(f"{flag} does not fit in memory: its latents and images alone take {need / 2**30:,.1f} GB, and this "
+            f"{'GPU' if device_type == 'cuda' else 'machine'} has {have / 2**30:,.1f} GB; {advice}")
 
 
 def machine_defaults(args):
@@ -232,8 +327,11 @@ def read_prompts(flag, path):
     """The non-empty lines of a prompt file; a missing or empty file is a one-line error naming the flag."""
     if not os.path.isfile(path):
         die(f"{flag} {path}: no such file")
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        die(f"{flag} {path}: not a text file ({e.reason} at byte {e.start}); prompts are lines of UTF-8 text")
     if not lines:
         die(f"{flag} {path}: the file has no prompts")
     return lines
@@ -272,11 +370,31 @@ def save_checkpoint(out, unet, params, opt, scaler, rng, **state):
     atomic_save(lambda path: save_lora(unet, path), os.path.join(out, "lora.safetensors"))
 
 
+CHECKPOINT_KEYS = {"step", "eval_before", "lora", "opt", "scaler", "rng", "torch_rng"}  # what save_checkpoint writes
+
+
+def read_checkpoint(out):
+    """checkpoint.pt's state; a truncated file, or one that is not a checkpoint of this project: one line, exit 2
+    (torch's own error suggests weights_only=False, the wrong advice for a damaged file)."""
+    path = os.path.join(out, "checkpoint.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle of other objects, not a torch file: each raises differently
+        reason = f"torch.load: {type(e).__name__}: {str(e).strip().split('. ')[0]}"  # a first line, not torch's essay
+        if "Weights only load failed" in reason:
+            reason = "it holds Python objects besides tensors"
+        die(f"{path} is damaged or not a checkpoint of this project ({reason})")
+    missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
+    if missing:
+        die(f"{path} is damaged or not a checkpoint of this project (it has no {', '.join(sorted(missing))})")
+    return state
+
+
 def load_checkpoint(out, unet, opt, scaler, rng, lr):
     """Restore what save_checkpoint saved into `unet`, `opt` (with this run's `lr`, which wins over the saved one),
     `scaler`, `rng` and torch's RNG; return the rest of the state (step, ...). metrics.jsonl keeps only the lines of
-    the steps before the checkpoint (a killed run logged steps it did not save)."""
-    state = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    the steps up to the checkpoint (a killed run logged steps it did not save)."""
+    state = read_checkpoint(out)
     named = dict(unet.named_parameters())
     with torch.no_grad():
         for n, v in state.pop("lora").items():
@@ -290,7 +408,7 @@ def load_checkpoint(out, unet, opt, scaler, rng, lr):
     if is_master():
         path = os.path.join(out, "metrics.jsonl")
         with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] < state["step"]]
+            kept = [line for line in f if json.loads(line)["step"] <= state["step"]]  # step: steps done (1..N)
         with open(path, "w") as f:
             f.writelines(kept)
     return state
@@ -318,9 +436,9 @@ def plot_rewards(out, title, eval_before=None):
     import matplotlib.pyplot as plt
     m = read_metrics(out)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([x["step"] + 1 for x in m], [x["reward_mean"] for x in m], lw=1, alpha=0.6, label="training batch")
+    ax.plot([x["step"] for x in m], [x["reward_mean"] for x in m], lw=1, alpha=0.6, label="training batch")
     evals = [(0, eval_before)] * (eval_before is not None)
-    evals += [(x["step"] + 1, x["eval_reward"]) for x in m if x.get("eval_reward") is not None]
+    evals += [(x["step"], x["eval_reward"]) for x in m if x.get("eval_reward") is not None]
     if evals:
         ax.plot(*zip(*evals), "o-", label="held-out prompts, fixed seeds")
     ax.set(xlabel="step", ylabel="reward", title=title)

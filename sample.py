@@ -13,10 +13,10 @@ import os
 import torch
 
 from grid import image_grid
-from lora import load_lora
+from lora import load_lora, read_lora_config
 from model import DEFAULT_MODEL, ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution
 from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
-from runs import check_numbers, die, warn_unknown_words
+from runs import check_numbers, check_writable, die, warn_unknown_words
 from sampler import ddim_sample
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -54,6 +54,12 @@ warn_unknown_words(model, args.prompts)
 steps = args.ddim_steps or run_cfg.get("ddim_steps", 50)
 guidance = args.guidance if args.guidance is not None else run_cfg.get("guidance", 7.5)
 out = args.out or os.path.join(os.path.dirname(args.lora) or ".", "compare.png")
+out_dir = os.path.dirname(out) or "."
+if not os.path.isdir(out_dir):  # found now, not when the grid is saved after all the sampling
+    die(f"--out {out}: no such directory {out_dir}")
+if os.path.isdir(out):
+    die(f"--out {out} is a directory; name the PNG file to write")
+check_writable("--out", out, out_dir)
 
 reward_fn = None
 if args.reward:  # before sampling: a reward whose weights are missing fails in seconds
@@ -61,6 +67,10 @@ if args.reward:  # before sampling: a reward whose weights are missing fails in 
         reward_fn = load_reward(args.reward, device, dtype)
     except RewardLoadError as e:
         die(str(e))
+try:  # the LoRA file's header, before sampling with the base model (after the reward: a wrong --reward is named first)
+    read_lora_config(args.lora)
+except Exception as e:  # safetensors' SafetensorError (not a safetensors file), or ValueError (no LoRA metadata)
+    die(f"--lora {args.lora}: not a LoRA file written by train.py or ddpo.py ({str(e).strip().splitlines()[0]})")
 try:
     sd = load_sd(model, device, dtype)
 except ModelLoadError as e:

@@ -29,10 +29,11 @@ from grid import image_grid
 from lora import TARGET_SETS
 from model import DEFAULT_MODEL, decode, encode_prompts, native_resolution
 from rewards import REWARDS, without_gradient
-from runs import (DTYPES, StopOnSignal, activations_to_keep, agree, average_gradients, check_numbers, die, gather,
-                  info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
-                  machine_defaults, memory_budget, parse_keep, peak_memory, plot_rewards, read_metrics,
-                  refuse_overwrite, resume_args, run_prompts, save_checkpoint, start_processes, write_config)
+from runs import (DTYPES, StopOnSignal, activations_to_keep, agree, average_gradients, check_batch_fits, check_numbers,
+                  check_out, die, gather, info, inject_adapters, is_out_of_memory, load_checkpoint,
+                  load_model_and_reward, log_metrics, lora_targets, machine_defaults, memory_budget, parse_keep,
+                  peak_memory, plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts, save_checkpoint,
+                  start_processes, start_snapshot, undo_start, write_config)
 from sampler import ddim_sample, parse_backprop, steps_with_gradient
 
 # -----------------------------------------------------------------------------
@@ -116,6 +117,7 @@ check_numbers(args, at_least_1=("steps", "batch_size", "grad_accum", "lora_rank"
               at_least_0=("memory_budget", "eta", "max_grad_norm", "resolution", "save_every", "eval_every"),
               above_0=("lr",), finite=("guidance",))  # NaN and inf included: one line, exit 2
 refuse_overwrite(args.out, args.resume)
+made = check_out(args.out)  # a file, or a place this process may not write: one line now, not a traceback later
 
 # -----------------------------------------------------------------------------
 # setup
@@ -123,6 +125,9 @@ refuse_overwrite(args.out, args.resume)
 sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run's dtype; shape (4, H/f, W/f)
 dtype = DTYPES[args.dtype]
 resolution = args.resolution or native_resolution(sd)
+smaller = "lower --batch-size (--grad-accum N keeps the images per step: N micro-batches of --batch-size)"
+per_image = 4 * torch.Size(shape).numel() + dtype.itemsize * 3 * resolution ** 2  # its noise (fp32) and its image
+check_batch_fits(f"--batch-size {args.batch_size}", args.batch_size * per_image, device_type, smaller)
 torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
 params = inject_adapters(sd.unet, args.lora_rank, targets)  # the only trainable weights, kept in fp32
 opt = torch.optim.AdamW(params, lr=args.lr)
@@ -140,8 +145,10 @@ eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual
 rng = torch.Generator().manual_seed(args.seed)
 rows = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
 global_batch = args.batch_size * args.grad_accum * world
-config = dict(vars(args), world_size=world, global_batch=global_batch)
-write_config(args.out, config)  # the latest (re)start's flags
+config = dict(vars(args), script="train.py", world_size=world, global_batch=global_batch)
+snapshot = start_snapshot(args.out, made)  # a start that fails before its first step puts the disk back as it was
+if not args.resume:  # a resumed run's config.json is rewritten once its checkpoint has loaded
+    write_config(args.out, config)  # the latest (re)start's flags
 step, eval_before = 0, None
 
 
@@ -175,6 +182,7 @@ def evaluate(step):  # the same held-out prompts and seeds every time, so grids 
 
 if args.resume:
     ckpt = load_checkpoint(args.out, sd.unet, opt, scaler, rng, args.lr)  # this run's --lr wins
+    write_config(args.out, config)
     step, eval_before = ckpt["step"], ckpt["eval_before"]
     info(f"resuming {args.out} at step {step}")
 else:
@@ -192,6 +200,7 @@ info(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers ({n_params /
 # training loop
 
 signals, skipped, skipped_in_a_row = StopOnSignal(), 0, 0  # a signal finishes the step, saves, then stops
+first_step = step
 pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=args.reward, dynamic_ncols=True,
             disable=not master)
 for step in pbar:
@@ -199,16 +208,23 @@ for step in pbar:
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rewards, components = [], {}
-    for micro in range(args.grad_accum):
-        idx = torch.randint(len(prompts), (world * args.batch_size,), generator=rng)[rows]  # this rank's rows
-        noise = torch.randn(world * args.batch_size, *shape, generator=rng)[rows]  # (B, 4, h, w), on the CPU
-        images = sample(cond_all[idx], noise, loop_generator(step, micro), backprop)  # (B, ...); (N * B, ...) lv:N
-        r = reward_fn(images, [prompts[i] for i in idx] * (len(images) // args.batch_size))
-        loss = -r.mean() / args.grad_accum
-        scaler.scale(loss).backward()  # gradients add up locally: no communication per micro-batch
-        rewards.append(r.detach().float())
-        for name, value in reward_fn.components.items():  # each reward of a mix on its own
-            components.setdefault(name, []).append(value.float())
+    try:
+        for micro in range(args.grad_accum):
+            idx = torch.randint(len(prompts), (world * args.batch_size,), generator=rng)[rows]  # this rank's rows
+            noise = torch.randn(world * args.batch_size, *shape, generator=rng)[rows]  # (B, 4, h, w), on the CPU
+            images = sample(cond_all[idx], noise, loop_generator(step, micro), backprop)  # (B, ...); (N * B, ...) lv:N
+            r = reward_fn(images, [prompts[i] for i in idx] * (len(images) // args.batch_size))
+            loss = -r.mean() / args.grad_accum
+            scaler.scale(loss).backward()  # gradients add up locally: no communication per micro-batch
+            rewards.append(r.detach().float())
+            for name, value in reward_fn.components.items():  # each reward of a mix on its own
+                components.setdefault(name, []).append(value.float())
+    except RuntimeError as e:  # the allocator's error, on the first step: one line, and the disk as it was
+        if not is_out_of_memory(e) or step > first_step:
+            raise
+        pbar.close()
+        undo_start(args.out, snapshot)
+        die(f"--batch-size {args.batch_size} does not fit in memory: the first step ran out of it; {smaller}")
     rewards = gather(torch.cat(rewards))
     average_gradients(params)  # torchrun: one all-reduce per step, none per micro-batch
     scaler.unscale_(opt)  # so that clipping sees the true gradient norm
@@ -221,7 +237,7 @@ for step in pbar:
     skipped, skipped_in_a_row = skipped + (not finite), 0 if finite else skipped_in_a_row + 1
     peak = peak_memory(device_type)  # CUDA: allocated, this step; CPU: RSS, this process so far
     spread = rewards.std().item() if len(rewards) > 1 else float("nan")  # one image has none (logged as null)
-    log = dict(step=step, reward_mean=rewards.mean().item(), reward_std=spread, loss=-rewards.mean().item(),
+    log = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=spread, loss=-rewards.mean().item(),
                grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak / 2**20, kept_steps=keep or 0,
                images_seen=(step + 1) * global_batch, skipped=not finite, skipped_total=skipped)
     if keep is None:  # --keep-activations auto: this step recomputed every step, at the least memory a step needs;

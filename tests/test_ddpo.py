@@ -2,6 +2,7 @@
 model (the PPO ratio starts at 1, the real-JPEG reward rises, a killed run resumes to the same numbers, bad input is
 one line)."""
 import ast
+import json
 import os
 import signal
 import subprocess
@@ -133,6 +134,9 @@ def test_ratio_is_one_on_the_first_inner_epoch_and_the_update_ascends(tmp_path):
     assert m["images_seen"] == 4 and {"reward_mean", "seconds", "step"} <= set(m)
     assert {"config.json", "metrics.jsonl", "lora.safetensors", "checkpoint.pt", "reward.png"} <= set(
         os.listdir(tmp_path / "r"))
+    assert m["step"] == 1  # rounds done, as the grids are named (step_000001.png); step 0 is the eval before training
+    assert sorted(os.listdir(tmp_path / "r" / "samples")) == ["step_000000.png", "step_000001.png"]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["script"] == "ddpo.py"
 
 
 def kill_after(lines, out, *args):
@@ -157,7 +161,7 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     assert kill_after(3, tmp_path / "cut", *args) == -signal.SIGKILL
     run_here("ddpo.py", "--resume", tmp_path / "cut")
     whole, cut = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
-    assert [x["step"] for x in cut] == [0, 1, 2, 3]
+    assert [x["step"] for x in cut] == [1, 2, 3, 4]
     for key in ("reward_mean", "loss", "grad_norm"):
         assert [x[key] for x in cut] == pytest.approx([x[key] for x in whole], rel=1e-5, abs=1e-7), key
     assert cut[-1]["eval_reward"] == pytest.approx(whole[-1]["eval_reward"], rel=1e-5)
@@ -187,15 +191,36 @@ def test_two_processes_share_each_round_and_stay_in_sync(tmp_path):
     (["--steps", "0"], ">= 1"),
     (["--lora-targets", "conv9"], "is named 'conv9'"),
     (["--resume", "{tmp}"], "no checkpoint.pt"),
+    (["--samples-per-step", "1000000000", "--batch-size", "1", "--grad-accum", "1"],
+     "--samples-per-step 1000000000 does not fit in memory"),  # after loading the model, before any work
+    (["--out", "/sys/alignprop-test"], "cannot write in /sys"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     """(Prompt files, an existing run and the model are checked by runs.py, as for train.py: tested there.)"""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     status, stderr = refused("ddpo.py", *FAST, "--out", tmp_path / "out", *args)
     assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "out").exists()  # a refused command writes nothing
+
+
+def test_resume_of_a_train_py_run_says_so(tmp_path):
+    """Its flags would be refused one by one (train.py's --eta 0: "--eta must be > 0"); a run from before config.json
+    named its script is told by the flags only ddpo.py has."""
+    for name, cfg in (("new", dict(script="train.py", eta=0.0)), ("old", dict(eta=0.0, backprop="all"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"")
+        status, stderr = refused("ddpo.py", "--resume", tmp_path / name)
+        assert status == 2 and stderr == (f"error: {tmp_path / name} is a train.py run (reward backprop), not a "
+                                          f"ddpo.py run; continue it with python train.py --resume {tmp_path / name}\n")
 
 
 def test_bad_input_from_a_real_process(tmp_path):
     proc = run(*FAST, "--out", tmp_path / "out", "--clip-range", "inf", check=False)
     assert proc.returncode == 2 and proc.stderr == "error: --clip-range must be a finite number > 0, got inf\n"
 
+
+def test_help_shows_the_defaults():
+    text = " ".join(run_here("ddpo.py", "-h").stdout.split())  # argparse wraps the lines
+    assert "rounds of sampling + training in total (default 20)" in text
+    assert "the reward queries (default 32; DDPO: 256 per epoch over 8 GPUs)" in text

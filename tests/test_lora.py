@@ -155,3 +155,17 @@ def test_stock_diffusers_loads_our_file(tiny, tmp_path, targets):
     pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
     assert not any(isinstance(m, (LoRALinear, LoRAConv2d)) for m in pipe.unet.modules())
     torch.testing.assert_close(unet_out(pipe), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_file_gets_the_mode_a_plain_open_gives(tiny, tmp_path):
+    """safetensors writes its files 0600; lora.safetensors is shared like every other output of a run."""
+    import os
+    import stat
+    inject_lora(tiny.unet, rank=2)
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            save_lora(tiny.unet, tmp_path / f"{umask:o}.safetensors")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(os.stat(tmp_path / f"{umask:o}.safetensors").st_mode) == mode

@@ -143,7 +143,7 @@ def test_train_py_trains_and_resumes_an_sdxl_directory(xl_dir, tmp_path):
     before = float(first.stdout.strip().splitlines()[-1].split(":")[1].split("->")[0])
     resumed = run_here("train.py", "--resume", out, "--steps", 4)
     after = float(resumed.stdout.strip().splitlines()[-1].split("->")[1].split("after")[0])
-    assert "at step 2" in resumed.stdout and [x["step"] for x in metrics(out)] == [0, 1, 2, 3]
+    assert "at step 2" in resumed.stdout and [x["step"] for x in metrics(out)] == [1, 2, 3, 4]
     assert after > before
     assert json.loads((out / "config.json").read_text())["model"] == str(xl_dir)
 

@@ -2,7 +2,9 @@
 sample.py compares base and LoRA."""
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -45,7 +47,7 @@ def test_training_raises_the_reward(trained):
     with 1 thread, 0.019 with 2, below the 0.02 this test once asked of it."""
     out, proc = trained
     m = metrics(out)
-    assert [x["step"] for x in m] == list(range(10))
+    assert [x["step"] for x in m] == list(range(1, 11))
     for key in ("step", "reward_mean", "reward_std", "loss", "grad_norm", "seconds", "peak_mem_mb"):
         assert all(key in x and x[key] == x[key] for x in m), key  # logged at every step, never NaN
     assert all(x["loss"] == pytest.approx(-x["reward_mean"]) for x in m)
@@ -58,8 +60,10 @@ def test_run_directory(trained):
     assert {"config.json", "metrics.jsonl", "lora.safetensors", "checkpoint.pt"} <= set(os.listdir(out))
     assert sorted(os.listdir(out / "samples")) == ["step_000000.png", "step_000005.png", "step_000010.png"]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["steps"] == 10 and cfg["lr"] == 3e-2 and cfg["model"] == "tiny"
+    assert cfg["steps"] == 10 and cfg["lr"] == 3e-2 and cfg["model"] == "tiny" and cfg["script"] == "train.py"
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    mode = lambda name: stat.S_IMODE(os.stat(out / name).st_mode)
+    assert mode("lora.safetensors") == mode("checkpoint.pt") == mode("config.json")  # safetensors alone wrote 0600
 
 
 def test_sample_compares_base_and_lora(trained, tmp_path):
@@ -94,7 +98,7 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     resumed = run_here("train.py", "--resume", cut)
     assert "resuming" in resumed.stdout and "at step 3" in resumed.stdout
     a, b = metrics(whole), metrics(cut)
-    assert [x["step"] for x in b] == list(range(6))  # no step lost or logged twice
+    assert [x["step"] for x in b] == list(range(1, 7))  # no step lost or logged twice
     for x, y in zip(a, b):
         assert x["reward_mean"] == pytest.approx(y["reward_mean"], abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
@@ -122,7 +126,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert [x["skipped"] for x in m] == [False, True, True, True] and m[-1]["skipped_total"] == 3
     assert m[-1]["reward_mean"] is None  # NaN is logged as null: the file stays valid JSON
     run_here("train.py", "--resume", tmp_path, "--steps", 2, "--lr", 1e-2)  # the checkpoint (step 0) is intact
-    assert [x["step"] for x in metrics(tmp_path)] == [0, 1]
+    assert [x["step"] for x in metrics(tmp_path)] == [1, 2]
 
 
 def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
@@ -132,7 +136,7 @@ def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
     done = len(metrics(tmp_path))
     resumed = run_here("train.py", "--resume", tmp_path, "--steps", done + 2)
     assert f"at step {done}" in resumed.stdout
-    assert [x["step"] for x in metrics(tmp_path)] == list(range(done + 2))
+    assert [x["step"] for x in metrics(tmp_path)] == list(range(1, done + 3))
 
 
 def test_resume_refuses_to_overwrite_or_resume_nothing(trained, tmp_path):
@@ -146,6 +150,7 @@ def test_resume_refuses_to_overwrite_or_resume_nothing(trained, tmp_path):
 @pytest.fixture
 def prompt_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
     (tmp_path / "nocount.txt").write_text("three apples on a table\ncats on a sofa\n")
     (tmp_path / "notsd").mkdir()
     (tmp_path / "notsd" / "README").write_text("hello")
@@ -174,12 +179,82 @@ def prompt_files(tmp_path):
     (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
     (["--keep-activations", "most"], "--keep-activations must be auto or an integer >= 0, got most"),
     (["--memory-budget", "nan"], "--memory-budget must be a finite number >= 0, got nan"),
+    (["--prompts", "{tmp}/binary.txt"], "binary.txt: not a text file (invalid start byte at byte 128)"),
+    (["--out", "{tmp}/empty.txt"], "empty.txt: it is a file, not a directory"),
+    (["--out", "{tmp}/empty.txt/run"], "empty.txt is a file, not a directory"),
+    # /sys takes no files, even from root (whom chmod does not stop): a real refusal, wherever the tests run as
+    (["--out", "/sys/alignprop-test/run"], "--out /sys/alignprop-test/run: cannot write in /sys ("),
+    (["--batch-size", "1000000000"], "--batch-size 1000000000 does not fit in memory"),  # after loading, before work
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]
     status, stderr = refused("train.py", "--out", prompt_files / "out", "--model", "tiny", *args)
     lines = stderr.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
+    assert not (prompt_files / "out").exists() and not os.path.exists("/sys/alignprop-test")  # nothing written
+
+
+def files(out):
+    """{path: bytes} of every file under a directory: what a failed command must leave as it was."""
+    return {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint"])
+def test_resume_of_a_damaged_checkpoint_is_one_line_and_changes_nothing(trained, tmp_path, damage):
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)
+    data = (out / "checkpoint.pt").read_bytes()
+    if damage == "truncated":  # a copy cut short, a disk that filled up
+        (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+    else:
+        torch.save({"weights": torch.zeros(2)}, out / "checkpoint.pt")
+    before = files(out)
+    status, stderr = refused("train.py", "--resume", out, "--steps", 20, "--keep-activations", 0)
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith(f"error: {out}/checkpoint.pt is damaged or not a checkpoint of this project (")
+    assert "weights_only" not in stderr
+    assert files(out) == before  # config.json byte for byte: not rewritten with this command's --steps
+
+
+def test_the_first_step_out_of_memory_is_one_line_and_changes_nothing(trained, tmp_path, monkeypatch):
+    """A batch that passes the up-front check but not the allocator: the first step's RuntimeError (simulated: the
+    CPU allocator's message, raised by the sampler where training samples with gradients) is one line, exit 2, and a
+    new run directory is removed (parents included), a resumed one put back as it was (config.json, metrics.jsonl)."""
+    import sampler
+    real = sampler.ddim_sample
+
+    def out_of_memory(*args, **kwargs):
+        if torch.is_grad_enabled():  # the training step; evaluation samples under no_grad
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sampler, "ddim_sample", out_of_memory)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained[0], resumed)
+    before = files(resumed)
+    for args in (["--out", tmp_path / "new" / "run", "--steps", 2, *FAST], ["--resume", resumed, "--steps", 12]):
+        proc = run_here("train.py", *args, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, proc.stderr
+        assert lines[-1].startswith("error: --batch-size 2 does not fit in memory: the first step ran out of it; "
+                                    "lower --batch-size"), proc.stderr
+        assert not [line for line in lines if line.startswith(("error", "Traceback"))][:-1]
+    assert not (tmp_path / "new").exists()
+    assert files(resumed) == before
+
+
+def test_the_other_script_s_run_is_named_on_resume(tmp_path):
+    """train.py --resume of a ddpo.py run: said in one line, not a refusal of the run's flags (its --reward jpeg has
+    no gradient). A run from before config.json named its script is told by a flag only ddpo.py has."""
+    for name, cfg in (("new", dict(script="ddpo.py", reward="jpeg", eta=1.0)),
+                      ("old", dict(reward="jpeg", eta=1.0, samples_per_step=32))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"")
+        status, stderr = refused("train.py", "--resume", tmp_path / name)
+        assert status == 2 and stderr == (f"error: {tmp_path / name} is a ddpo.py run (reinforcement learning), not a "
+                                          f"train.py run; continue it with python ddpo.py --resume {tmp_path / name}\n")
 
 
 def test_words_the_shapes_model_never_saw_are_named_up_front(tmp_path):
@@ -216,6 +291,25 @@ def test_numeric_flags_are_checked_in_range_and_finite(capsys):
         with pytest.raises(SystemExit) as e:
             check_numbers(Namespace(**flags), **{rule: tuple(flags)})
         assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_sample_py_checks_its_lora_and_its_output_before_sampling(trained, tmp_path):
+    (tmp_path / "text.safetensors").write_text("not a LoRA")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")  # a safetensors file, but no LoRA metadata
+    lora = trained[0] / "lora.safetensors"
+    for args, message in [
+        (["--lora", tmp_path / "text.safetensors"], "text.safetensors: not a LoRA file written by train.py or "
+                                                    "ddpo.py (Error while deserializing header"),
+        (["--lora", tmp_path / "plain.safetensors"], "has no LoRA metadata"),
+        (["--lora", lora, "--out", tmp_path / "no" / "grid.png"], f"no such directory {tmp_path / 'no'}"),
+        (["--lora", lora, "--out", tmp_path], "is a directory; name the PNG file to write"),
+        (["--lora", lora, "--out", "/sys/grid.png"], "--out /sys/grid.png: cannot write in /sys ("),
+    ]:
+        status, stderr = refused("sample.py", *args)
+        lines = stderr.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and message in lines[0], stderr
+    assert sorted(os.listdir(tmp_path)) == ["plain.safetensors", "text.safetensors"]
 
 
 def test_sample_py_refuses_a_non_finite_flag_in_one_line(tmp_path):
@@ -266,7 +360,7 @@ def test_two_processes_stopped_by_sigterm_and_resumed_equal_one_with_the_same_gl
     assert cfg["world_size"] == 2 and cfg["global_batch"] == 4
     run_here("train.py", "--out", tmp_path / "one", *steps, *FAST, "--batch-size", 4)
     two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
-    assert [x["step"] for x in two] == [x["step"] for x in one] == list(range(4))  # no step lost or logged twice
+    assert [x["step"] for x in two] == [x["step"] for x in one] == list(range(1, 5))  # no step lost or logged twice
     for x, y in zip(two, one):
         for key in ("reward_mean", "reward_std", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
@@ -333,3 +427,24 @@ def test_a_budget_below_what_a_step_needs_is_one_line(tmp_path):
                     1, "--steps", 2, "--memory-budget", 0.05, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "error: --memory-budget 0.05 GB is below what a step needs with every step recomputed"), proc.stderr
+
+
+def test_loading_a_model_says_nothing_about_accelerate(monkeypatch):
+    """Without accelerate (not a requirement), diffusers warned once per model it loads (UNet and VAE) that it would
+    use its plain load instead of its low-memory one. Simulated here by telling diffusers that accelerate is missing,
+    on the shipped shapes model: the tiny one is built, not loaded, so it never met the warning."""
+    import logging
+
+    import diffusers.utils.import_utils
+
+    from model import load_sd
+    monkeypatch.setattr(diffusers.utils.import_utils, "_accelerate_available", False)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        load_sd("shapes")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [r.getMessage() for r in records if "accelerate" in r.getMessage()]
