@@ -1,17 +1,19 @@
-"""Loading a Stable Diffusion (1.x, 2.x, XL, or an offline miniature), and what turns prompts into the UNet's
-conditioning and latents into images.
+"""Loading a Stable Diffusion (1.x, 2.x, XL, 3, or an offline miniature), and what turns prompts into the UNet's
+(or SD3's transformer's) conditioning and latents into images.
 
     sd = load_sd("tiny", "cpu", torch.float32)          # or "shapes", a hub id, or a local diffusers directory
     cond, uncond = encode_prompts(sd, ["a cat"]), encode_prompts(sd, [""])   # (B, L, D), as diffusers builds them
     latents = torch.randn(1, *latent_shape(sd, 64))      # (B, 4, h, w): the sampler (sampler.py) starts here
     images = decode(sd, latents)                         # (B, 3, H, W) in [0, 1]; checkpointed under grad
 
-`SD` holds the parts (UNet, VAE, text encoder(s), tokenizer(s), a DDIMScheduler), all frozen and in eval mode.
-`tiny` and `tiny-xl` are built offline from the real diffusers / transformers classes with random fixed-seed weights,
-so that everything runs, and is tested, without a download. `decode` runs the VAE through sampler.checkpoint when
-gradients are on, so that its large activations are held one stage at a time.
+`SD` holds the parts (UNet, VAE, text encoder(s), tokenizer(s), a DDIMScheduler), all frozen and in eval mode; for SD3
+(`sd.flow`) the denoiser in `sd.unet` is the transformer and the scheduler SD3's FlowMatchEulerDiscreteScheduler.
+`tiny`, `tiny-xl` and `tiny-sd3` are built offline from the real diffusers / transformers classes with random fixed-seed
+weights, so that everything runs, and is tested, without a download. `decode` runs the VAE through sampler.checkpoint
+when gradients are on, so that its large activations are held one stage at a time.
 
-References: latent diffusion, Rombach et al. 2022 (arXiv:2112.10752); SDXL, Podell et al. 2023 (arXiv:2307.01952).
+References: latent diffusion, Rombach et al. 2022 (arXiv:2112.10752); SDXL, Podell et al. 2023 (arXiv:2307.01952);
+SD3, Esser et al. 2024 (arXiv:2403.03206).
 """
 import contextlib
 import copy
@@ -42,6 +44,14 @@ class SD:
     text_encoder_2: torch.nn.Module = None  # SDXL only: the second text encoder (with projection) and its tokenizer
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: the empty prompt's conditioning is zeros, as its pipeline does
+    text_encoder_3: torch.nn.Module = None  # SD3 only: T5's encoder and tokenizer; `unet` then holds the transformer
+    tokenizer_3: object = None  # (SD3Transformer2DModel) and the two CLIPs are both CLIPTextModelWithProjection
+    max_sequence_length: int = 256  # SD3: T5's token count, the pipeline's max_sequence_length (its default 256)
+
+    @property
+    def flow(self):
+        """A rectified-flow model (SD3: a FlowMatchEulerDiscreteScheduler; sampler.flow_sample), not DDIM's family."""
+        return type(self.scheduler).__name__.startswith("FlowMatch")
 
 
 SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionXLPipeline": "SDXL"}
@@ -57,13 +67,18 @@ class ModelLoadError(RuntimeError):
 
 def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """Load a Stable Diffusion (1.x, 2.x or XL): a hub id, a local diffusers-format directory, "tiny" / "tiny-xl"
-    (random weights, built offline) or "shapes" (the coloured-shapes model trained by shapes.py, in models/shapes).
+    (random weights, built offline) or "shapes" (the coloured-shapes model trained by shapes.py, in models/shapes);
+    or "tiny-sd3", an offline SD3 miniature (a rectified-flow model: sampler.flow_sample samples it). Loading a real
+    SD3 directory or hub id is not supported yet.
 
-    All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is always a DDIMScheduler. An SDXL
+    All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is a DDIMScheduler but for SD3's
+    (FlowMatchEulerDiscreteScheduler). An SDXL
     VAE whose config says `force_upcast` stays in fp32 when the rest is fp16 (it overflows in fp16), and decode() runs
     it outside autocast."""
     if model in ("tiny", "tiny-xl"):
         sd = _build_tiny(xl=model == "tiny-xl")
+    elif model == "tiny-sd3":
+        sd = _build_tiny_sd3()
     elif model == "shapes":
         if not os.path.isfile(os.path.join(SHAPES_DIR, "unet", "config.json")):
             raise ModelLoadError(f"no shapes model in {SHAPES_DIR}: train it with python shapes.py --train")
@@ -71,7 +86,7 @@ def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     else:
         sd = _from_pretrained(model, dtype)
     upcast_vae = sd.text_encoder_2 is not None and sd.vae.config.get("force_upcast") and dtype == torch.float16
-    for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2):
+    for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2, sd.text_encoder_3):
         if m is None:
             continue
         m.requires_grad_(False).eval().to(device)
@@ -167,16 +182,9 @@ def _build_tiny(xl=False):
     CLIP's BPE over single characters (no merges), since CLIP's real vocabulary cannot be built offline.
     xl: a miniature SDXL instead (two text encoders, the second with a projection; a "text_time" UNet)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
-    symbols = list(chars) + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as d:  # the portable way to build a CLIPTokenizer: from vocab/merges files
-        with open(os.path.join(d, "vocab.json"), "w") as f:
-            json.dump({s: i for i, s in enumerate(symbols)}, f)
-        with open(os.path.join(d, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        tokenizer = CLIPTokenizer.from_pretrained(d, model_max_length=77)
+    tokenizer, symbols = _char_clip_tokenizer()
 
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # fixed-seed weights, without disturbing the caller's RNG stream
@@ -213,6 +221,73 @@ def _build_tiny(xl=False):
     return sd
 
 
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+
+def _char_clip_tokenizer():
+    """CLIP's BPE over single characters (no merges), and its symbols: CLIP's real vocabulary cannot be built
+    offline."""
+    from transformers import CLIPTokenizer
+    symbols = list(_CHARS) + [c + "</w>" for c in _CHARS] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as d:  # the portable way to build a CLIPTokenizer: from vocab/merges files
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump({s: i for i, s in enumerate(symbols)}, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(d, model_max_length=77), symbols
+
+
+def _char_t5_tokenizer(max_length):
+    """A T5-style tokenizer without sentencepiece: a Unigram model over single characters, T5's ids for <pad> 0,
+    </s> 1, <unk> 2, its Metaspace pre-tokenizer (a space becomes "▁"), and </s> appended to every sequence."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -1.0) for c in _CHARS]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def _build_tiny_sd3():
+    """A miniature SD3 (Esser et al. 2024, arXiv:2403.03206) from the real classes, fixed-seed weights: an MMDiT
+    (SD3Transformer2DModel, 2 joint blocks, patch 2) on 16-channel latents, 64 px images (8x8x16 latents); SD3's VAE
+    scaling and shift; CLIP-L and CLIP-G stand-ins of different widths (hidden 32 and 48, projections 16 and 24: the
+    pooled vector is 40 wide); a T5 encoder of width 96 reading 16 tokens (the real one: 4096 wide, 256 tokens);
+    FlowMatchEulerDiscreteScheduler with SD3's shift 3.0. The sequence the transformer reads is 77 CLIP rows (64
+    features, zero-padded to 96) then 16 T5 rows: (B, 93, 96), as StableDiffusion3Pipeline.encode_prompt builds it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer, symbols = _char_clip_tokenizer()
+    tokenizer_3 = _char_t5_tokenizer(16)
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # fixed-seed weights, without disturbing the caller's RNG stream
+    clip = dict(vocab_size=len(symbols), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=len(symbols) - 2, eos_token_id=len(symbols) - 1,
+                pad_token_id=len(symbols) - 1)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=16, **clip))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=24, **clip))
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=16 + 24,
+        pos_embed_max_size=8)
+    vae = AutoencoderKL(  # SD3's VAE: 16 latent channels, no quant convs, a shift as well as a scale
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16,
+        sample_size=64, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    torch.random.set_rng_state(rng_state)
+    return SD(unet=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+              scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+              text_encoder_2=text_encoder_2, tokenizer_2=copy.deepcopy(tokenizer), text_encoder_3=text_encoder_3,
+              tokenizer_3=tokenizer_3, max_sequence_length=16)
+
+
 
 # -----------------------------------------------------------------------------
 # prompts, shapes, decoding
@@ -224,10 +299,13 @@ def encode_prompts(sd, prompts):
     SDXL: both encoders' penultimate hidden states side by side (B, L, D1 + D2), then one more row holding the second
     encoder's pooled projection (its first P entries, zeros after): (B, L + 1, D1 + D2). Packed so, the conditioning
     indexes, expands and concatenates as SD 1.x's does; guided_output takes the row off again. An empty prompt's
-    conditioning is all zeros where the model says force_zeros_for_empty_prompt (SDXL's unconditional convention)."""
-    def ids(tokenizer, device):
-        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(device)
+    conditioning is all zeros where the model says force_zeros_for_empty_prompt (SDXL's unconditional convention).
+    SD3: CLIP-L's and CLIP-G's rows then T5's, and the pooled row: (B, 77 + T + 1, D_t5) (_encode_sd3)."""
+    def ids(tokenizer, device, length=None):
+        return tokenizer(list(prompts), padding="max_length", max_length=length or tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(device)
+    if sd.text_encoder_3 is not None:
+        return _encode_sd3(sd, ids)
     if sd.text_encoder_2 is None:
         return sd.text_encoder(ids(sd.tokenizer, sd.text_encoder.device))[0]
     hidden = []
@@ -240,6 +318,24 @@ def encode_prompts(sd, prompts):
     if sd.force_zeros_for_empty_prompt:
         cond = cond * torch.tensor([p != "" for p in prompts], dtype=cond.dtype, device=cond.device)[:, None, None]
     return cond
+
+
+def _encode_sd3(sd, ids):
+    """SD3's conditioning, as StableDiffusion3Pipeline.encode_prompt builds it: both CLIPs' penultimate hidden states
+    side by side (B, 77, D_l + D_g), zero-padded to T5's width D, then T5's last hidden states (B, T, D) after them on
+    the sequence; plus the pooled row: both CLIPs' projections (B, P_l + P_g), zero-padded to D.
+    Returns (B, 77 + T + 1, D). The empty prompt is encoded like any other (SD3 has no zeros convention)."""
+    hidden, pooled = [], []
+    for tokenizer, encoder in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
+        out = encoder(ids(tokenizer, encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    t5 = sd.text_encoder_3(ids(sd.tokenizer_3, sd.text_encoder_3.device, sd.max_sequence_length))[0]  # (B, T, D)
+    clip = torch.cat(hidden, -1).to(t5.dtype)  # (B, 77, D_l + D_g)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, 77, D)
+    pooled = torch.cat(pooled, -1).to(t5.dtype)  # (B, P_l + P_g)
+    pooled = torch.nn.functional.pad(pooled, (0, t5.shape[-1] - pooled.shape[-1]))  # (B, D)
+    return torch.cat([clip, t5, pooled[:, None]], 1)
 
 
 def vae_scale_factor(sd):
@@ -258,10 +354,11 @@ def native_resolution(sd):
 
 
 def decode(sd, latents):
-    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]. With grad enabled the VAE decoder is checkpointed stage
-    by stage (its mid block, each ResNet block and upsampler of its up blocks, the output head), so backward holds one
-    stage's activations at a time: at full resolution the decoder's are the largest in the whole model (SD 1.5's
-    architecture, 256 px: a step's peak 1914 MB with whole up blocks as stages, 1735 MB with their ResNet blocks)."""
+    """Latents (B, 4, h, w) (SD3: (B, 16, h, w), scaled and shifted back) -> images (B, 3, H, W) in [0, 1]. With grad
+    enabled the VAE decoder is checkpointed stage by stage (its mid block, each ResNet block and upsampler of its up
+    blocks, the output head), so backward holds one stage's activations at a time: at full resolution the decoder's are
+    the largest in the whole model (SD 1.5's architecture, 256 px: a step's peak 1914 MB with whole up blocks as stages,
+    1735 MB with their ResNet blocks)."""
     z = latents / sd.vae.config.scaling_factor
     if getattr(sd.vae.config, "shift_factor", None):
         z = z + sd.vae.config.shift_factor
