@@ -12,12 +12,14 @@ flat in the number of steps. `backprop` truncates the chain: steps before the wi
 no graph. Under `torch.no_grad()` it is a plain DDIM sampler that matches diffusers' `DDIMScheduler` to fp32 precision.
 `ddim_rollout` samples the same chain and keeps what policy-gradient RL needs (ddpo.py). This file imports nothing
 of the project's: `sd` is what model.load_sd returns, or any object with its `unet`, `vae`, `scheduler` (a
-DDIMScheduler) and `text_encoder_2` (None but for SDXL).
+DDIMScheduler) and `text_encoder_2` (None but for SDXL). `flow_sample` is the same for SD3's rectified flow: Euler steps
+of the ODE on the transformer's velocity, the same checkpointing and backprop windows.
 
 References: DDIM, Song et al. 2021 (arXiv:2010.02502), Eq. 12 and 16; classifier-free guidance, Ho & Salimans 2022;
 v-prediction, Salimans & Ho 2022 (arXiv:2202.00512); AlignProp, Prabhudesai et al. 2023 (arXiv:2310.03739);
 DRaFT-K and DRaFT-LV, Clark et al. 2023 (arXiv:2309.17400); DRTune, Wu et al. 2024 (arXiv:2405.00760); gradient
-checkpointing, Chen et al. 2016 (arXiv:1604.06174); DDPO, Black et al. 2023 (arXiv:2305.13301).
+checkpointing, Chen et al. 2016 (arXiv:1604.06174); DDPO, Black et al. 2023 (arXiv:2305.13301); rectified flow, Liu
+et al. 2022 (arXiv:2209.03003); SD3, Esser et al. 2024 (arXiv:2403.03206).
 """
 import contextlib
 import functools
@@ -317,6 +319,80 @@ def ddim_rollout(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=1.0, gen
         xs.append(mean + sigma * _randn(x, generator))
         logps.append(ddim_logprob(xs[-1], mean, sigma))
     return torch.stack(xs), torch.stack(logps), sched.timesteps.clone()
+
+
+# -----------------------------------------------------------------------------
+# the rectified-flow sampler (SD3)
+
+
+def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all", generator=None, keep_activations=0):
+    """Run the rectified-flow Euler ODE from noise `latents` (B, 16, h, w) with the conditioning `cond`, `uncond`
+    (B, L + 1, D) from encode_prompts (the last row: the pooled CLIP vector). SD3's sampler, written out: under
+    `torch.no_grad()` it matches diffusers' StableDiffusion3Pipeline (FlowMatchEulerDiscreteScheduler) to fp32
+    precision. `sd.unet` is the transformer here.
+
+    Notation (rectified flow, Liu et al. 2022; SD3, Esser et al. 2024), s in [0, 1], s = 1 pure noise:
+        x_s   = (1 - s) * x0 + s * eps                 the straight path from data x0 to noise eps
+        v     = transformer(x_s, t = 1000 s, c)       the predicted velocity dx_s/ds = eps - x0
+        x_s'  = x_s + (s' - s) * v                     one Euler step to the next (smaller) s'
+        x0    = x_s - s * v                            the predicted clean latents (the last step, s' = 0, lands here)
+    The s_i (steps + 1 of them, the last 0) are the model's scheduler's sigmas after set_timesteps(steps), so SD3's
+    shift (s -> shift s / (1 + (shift - 1) s), 3.0) comes from its config. v is classifier-free guided,
+    v_u + guidance * (v_c - v_u), both halves in one batched call. The step is deterministic: `generator` only draws
+    K for a (lo, hi) window.
+
+    backprop: "all", K or (lo, hi), as in ddim_sample (backprop_window): the steps before the window run under
+    no_grad, those in it through `checkpoint`; keep_activations likewise. DRaFT-LV ("lv", N) and DRTune
+    ("drtune", N) are not yet written for flow models: a ValueError.
+    """
+    if isinstance(backprop, (tuple, list)) and backprop and backprop[0] in ("lv", "drtune"):
+        raise ValueError(f"backprop {backprop!r}: {backprop[0]} is not yet for flow models; use all, K or lo,hi")
+    grad = torch.is_grad_enabled()
+    k = backprop_window(backprop, steps, generator) if grad else 0
+    sched = _flow_schedule(sd, steps)
+    ts = sched.timesteps  # t_i = 1000 s_i (steps,), fp32: what the transformer reads
+    ds = (sched.sigmas[1:] - sched.sigmas[:-1]).tolist()  # s_{i+1} - s_i < 0, taken in fp32 as the scheduler does
+    trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
+
+    def step(x, i, context):  # one Euler step s_i -> s_{i+1}: the transformer, then the update (linear in x and v)
+        return x + ds[i] * flow_output(sd, x, ts[i], context, guidance)
+
+    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)  # (2B, L + 1, D): [uncond; cond]
+    x = latents
+    with torch.no_grad():  # the steps before the truncation window build no graph at all
+        for i in range(steps - k):
+            x = step(x, i, context)
+    window = [functools.partial(step, i=i, context=context) for i in range(steps - k, steps)]
+    recompute = len(window) - min(keep_activations, len(window))
+    if recompute:  # checkpointed: only the latents entering each step are kept for backward
+        x = checkpoint(window[:recompute], x, trainable)
+    for fn in window[recompute:]:  # plain autograd: activations kept, no recomputation
+        x = fn(x)
+    return x
+
+
+def _flow_schedule(sd, steps):
+    sched = sd.scheduler
+    if sched.config.get("use_dynamic_shifting") or sched.config.get("stochastic_sampling"):
+        raise ValueError("flow schedulers with dynamic shifting or stochastic sampling are not supported yet (SD3 "
+                         "uses neither)")
+    sched.set_timesteps(steps)  # sigmas shifted by the model's config (SD3: shift 3.0), and a final 0 appended
+    return sched
+
+
+def flow_output(sd, x, t, context, guidance):
+    """The transformer's velocity at x_s (B, 16, h, w) and t = 1000 s, classifier-free guided when guidance > 1:
+    v_u + guidance * (v_c - v_u), both halves in one batched call on `context` (guidance_context), whose last row is
+    the pooled vector (its first pooled_projection_dim entries: SD3's CLIP-L and CLIP-G projections side by side)."""
+    cfg = guidance > 1.0
+    context, pooled = context[:, :-1], context[:, -1, :sd.unet.config.pooled_projection_dim]
+    x_in = (torch.cat([x, x]) if cfg else x).to(sd.unet.dtype)
+    v = sd.unet(hidden_states=x_in, timestep=t.to(x.device).expand(len(x_in)), encoder_hidden_states=context,
+                pooled_projections=pooled).sample
+    if cfg:
+        v_u, v_c = v.chunk(2)
+        v = v_u + guidance * (v_c - v_u)
+    return v.to(x.dtype)
 
 
 def _randn(like, generator):  # N(0, I) noise like `like`, drawn on the generator's device: reproducible anywhere
