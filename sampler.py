@@ -339,14 +339,16 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all
     The s_i (steps + 1 of them, the last 0) are the model's scheduler's sigmas after set_timesteps(steps), so SD3's
     shift (s -> shift s / (1 + (shift - 1) s), 3.0) comes from its config. v is classifier-free guided,
     v_u + guidance * (v_c - v_u), both halves in one batched call. The step is deterministic: `generator` only draws
-    K for a (lo, hi) window.
+    K for a (lo, hi) window, DRTune's offset and DRaFT-LV's noise.
 
-    backprop: "all", K or (lo, hi), as in ddim_sample (backprop_window): the steps before the window run under
-    no_grad, those in it through `checkpoint`; keep_activations likewise. DRaFT-LV ("lv", N) and DRTune
-    ("drtune", N) are not yet written for flow models: a ValueError.
+    backprop: as in ddim_sample (backprop_window): with "all", K or (lo, hi) the steps before the window run under
+    no_grad, those in it through `checkpoint`; keep_activations likewise.
+    ("lv", N), DRaFT-LV: the finished sample x0 is re-noised N times to the last step's s, x_s = (1 - s) x0 + s z
+    (the path above), and the last step, x_0 = x_s - s v, is taken again with gradients: N * B rows, draw-major.
+    ("drtune", N), DRTune: every step is x_s' = x_s + (s' - s) v(sg(x_s)), the transformer sees its input detached, so
+    the gradient reaches every step through the identity term alone; only the N steps of drtune_steps run the
+    transformer with gradients (checkpointed, the last keep_activations of them kept), the others under no_grad.
     """
-    if isinstance(backprop, (tuple, list)) and backprop and backprop[0] in ("lv", "drtune"):
-        raise ValueError(f"backprop {backprop!r}: {backprop[0]} is not yet for flow models; use all, K or lo,hi")
     grad = torch.is_grad_enabled()
     k = backprop_window(backprop, steps, generator) if grad else 0
     sched = _flow_schedule(sd, steps)
@@ -359,10 +361,30 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all
 
     context = guidance_context(cond, uncond, guidance, sd.unet.dtype)  # (2B, L + 1, D): [uncond; cond]
     x = latents
+    if grad and isinstance(backprop, (tuple, list)) and backprop[0] == "drtune":
+        trained = drtune_steps(backprop[1], steps, generator)
+        kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
+        for i, t in enumerate(ts):
+            transformer = functools.partial(flow_output, sd, t=t, context=context, guidance=guidance)
+            if i in kept:
+                v = transformer(x.detach())
+            elif i in trained:
+                v = checkpoint([transformer], x.detach(), trainable)  # sg(x_s): gradient to the LoRA weights only
+            else:
+                with torch.no_grad():
+                    v = transformer(x)  # a constant: the chain's gradient passes this step by the identity alone
+            x = x + ds[i] * v  # x itself, not detached: the gradient's path to the earlier steps
+        return x
     with torch.no_grad():  # the steps before the truncation window build no graph at all
         for i in range(steps - k):
             x = step(x, i, context)
     window = [functools.partial(step, i=i, context=context) for i in range(steps - k, steps)]
+    if k == 0 and grad:  # DRaFT-LV: re-noise the sample N times to the last step's s and take that step again
+        n, s = backprop[1], float(sched.sigmas[-2])
+        x0 = x.repeat(n, 1, 1, 1)  # (N * B, 16, h, w), draw-major
+        x = (1 - s) * x0 + s * _randn(x0, generator)
+        context = guidance_context(cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), guidance, sd.unet.dtype)
+        window = [functools.partial(step, i=steps - 1, context=context)]
     recompute = len(window) - min(keep_activations, len(window))
     if recompute:  # checkpointed: only the latents entering each step are kept for backward
         x = checkpoint(window[:recompute], x, trainable)

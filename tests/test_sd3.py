@@ -2,14 +2,15 @@
 SD3Transformer2DModel, two CLIPs with projection, a T5 encoder reading 16 tokens, SD3's VAE scaling and shift, a
 FlowMatchEulerDiscreteScheduler with shift 3.0): the conditioning equals StableDiffusion3Pipeline.encode_prompt,
 sampling and decoding equal the stock pipeline, and LoRA gradients through the checkpointed chain equal a plain
-autograd Euler loop. Not yet: FLUX, and train.py / ddpo.py / sample.py on SD3."""
+autograd Euler loop (backprop all, K, kept activations, DRTune, DRaFT-LV). Not yet: FLUX, and train.py / ddpo.py /
+sample.py on SD3."""
 import pytest
 import torch
 
 from lora import inject_lora, lora_layers
 from model import decode, encode_prompts, latent_shape, load_sd, native_resolution
 from rewards import compress
-from sampler import flow_sample
+from sampler import drtune_steps, flow_sample
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 # SD3's attention, both streams: the image's q/k/v/out and the text's (the joint blocks' "add_" projections)
@@ -73,39 +74,57 @@ def test_matches_the_stock_sd3_pipeline(tiny_sd3, guidance):
         torch.testing.assert_close(decode(tiny_sd3, got), images, rtol=1e-4, atol=1e-4)
 
 
-def reference(sd, x, steps, guidance, k):
-    """The textbook Euler loop on the pipeline's own conditioning and scheduler: full graph, no checkpoint; x is
-    detached before the last k steps."""
+def velocity(sd, guidance, n=1):
+    """The guided transformer on the pipeline's own conditioning (encode_prompt), the prompts repeated n times."""
     embeds, neg, pooled, neg_pooled = pipeline(sd).encode_prompt(
         PROMPTS, None, None, do_classifier_free_guidance=True, max_sequence_length=sd.max_sequence_length)
+    context = torch.cat([neg.repeat(n, 1, 1), embeds.repeat(n, 1, 1)])
+    pooled = torch.cat([neg_pooled.repeat(n, 1), pooled.repeat(n, 1)])
+
+    def v(x, t):
+        v_u, v_c = sd.unet(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * len(x)),
+                           encoder_hidden_states=context, pooled_projections=pooled).sample.chunk(2)
+        return v_u + guidance * (v_c - v_u)
+    return v
+
+
+def reference(sd, x, steps, guidance, k=None, trained=None):
+    """The textbook Euler loop on the pipeline's conditioning and the scheduler's sigmas: full graph, no checkpoint;
+    x is detached before the last k steps; or DRTune: the transformer sees x detached at the `trained` steps, runs
+    without grad at the others."""
+    v = velocity(sd, guidance)
     sd.scheduler.set_timesteps(steps)
     for i, t in enumerate(sd.scheduler.timesteps):
-        if i == steps - k:
+        if trained is None and i == steps - k:
             x = x.detach()
-        v_u, v_c = sd.unet(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * len(x)),
-                           encoder_hidden_states=torch.cat([neg, embeds]),
-                           pooled_projections=torch.cat([neg_pooled, pooled])).sample.chunk(2)
-        x = x + (sd.scheduler.sigmas[i + 1] - sd.scheduler.sigmas[i]) * (v_u + guidance * (v_c - v_u))
+        if trained is None:
+            out = v(x, t)
+        elif i in trained:
+            out = v(x.detach(), t)
+        else:
+            with torch.no_grad():
+                out = v(x, t)
+        x = x + (sd.scheduler.sigmas[i + 1] - sd.scheduler.sigmas[i]) * out
     return x
 
 
-@pytest.mark.parametrize("backprop,k,keep", [("all", 4, 0), (2, 2, 0), ("all", 4, 2)])
-def test_lora_gradients_match_plain_autograd(tiny_sd3, backprop, k, keep):
+def lora(sd):
     torch.manual_seed(0)
-    params = inject_lora(tiny_sd3.unet, rank=2, targets=TARGETS)
+    params = inject_lora(sd.unet, rank=2, targets=TARGETS)
     assert len(params) == 2 * (4 * 2 + 4 * 2 - 1)  # 2 blocks x 8 targets, less the last block's to_add_out
     with torch.no_grad():
         for p in params:  # non-zero up matrices, so that every LoRA tensor gets a gradient
             p.normal_(0, 0.05)
-    x = noise(tiny_sd3)
-    got = ours(tiny_sd3, x, 4, 5.0, backprop=backprop, keep_activations=keep)
-    want = reference(tiny_sd3, x, 4, 5.0, k)
+    return params
+
+
+def assert_same_gradients(sd, params, got, want):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    g_ours = torch.autograd.grad(-compress(decode(tiny_sd3, got)).mean(), params)
-    vae = tiny_sd3.vae
+    g_ours = torch.autograd.grad(-compress(decode(sd, got)).mean(), params)
+    vae = sd.vae
     images = (vae.decode(want / vae.config.scaling_factor + vae.config.shift_factor).sample / 2 + 0.5).clamp(0, 1)
     g_ref = torch.autograd.grad(-compress(images).mean(), params)
-    dead = [n for n in lora_layers(tiny_sd3.unet) for _ in (0, 1)]  # one name per tensor, down then up
+    dead = [n for n in lora_layers(sd.unet) for _ in (0, 1)]  # one name per tensor, down then up
     dead = [n for n, g in zip(dead, g_ours) if not g.abs().sum() > 0]
     # the last block's text stream is "context_pre_only": its queries' output is dropped, so add_q_proj there has no
     # gradient (its keys and values still feed the image stream); every other LoRA tensor has one
@@ -114,11 +133,33 @@ def test_lora_gradients_match_plain_autograd(tiny_sd3, backprop, k, keep):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())  # to fp32 rounding of the whole
 
 
-def test_not_yet_for_flow_models(tiny_sd3):
-    x = noise(tiny_sd3)
-    for backprop in [("lv", 2), ("drtune", 2)]:
-        with pytest.raises(ValueError, match="not yet for flow models"):
-            ours(tiny_sd3, x, 4, 5.0, backprop=backprop)
+@pytest.mark.parametrize("backprop,k,keep", [("all", 4, 0), (2, 2, 0), ("all", 4, 2)])
+def test_lora_gradients_match_plain_autograd(tiny_sd3, backprop, k, keep):
+    params, x = lora(tiny_sd3), noise(tiny_sd3)
+    got = ours(tiny_sd3, x, 4, 5.0, backprop=backprop, keep_activations=keep)
+    assert_same_gradients(tiny_sd3, params, got, reference(tiny_sd3, x, 4, 5.0, k))
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_drtune_gradients_match_the_reference_loop(tiny_sd3, keep):
+    params, x = lora(tiny_sd3), noise(tiny_sd3)
+    got = ours(tiny_sd3, x, 4, 5.0, backprop=("drtune", 2), keep_activations=keep,
+               generator=torch.Generator().manual_seed(3))
+    trained = drtune_steps(2, 4, torch.Generator().manual_seed(3))  # the same offset, drawn first, as flow_sample does
+    assert_same_gradients(tiny_sd3, params, got, reference(tiny_sd3, x, 4, 5.0, trained=trained))
+
+
+def test_draft_lv_gradients_match_the_reference(tiny_sd3):
+    """("lv", 3): the finished sample re-noised 3 times to the last step's s, the last step taken again with grad."""
+    params, x = lora(tiny_sd3), noise(tiny_sd3)
+    got = ours(tiny_sd3, x, 4, 5.0, backprop=("lv", 3), generator=torch.Generator().manual_seed(3))
+    assert got.shape == (3 * len(PROMPTS), *x.shape[1:])
+    with torch.no_grad():
+        x0 = reference(tiny_sd3, x, 4, 5.0, k=4).repeat(3, 1, 1, 1)  # draw-major
+    s = tiny_sd3.scheduler.sigmas[-2]
+    x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    want = x - s * velocity(tiny_sd3, 5.0, n=3)(x, tiny_sd3.scheduler.timesteps[-1])  # x0 = x_s - s v
+    assert_same_gradients(tiny_sd3, params, got, want)
 
 
 def test_load_is_deterministic_and_leaves_the_callers_rng_alone():
