@@ -162,6 +162,24 @@ def test_draft_lv_gradients_match_the_reference(tiny_sd3):
     assert_same_gradients(tiny_sd3, params, got, want)
 
 
+def test_memory_is_flat_in_the_number_of_steps(tiny_sd3):
+    """What backward holds grows by one latent per step, as for SD 1.x: the transformer's activations are
+    recomputed."""
+    lora(tiny_sd3)
+    x = noise(tiny_sd3)
+    held = {}
+    for steps in (4, 16):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ours(tiny_sd3, x, steps, 5.0)
+        held[steps] = sum(storages.values())
+    assert held[16] - held[4] <= 12 * x.numel() * x.element_size() * 1.05, held
+
+
 def test_load_is_deterministic_and_leaves_the_callers_rng_alone():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
