@@ -251,6 +251,8 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
 
 def _ddim_schedule(sd, steps):
     sched = sd.scheduler
+    if not hasattr(sched, "alphas_cumprod"):  # e.g. SD3's FlowMatchEulerDiscreteScheduler
+        raise ValueError(f"a {type(sched).__name__} is a rectified-flow model's: sample it with flow_sample")
     if sched.config.get("thresholding") or sched.config.get("clip_sample"):
         raise ValueError("scheduler configs with thresholding or clip_sample are not supported (SD uses neither)")
     sched.set_timesteps(steps)  # diffusers' timestep spacing ("leading", "trailing", ...) from the model's config
@@ -395,6 +397,8 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all
 
 def _flow_schedule(sd, steps):
     sched = sd.scheduler
+    if hasattr(sched, "alphas_cumprod"):  # a DDIMScheduler: SD 1.x, 2.x, XL
+        raise ValueError(f"a {type(sched).__name__} is a diffusion model's, not a flow's: sample it with ddim_sample")
     if sched.config.get("use_dynamic_shifting") or sched.config.get("stochastic_sampling"):
         raise ValueError("flow schedulers with dynamic shifting or stochastic sampling are not supported yet (SD3 "
                          "uses neither)")

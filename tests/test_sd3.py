@@ -10,7 +10,7 @@ import torch
 from lora import inject_lora, lora_layers
 from model import decode, encode_prompts, latent_shape, load_sd, native_resolution
 from rewards import compress
-from sampler import drtune_steps, flow_sample
+from sampler import ddim_sample, drtune_steps, flow_sample
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 # SD3's attention, both streams: the image's q/k/v/out and the text's (the joint blocks' "add_" projections)
@@ -160,6 +160,15 @@ def test_draft_lv_gradients_match_the_reference(tiny_sd3):
     x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     want = x - s * velocity(tiny_sd3, 5.0, n=3)(x, tiny_sd3.scheduler.timesteps[-1])  # x0 = x_s - s v
     assert_same_gradients(tiny_sd3, params, got, want)
+
+
+def test_each_sampler_refuses_the_other_family(tiny_sd3, tiny):
+    x, cond = noise(tiny_sd3), encode_prompts(tiny_sd3, PROMPTS)
+    with pytest.raises(ValueError, match="rectified-flow model's: sample it with flow_sample"):
+        ddim_sample(tiny_sd3, cond, cond, x, steps=2)
+    cond = encode_prompts(tiny, PROMPTS)
+    with pytest.raises(ValueError, match="not a flow's: sample it with ddim_sample"):
+        flow_sample(tiny, cond, cond, torch.zeros(2, 4, 8, 8), steps=2)
 
 
 def test_memory_is_flat_in_the_number_of_steps(tiny_sd3):
