@@ -15,8 +15,9 @@ convolution back to the layer's output channels (as PEFT and diffusers store it)
 the layer's shape and merges into it.
 
 File format: safetensors keyed by module path, "unet.<path>.lora_A.weight" (down) and "unet.<path>.lora_B.weight"
-(up * scale), which a stock diffusers pipeline loads with `pipe.load_lora_weights(path)`. The scale is folded into
-lora_B so the file means the same thing to any reader; rank, alpha and targets are in the metadata.
+(up * scale), which a stock diffusers pipeline loads with `pipe.load_lora_weights(path)`; for a transformer denoiser
+(SD3's SD3Transformer2DModel) the prefix is "transformer.", the key StableDiffusion3Pipeline reads. The scale is
+folded into lora_B so the file means the same thing to any reader; rank, alpha and targets are in the metadata.
 """
 import json
 import math
@@ -131,8 +132,15 @@ def merge_lora(module):
     return module
 
 
-def lora_state_dict(module, prefix="unet."):
-    """The LoRA tensors under diffusers/PEFT key names, with the scale folded into lora_B."""
+def default_prefix(module):
+    """The key prefix diffusers' load_lora_weights reads for this denoiser: "transformer." for a transformer model
+    (class name containing "Transformer", e.g. SD3Transformer2DModel), else "unet." (UNets, and any other module)."""
+    return "transformer." if "Transformer" in type(module).__name__ else "unet."
+
+
+def lora_state_dict(module, prefix=None):
+    """The LoRA tensors under diffusers/PEFT key names, with the scale folded into lora_B. prefix: default_prefix."""
+    prefix = default_prefix(module) if prefix is None else prefix
     sd = {}
     for name, m in lora_layers(module).items():
         sd[f"{prefix}{name}.lora_A.weight"] = m.down.detach().float().contiguous()
@@ -140,7 +148,7 @@ def lora_state_dict(module, prefix="unet."):
     return sd
 
 
-def save_lora(module, path, prefix="unet."):
+def save_lora(module, path, prefix=None):
     """Write only the LoRA tensors to a safetensors file, with rank, alpha and targets in its metadata."""
     if not lora_layers(module):
         raise ValueError("this module has no LoRA layers to save; call inject_lora first")
@@ -162,9 +170,10 @@ def read_lora_config(path):
     return dict(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=json.loads(meta["targets"]))
 
 
-def load_lora(module, path, prefix="unet."):
+def load_lora(module, path, prefix=None):
     """Restore a file written by save_lora. Injects LoRA layers first if the module has none; otherwise checks that
     rank, alpha and targets match the injected ones. Any missing, extra or mis-shaped tensor is a clear ValueError."""
+    prefix = default_prefix(module) if prefix is None else prefix
     cfg = read_lora_config(path)
     if not lora_layers(module):
         inject_lora(module, cfg["rank"], cfg["alpha"], cfg["targets"])

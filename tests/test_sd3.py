@@ -7,7 +7,7 @@ sample.py on SD3."""
 import pytest
 import torch
 
-from lora import inject_lora, lora_layers
+from lora import inject_lora, load_lora, lora_layers, save_lora
 from model import decode, encode_prompts, latent_shape, load_sd, native_resolution
 from rewards import compress
 from sampler import ddim_sample, drtune_steps, flow_sample
@@ -202,3 +202,43 @@ def test_load_is_deterministic_and_leaves_the_callers_rng_alone():
     assert latent_shape(a, 64) == (16, 8, 8) and native_resolution(a) == 64
     assert a.vae.config.scaling_factor == 1.5305 and a.vae.config.shift_factor == 0.0609
     assert a.scheduler.config.shift == 3.0
+
+
+def test_our_lora_file_loads_in_the_stock_sd3_pipeline(tiny_sd3, tmp_path):
+    """LoRA on both streams of the MMDiT, saved with save_lora's default prefix for a transformer ("transformer.",
+    what StableDiffusion3Pipeline.load_lora_weights reads): the stock pipeline with the file gives our flow_sample's
+    latents with CFG, and load_lora restores the same weights into a fresh model."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in inject_lora(tiny_sd3.unet, rank=4, alpha=8, targets=TARGETS):
+            p.normal_(0, 0.05)
+    x = noise(tiny_sd3)
+    with torch.no_grad():
+        want = ours(tiny_sd3, x, 4, 5.0)
+    path = tmp_path / "lora.safetensors"
+    save_lora(tiny_sd3.unet, path)
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    paths = set(lora_layers(tiny_sd3.unet))
+    assert len(paths) == 15 and {p.rsplit(".", 1)[-1] for p in paths} >= {"add_q_proj", "to_add_out", "to_q", "0"}
+    assert keys == {f"transformer.{p}.lora_{ab}.weight" for p in paths for ab in "AB"}
+
+    pipe = pipeline(load_sd("tiny-sd3"))
+    base = pipe(PROMPTS, latents=x.clone(), num_inference_steps=4, guidance_scale=5.0,
+                max_sequence_length=tiny_sd3.max_sequence_length, output_type="latent").images
+    pipe.load_lora_weights(str(path))
+    assert {n.removesuffix(".lora_A") for n, _ in pipe.transformer.named_modules()
+            if n.endswith(".lora_A")} == paths  # PEFT put an adapter on every layer in the file, no more
+    got = pipe(PROMPTS, latents=x.clone(), num_inference_steps=4, guidance_scale=5.0,
+               max_sequence_length=tiny_sd3.max_sequence_length, output_type="latent").images
+    assert (base - want).abs().max() > 100 * 1e-5 * want.abs().max()  # the LoRA changes the latents
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+    fresh = load_sd("tiny-sd3")
+    load_lora(fresh.unet, path)  # injects with the file's rank, alpha and targets
+    ours_now, theirs = lora_layers(tiny_sd3.unet), lora_layers(fresh.unet)
+    assert theirs.keys() == ours_now.keys()
+    for name, m in ours_now.items():  # scale 2: folding it into lora_B and back is exact
+        assert torch.equal(theirs[name].down, m.down) and torch.equal(theirs[name].up, m.up)
+        assert theirs[name].scale == m.scale == 2.0
