@@ -401,6 +401,8 @@ def latent_shape(sd, resolution):
 
 
 def native_resolution(sd):
+    if sd.flux:  # FluxTransformer2DModel has no sample_size; FLUX's VAE config holds the image size (1024)
+        return sd.vae.config.sample_size
     return sd.unet.config.sample_size * vae_scale_factor(sd)
 
 

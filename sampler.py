@@ -340,9 +340,10 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all
         x_s'  = x_s + (s' - s) * v                     one Euler step to the next (smaller) s'
         x0    = x_s - s * v                            the predicted clean latents (the last step, s' = 0, lands here)
     The s_i (steps + 1 of them, the last 0) are the model's scheduler's sigmas after set_timesteps(steps), so SD3's
-    shift (s -> shift s / (1 + (shift - 1) s), 3.0) comes from its config. v is classifier-free guided,
-    v_u + guidance * (v_c - v_u), both halves in one batched call. The step is deterministic: `generator` only draws
-    K for a (lo, hi) window, DRTune's offset and DRaFT-LV's noise.
+    shift (s -> shift s / (1 + (shift - 1) s), 3.0) comes from its config; FLUX's are FluxPipeline's, shifted by the
+    image's token count (_flow_schedule). v is classifier-free guided, v_u + guidance * (v_c - v_u), both halves in one
+    batched call (FLUX-dev: one call, guidance embedded). The step is deterministic: `generator` only draws K for a
+    (lo, hi) window, DRTune's offset and DRaFT-LV's noise.
 
     backprop: as in ddim_sample (backprop_window): with "all", K or (lo, hi) the steps before the window run under
     no_grad, those in it through `checkpoint`; keep_activations likewise.
