@@ -7,10 +7,10 @@
     images = decode(sd, latents)                         # (B, 3, H, W) in [0, 1]; checkpointed under grad
 
 `SD` holds the parts (UNet, VAE, text encoder(s), tokenizer(s), a DDIMScheduler), all frozen and in eval mode; for SD3
-(`sd.flow`) the denoiser in `sd.unet` is the transformer and the scheduler SD3's FlowMatchEulerDiscreteScheduler.
-`tiny`, `tiny-xl` and `tiny-sd3` are built offline from the real diffusers / transformers classes with random fixed-seed
-weights, so that everything runs, and is tested, without a download. `decode` runs the VAE through sampler.checkpoint
-when gradients are on, so that its large activations are held one stage at a time.
+and FLUX (`sd.flow`) the denoiser in `sd.unet` is the transformer, the scheduler a FlowMatchEulerDiscreteScheduler.
+`tiny`, `tiny-xl`, `tiny-sd3` and `tiny-flux` are built offline from the real diffusers / transformers classes with
+random fixed-seed weights, so that everything runs, and is tested, without a download. `decode` runs the VAE through
+sampler.checkpoint when gradients are on, so that its large activations are held one stage at a time.
 
 References: latent diffusion, Rombach et al. 2022 (arXiv:2112.10752); SDXL, Podell et al. 2023 (arXiv:2307.01952);
 SD3, Esser et al. 2024 (arXiv:2403.03206).
@@ -44,14 +44,20 @@ class SD:
     text_encoder_2: torch.nn.Module = None  # SDXL only: the second text encoder (with projection) and its tokenizer
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: the empty prompt's conditioning is zeros, as its pipeline does
-    text_encoder_3: torch.nn.Module = None  # SD3 only: T5's encoder and tokenizer; `unet` then holds the transformer
-    tokenizer_3: object = None  # (SD3Transformer2DModel) and the two CLIPs are both CLIPTextModelWithProjection
-    max_sequence_length: int = 256  # SD3: T5's token count, the pipeline's max_sequence_length (its default 256)
+    text_encoder_3: torch.nn.Module = None  # SD3 and FLUX: T5's encoder and tokenizer; `unet` then holds the
+    tokenizer_3: object = None  # transformer (SD3: SD3Transformer2DModel, two CLIPTextModelWithProjection; FLUX:
+    # FluxTransformer2DModel, one CLIPTextModel in text_encoder, no text_encoder_2)
+    max_sequence_length: int = 256  # T5's token count, the pipeline's max_sequence_length (SD3's default 256)
 
     @property
     def flow(self):
         """A rectified-flow model (SD3: a FlowMatchEulerDiscreteScheduler; sampler.flow_sample), not DDIM's family."""
         return type(self.scheduler).__name__.startswith("FlowMatch")
+
+    @property
+    def flux(self):
+        """FLUX.1 (a FluxTransformer2DModel in `unet`): CLIP in text_encoder, T5 in text_encoder_3."""
+        return type(self.unet).__name__ == "FluxTransformer2DModel"
 
 
 SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionXLPipeline": "SDXL"}
@@ -68,8 +74,8 @@ class ModelLoadError(RuntimeError):
 def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """Load a Stable Diffusion (1.x, 2.x or XL): a hub id, a local diffusers-format directory, "tiny" / "tiny-xl"
     (random weights, built offline) or "shapes" (the coloured-shapes model trained by shapes.py, in models/shapes);
-    or "tiny-sd3", an offline SD3 miniature (a rectified-flow model: sampler.flow_sample samples it). Loading a real
-    SD3 directory or hub id is not supported yet.
+    or "tiny-sd3" / "tiny-flux", offline SD3 / FLUX.1-dev miniatures (rectified-flow models: sampler.flow_sample
+    samples them). Loading a real SD3 or FLUX directory or hub id is not supported yet.
 
     All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is a DDIMScheduler but for SD3's
     (FlowMatchEulerDiscreteScheduler). An SDXL
@@ -79,6 +85,8 @@ def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
         sd = _build_tiny(xl=model == "tiny-xl")
     elif model == "tiny-sd3":
         sd = _build_tiny_sd3()
+    elif model == "tiny-flux":
+        sd = _build_tiny_flux()
     elif model == "shapes":
         if not os.path.isfile(os.path.join(SHAPES_DIR, "unet", "config.json")):
             raise ModelLoadError(f"no shapes model in {SHAPES_DIR}: train it with python shapes.py --train")
@@ -288,6 +296,42 @@ def _build_tiny_sd3():
               tokenizer_3=tokenizer_3, max_sequence_length=16)
 
 
+def _build_tiny_flux():
+    """A miniature FLUX.1-dev from the real classes, fixed-seed weights: a FluxTransformer2DModel (1 double-stream and
+    1 single-stream block, 4 heads of 8, rotary axes 2 + 2 + 4 = 8, a guidance embedding as FLUX-dev has) reading
+    16-channel latents packed 2x2 into 64-wide tokens, 64 px images (8x8x16 latents, 16 tokens); FLUX's VAE scaling
+    0.3611 and shift 0.1159; a CLIP-L stand-in (hidden 32: its pooled output is the pooled vector, no projection) and
+    a T5 encoder of width 96 reading 16 tokens (the real ones: 768, and 4096 wide reading 512);
+    FlowMatchEulerDiscreteScheduler with FLUX's dynamic shifting (mu from the image's token count)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, symbols = _char_clip_tokenizer()
+    tokenizer_3 = _char_t5_tokenizer(16)
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # fixed-seed weights, without disturbing the caller's RNG stream
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(symbols), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=len(symbols) - 2, eos_token_id=len(symbols) - 1,
+        pad_token_id=len(symbols) - 1))
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=96, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKL(  # FLUX's VAE: 16 latent channels, no quant convs, its own scale and shift
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16,
+        sample_size=64, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    torch.random.set_rng_state(rng_state)
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    return SD(unet=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+              text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, max_sequence_length=16)
+
+
 
 # -----------------------------------------------------------------------------
 # prompts, shapes, decoding
@@ -300,10 +344,16 @@ def encode_prompts(sd, prompts):
     encoder's pooled projection (its first P entries, zeros after): (B, L + 1, D1 + D2). Packed so, the conditioning
     indexes, expands and concatenates as SD 1.x's does; guided_output takes the row off again. An empty prompt's
     conditioning is all zeros where the model says force_zeros_for_empty_prompt (SDXL's unconditional convention).
-    SD3: CLIP-L's and CLIP-G's rows then T5's, and the pooled row: (B, 77 + T + 1, D_t5) (_encode_sd3)."""
+    SD3: CLIP-L's and CLIP-G's rows then T5's, and the pooled row: (B, 77 + T + 1, D_t5) (_encode_sd3).
+    FLUX: T5's last hidden states (B, T, D_t5), then CLIP's pooled output (B, D_clip) zero-padded to D_t5 as one more
+    row: (B, T + 1, D_t5), as FluxPipeline.encode_prompt builds them."""
     def ids(tokenizer, device, length=None):
         return tokenizer(list(prompts), padding="max_length", max_length=length or tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(device)
+    if sd.flux:  # T5 reads the prompt for the sequence, CLIP only for its pooled output (its EOS token's state)
+        t5 = sd.text_encoder_3(ids(sd.tokenizer_3, sd.text_encoder_3.device, sd.max_sequence_length))[0]  # (B, T, D)
+        pooled = sd.text_encoder(ids(sd.tokenizer, sd.text_encoder.device)).pooler_output.to(t5.dtype)  # (B, D_clip)
+        return torch.cat([t5, torch.nn.functional.pad(pooled, (0, t5.shape[-1] - pooled.shape[-1]))[:, None]], 1)
     if sd.text_encoder_3 is not None:
         return _encode_sd3(sd, ids)
     if sd.text_encoder_2 is None:
@@ -343,13 +393,16 @@ def vae_scale_factor(sd):
 
 
 def latent_shape(sd, resolution):
-    """(C, h, w) of the latents for square images of `resolution` pixels."""
-    f = vae_scale_factor(sd)
-    assert resolution % f == 0, f"resolution {resolution} is not divisible by the VAE's factor {f}"
-    return (sd.unet.config.in_channels, resolution // f, resolution // f)
+    """(C, h, w) of the latents for square images of `resolution` pixels (FLUX: unpacked, C = in_channels / 4)."""
+    f = vae_scale_factor(sd) * (2 if sd.flux else 1)  # FLUX packs 2x2 latents into a token: h, w must be even
+    assert resolution % f == 0, f"resolution {resolution} is not divisible by {f}"
+    c = sd.unet.config.in_channels // (4 if sd.flux else 1)
+    return (c, resolution // vae_scale_factor(sd), resolution // vae_scale_factor(sd))
 
 
 def native_resolution(sd):
+    if sd.flux:  # FluxTransformer2DModel has no sample_size; FLUX's VAE config holds the image size (1024)
+        return sd.vae.config.sample_size
     return sd.unet.config.sample_size * vae_scale_factor(sd)
 
 

@@ -331,7 +331,8 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all
     """Run the rectified-flow Euler ODE from noise `latents` (B, 16, h, w) with the conditioning `cond`, `uncond`
     (B, L + 1, D) from encode_prompts (the last row: the pooled CLIP vector). SD3's sampler, written out: under
     `torch.no_grad()` it matches diffusers' StableDiffusion3Pipeline (FlowMatchEulerDiscreteScheduler) to fp32
-    precision. `sd.unet` is the transformer here.
+    precision. `sd.unet` is the transformer here. FLUX.1-dev (FluxPipeline, also matched): `uncond` is unused (None
+    will do), `guidance` goes to the transformer's guidance embedding, and the latents are packed 2x2 for each call.
 
     Notation (rectified flow, Liu et al. 2022; SD3, Esser et al. 2024), s in [0, 1], s = 1 pure noise:
         x_s   = (1 - s) * x0 + s * eps                 the straight path from data x0 to noise eps
@@ -339,9 +340,10 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all
         x_s'  = x_s + (s' - s) * v                     one Euler step to the next (smaller) s'
         x0    = x_s - s * v                            the predicted clean latents (the last step, s' = 0, lands here)
     The s_i (steps + 1 of them, the last 0) are the model's scheduler's sigmas after set_timesteps(steps), so SD3's
-    shift (s -> shift s / (1 + (shift - 1) s), 3.0) comes from its config. v is classifier-free guided,
-    v_u + guidance * (v_c - v_u), both halves in one batched call. The step is deterministic: `generator` only draws
-    K for a (lo, hi) window, DRTune's offset and DRaFT-LV's noise.
+    shift (s -> shift s / (1 + (shift - 1) s), 3.0) comes from its config; FLUX's are FluxPipeline's, shifted by the
+    image's token count (_flow_schedule). v is classifier-free guided, v_u + guidance * (v_c - v_u), both halves in one
+    batched call (FLUX-dev: one call, guidance embedded). The step is deterministic: `generator` only draws K for a
+    (lo, hi) window, DRTune's offset and DRaFT-LV's noise.
 
     backprop: as in ddim_sample (backprop_window): with "all", K or (lo, hi) the steps before the window run under
     no_grad, those in it through `checkpoint`; keep_activations likewise.
@@ -353,7 +355,7 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all
     """
     grad = torch.is_grad_enabled()
     k = backprop_window(backprop, steps, generator) if grad else 0
-    sched = _flow_schedule(sd, steps)
+    sched = _flow_schedule(sd, steps, latents)
     ts = sched.timesteps  # t_i = 1000 s_i (steps,), fp32: what the transformer reads
     ds = (sched.sigmas[1:] - sched.sigmas[:-1]).tolist()  # s_{i+1} - s_i < 0, taken in fp32 as the scheduler does
     trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
@@ -361,7 +363,9 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all
     def step(x, i, context):  # one Euler step s_i -> s_{i+1}: the transformer, then the update (linear in x and v)
         return x + ds[i] * flow_output(sd, x, ts[i], context, guidance)
 
-    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)  # (2B, L + 1, D): [uncond; cond]
+    def contexts(cond, uncond):  # (2B, L + 1, D): [uncond; cond]; FLUX-dev: cond alone, guidance is an embedding
+        return cond.to(sd.unet.dtype) if _is_flux(sd) else guidance_context(cond, uncond, guidance, sd.unet.dtype)
+    context = contexts(cond, uncond)
     x = latents
     if grad and isinstance(backprop, (tuple, list)) and backprop[0] == "drtune":
         trained = drtune_steps(backprop[1], steps, generator)
@@ -385,7 +389,7 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all
         n, s = backprop[1], float(sched.sigmas[-2])
         x0 = x.repeat(n, 1, 1, 1)  # (N * B, 16, h, w), draw-major
         x = (1 - s) * x0 + s * _randn(x0, generator)
-        context = guidance_context(cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), guidance, sd.unet.dtype)
+        context = contexts(cond.repeat(n, 1, 1), None if uncond is None else uncond.repeat(n, 1, 1))
         window = [functools.partial(step, i=steps - 1, context=context)]
     recompute = len(window) - min(keep_activations, len(window))
     if recompute:  # checkpointed: only the latents entering each step are kept for backward
@@ -395,21 +399,33 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all
     return x
 
 
-def _flow_schedule(sd, steps):
+def _flow_schedule(sd, steps, latents):
     sched = sd.scheduler
     if hasattr(sched, "alphas_cumprod"):  # a DDIMScheduler: SD 1.x, 2.x, XL
         raise ValueError(f"a {type(sched).__name__} is a diffusion model's, not a flow's: sample it with ddim_sample")
-    if sched.config.get("use_dynamic_shifting") or sched.config.get("stochastic_sampling"):
-        raise ValueError("flow schedulers with dynamic shifting or stochastic sampling are not supported yet (SD3 "
-                         "uses neither)")
-    sched.set_timesteps(steps)  # sigmas shifted by the model's config (SD3: shift 3.0), and a final 0 appended
+    if sched.config.get("stochastic_sampling"):
+        raise ValueError("flow schedulers with stochastic sampling are not supported yet (SD3 and FLUX do not use it)")
+    if not sched.config.get("use_dynamic_shifting"):
+        sched.set_timesteps(steps)  # sigmas shifted by the model's config (SD3: shift 3.0), and a final 0 appended
+        return sched
+    # FLUX: the shift grows with the image's token count n = h/2 * w/2, linear in n (FluxPipeline's calculate_shift):
+    #   mu = n m + b,  m = (max_shift - base_shift) / (max_len - base_len),  b = base_shift - m base_len
+    #   s -> e^mu / (e^mu + 1 / s - 1)  (the scheduler's time_shift) on the pipeline's evenly spaced s = 1 ... 1/steps
+    c = sched.config
+    m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+    mu = latents.shape[-2] * latents.shape[-1] // 4 * m + (c["base_shift"] - m * c["base_image_seq_len"])
+    d = (1 / steps - 1) / max(steps - 1, 1)  # np.linspace(1, 1 / steps, steps), written out as numpy computes it
+    sched.set_timesteps(sigmas=[i * d + 1 for i in range(steps - 1)] + [1 / steps], mu=mu)
     return sched
 
 
 def flow_output(sd, x, t, context, guidance):
     """The transformer's velocity at x_s (B, 16, h, w) and t = 1000 s, classifier-free guided when guidance > 1:
     v_u + guidance * (v_c - v_u), both halves in one batched call on `context` (guidance_context), whose last row is
-    the pooled vector (its first pooled_projection_dim entries: SD3's CLIP-L and CLIP-G projections side by side)."""
+    the pooled vector (its first pooled_projection_dim entries: SD3's CLIP-L and CLIP-G projections side by side).
+    FLUX: _flux_output, no CFG batch."""
+    if _is_flux(sd):
+        return _flux_output(sd, x, t, context, guidance)
     cfg = guidance > 1.0
     context, pooled = context[:, :-1], context[:, -1, :sd.unet.config.pooled_projection_dim]
     x_in = (torch.cat([x, x]) if cfg else x).to(sd.unet.dtype)
@@ -419,6 +435,27 @@ def flow_output(sd, x, t, context, guidance):
         v_u, v_c = v.chunk(2)
         v = v_u + guidance * (v_c - v_u)
     return v.to(x.dtype)
+
+
+def _is_flux(sd):
+    return type(sd.unet).__name__ == "FluxTransformer2DModel"
+
+
+def _flux_output(sd, x, t, context, guidance):
+    """FLUX's velocity at x_s (B, 16, h, w), as FluxPipeline calls its transformer: the latents packed 2x2 into tokens
+    (B, h/2 * w/2, 64) and unpacked after (_pack_latents / _unpack_latents), each token's position (0, row, col) in
+    img_ids and every text row's (0, 0, 0) in txt_ids (the rotary embedding's); the time as s = t / 1000; FLUX-dev's
+    guidance as an embedding the transformer reads, one call on `context` = cond (B, T + 1, D), no CFG batch."""
+    b, c, h, w = x.shape
+    tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.device, sd.unet.dtype)
+    txt_ids = torch.zeros(context.shape[1] - 1, 3, device=x.device, dtype=sd.unet.dtype)
+    g = torch.full((b,), guidance, device=x.device, dtype=torch.float32) if sd.unet.config.guidance_embeds else None
+    v = sd.unet(hidden_states=tokens.to(sd.unet.dtype), timestep=t.to(x.device).expand(b).to(x.dtype) / 1000,
+                guidance=g, encoder_hidden_states=context[:, :-1], txt_ids=txt_ids, img_ids=img_ids,
+                pooled_projections=context[:, -1, :sd.unet.config.pooled_projection_dim]).sample
+    return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w).to(x.dtype)
 
 
 def _randn(like, generator):  # N(0, I) noise like `like`, drawn on the generator's device: reproducible anywhere
