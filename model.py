@@ -196,10 +196,7 @@ def _build_tiny(xl=False):
 
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # fixed-seed weights, without disturbing the caller's RNG stream
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(symbols), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=len(symbols) - 2, eos_token_id=len(symbols) - 1,
-        pad_token_id=len(symbols) - 1))
+    text_encoder = CLIPTextModel(_tiny_clip_config(symbols, hidden_size=32))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -259,6 +256,22 @@ def _char_t5_tokenizer(max_length):
                                    model_max_length=max_length)
 
 
+def _tiny_clip_config(symbols, **sizes):
+    """A small CLIP text encoder's config over the character vocabulary of _char_clip_tokenizer; `sizes`:
+    hidden_size, and projection_dim for a CLIPTextModelWithProjection."""
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(vocab_size=len(symbols), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=77, bos_token_id=len(symbols) - 2, eos_token_id=len(symbols) - 1,
+                          pad_token_id=len(symbols) - 1, **sizes)
+
+
+def _tiny_t5(tokenizer):
+    """A T5 encoder of width 96 over _char_t5_tokenizer's vocabulary (SD3's and FLUX's third text encoder)."""
+    from transformers import T5Config, T5EncoderModel
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
 def _build_tiny_sd3():
     """A miniature SD3 (Esser et al. 2024, arXiv:2403.03206) from the real classes, fixed-seed weights: an MMDiT
     (SD3Transformer2DModel, 2 joint blocks, patch 2) on 16-channel latents, 64 px images (8x8x16 latents); SD3's VAE
@@ -267,20 +280,15 @@ def _build_tiny_sd3():
     FlowMatchEulerDiscreteScheduler with SD3's shift 3.0. The sequence the transformer reads is 77 CLIP rows (64
     features, zero-padded to 96) then 16 T5 rows: (B, 93, 96), as StableDiffusion3Pipeline.encode_prompt builds it."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     tokenizer, symbols = _char_clip_tokenizer()
     tokenizer_3 = _char_t5_tokenizer(16)
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # fixed-seed weights, without disturbing the caller's RNG stream
-    clip = dict(vocab_size=len(symbols), intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, bos_token_id=len(symbols) - 2, eos_token_id=len(symbols) - 1,
-                pad_token_id=len(symbols) - 1)
-    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=16, **clip))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=24, **clip))
-    text_encoder_3 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_3), d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    text_encoder = CLIPTextModelWithProjection(_tiny_clip_config(symbols, hidden_size=32, projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(symbols, hidden_size=48, projection_dim=24))
+    text_encoder_3 = _tiny_t5(tokenizer_3)
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=16 + 24,
@@ -304,19 +312,14 @@ def _build_tiny_flux():
     a T5 encoder of width 96 reading 16 tokens (the real ones: 768, and 4096 wide reading 512);
     FlowMatchEulerDiscreteScheduler with FLUX's dynamic shifting (mu from the image's token count)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     tokenizer, symbols = _char_clip_tokenizer()
     tokenizer_3 = _char_t5_tokenizer(16)
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # fixed-seed weights, without disturbing the caller's RNG stream
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(symbols), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=len(symbols) - 2, eos_token_id=len(symbols) - 1,
-        pad_token_id=len(symbols) - 1))
-    text_encoder_3 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_3), d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    text_encoder = CLIPTextModel(_tiny_clip_config(symbols, hidden_size=32))
+    text_encoder_3 = _tiny_t5(tokenizer_3)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
         joint_attention_dim=96, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
@@ -330,7 +333,6 @@ def _build_tiny_flux():
         base_image_seq_len=256, max_image_seq_len=4096)
     return SD(unet=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
               text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, max_sequence_length=16)
-
 
 
 # -----------------------------------------------------------------------------
