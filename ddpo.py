@@ -43,7 +43,7 @@ from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_batch_fi
                   gather, info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
                   machine_defaults, plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts,
                   save_checkpoint, start_processes, write_config)
-from sampler import ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output
+from sampler import step_logprob, ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output
 
 # -----------------------------------------------------------------------------
 # advantages and the PPO loss: the whole of the method that is not sampling
@@ -280,7 +280,7 @@ for step in pbar:
                     with autocast:
                         out = guided_output(sd, x_t, ts[j], context, args.guidance)
                     mean, sigma = ddim_transition(sd, out.float(), x_t.float(), ts[j], args.ddim_steps, args.eta)
-                    loss, ratio = ppo_loss(ddim_logprob(x_prev, mean, sigma), logps_old[j, mb], adv[mb],
+                    loss, ratio = ppo_loss(step_logprob(x_prev, mean, sigma), logps_old[j, mb], adv[mb],
                                            args.clip_range)
                     scaler.scale(loss / (train_steps * args.grad_accum)).backward()  # mean over steps, micro-batches
                     epoch_losses.append(loss.item())

@@ -51,7 +51,7 @@ class SD:
 
     @property
     def flow(self):
-        """A rectified-flow model (SD3: a FlowMatchEulerDiscreteScheduler; sampler.flow_sample), not DDIM's family."""
+        """A rectified-flow model (SD3: a FlowMatchEulerDiscreteScheduler; flow.flow_sample), not DDIM's family."""
         return type(self.scheduler).__name__.startswith("FlowMatch")
 
     @property
@@ -74,7 +74,7 @@ class ModelLoadError(RuntimeError):
 def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """Load a Stable Diffusion (1.x, 2.x or XL): a hub id, a local diffusers-format directory, "tiny" / "tiny-xl"
     (random weights, built offline) or "shapes" (the coloured-shapes model trained by shapes.py, in models/shapes);
-    or "tiny-sd3" / "tiny-flux", offline SD3 / FLUX.1-dev miniatures (rectified-flow models: sampler.flow_sample
+    or "tiny-sd3" / "tiny-flux", offline SD3 / FLUX.1-dev miniatures (rectified-flow models: flow.flow_sample
     samples them). Loading a real SD3 or FLUX directory or hub id is not supported yet.
 
     All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is a DDIMScheduler but for SD3's

@@ -88,18 +88,22 @@ class _Recompute(torch.autograd.Function):
 
 def parse_backprop(text, steps):
     """The command-line form, checked against the number of steps: "all", "K" -> K, "lo,hi" -> (lo, hi),
-    "lv:N" -> ("lv", N), "drtune:N" -> ("drtune", N)."""
+    "lv:N" -> ("lv", N), "drtune:N" -> ("drtune", N), "onestep:F" -> ("onestep", F), "onestep:lo,hi" -> ("onestep",
+    (lo, hi))."""
     if text == "all":
         return "all"
     try:
         if text.startswith(("lv:", "drtune:")):
             name, _, n = text.partition(":")
             backprop = (name, int(n))
+        elif text.startswith("onestep:"):
+            levels = [float(v) for v in text.partition(":")[2].split(",")]
+            backprop = ("onestep", levels[0] if len(levels) == 1 else tuple(levels))
         else:
             parts = [int(v) for v in text.split(",")]
             backprop = parts[0] if len(parts) == 1 else tuple(parts)
     except ValueError:
-        raise ValueError(f"{text!r}: expected all, K, lo,hi, lv:N or drtune:N") from None
+        raise ValueError(f"{text!r}: expected all, K, lo,hi, lv:N, drtune:N or onestep:F") from None
     try:
         backprop_window(backprop, steps, check_only=True)
     except ValueError as e:  # the message as the user wrote the value
@@ -107,23 +111,31 @@ def parse_backprop(text, steps):
     return backprop
 
 
+def _is_mode(backprop, name):  # ("lv", N), ("drtune", N), ("onestep", F)
+    return isinstance(backprop, (tuple, list)) and len(backprop) == 2 and backprop[0] == name
+
+
 def backprop_window(backprop, steps, generator=None, check_only=False):
     """How many final steps of the chain get gradients: "all" -> steps, an int K -> K, (lo, hi) -> K ~ U{lo..hi}
     drawn once, ("lv", N) -> 0 (DRaFT-LV takes its gradient from N re-noised copies of the last step instead),
-    ("drtune", N) -> steps (every step passes the gradient on; drtune_steps says which N train the UNet)."""
+    ("drtune", N) -> steps (every step passes the gradient on; drtune_steps says which N train the UNet),
+    ("onestep", F) -> 0 (the gradient comes from one model call on the re-noised sample: onestep_level)."""
     if backprop == "all":
         return steps
-    if isinstance(backprop, (tuple, list)) and len(backprop) == 2 and backprop[0] == "lv":
+    if _is_mode(backprop, "lv"):
         if not (isinstance(backprop[1], int) and backprop[1] >= 1):
             raise ValueError(f"{backprop!r}: DRaFT-LV needs N >= 1 noise draws")
         return 0
-    if isinstance(backprop, (tuple, list)) and len(backprop) == 2 and backprop[0] == "drtune":
+    if _is_mode(backprop, "drtune"):
         if not (isinstance(backprop[1], int) and 1 <= backprop[1] <= steps):
-            raise ValueError(f"{backprop!r}: DRTune trains N steps, 1 <= N <= the number of DDIM steps ({steps})")
+            raise ValueError(f"{backprop!r}: DRTune trains N steps, 1 <= N <= the number of sampling steps ({steps})")
         return steps
+    if _is_mode(backprop, "onestep"):
+        onestep_level(backprop)  # checks the level(s)
+        return 0
     window = (backprop, backprop) if isinstance(backprop, int) else backprop
     if not (isinstance(window, (tuple, list)) and len(window) == 2 and 1 <= window[0] <= window[1] <= steps):
-        raise ValueError(f"{backprop!r}: K must satisfy 1 <= K <= the number of DDIM steps ({steps})")
+        raise ValueError(f"{backprop!r}: K must satisfy 1 <= K <= the number of sampling steps ({steps})")
     lo, hi = window
     if lo == hi or check_only:
         return lo
@@ -131,21 +143,46 @@ def backprop_window(backprop, steps, generator=None, check_only=False):
     return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
 
 
+def onestep_level(backprop, generator=None):
+    """The noise level F in (0, 1] of the one-step mode ("onestep", F): F itself, or F ~ U(lo, hi) drawn once per
+    call for ("onestep", (lo, hi)). A flow model re-noises to s = F, a DDIM model to the timestep t = F * 1000
+    (the models' own clocks: both 1 at pure noise)."""
+    level = backprop[1]
+    lo, hi = level if isinstance(level, (tuple, list)) else (level, level)
+    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo <= hi <= 1):
+        raise ValueError(f"{backprop!r}: the one-step noise level F needs 0 < F <= 1 (lo <= hi)")
+    if lo == hi:
+        return float(lo)
+    device = generator.device if generator is not None else "cpu"
+    return lo + (hi - lo) * float(torch.rand((), generator=generator, device=device))
+
+
 def steps_with_gradient(backprop, steps):
     """The most steps of one trajectory that run the UNet with gradients: what keep_activations can keep at most."""
     if backprop == "all":
         return steps
-    if isinstance(backprop, (tuple, list)) and backprop[0] in ("lv", "drtune"):
-        return 1 if backprop[0] == "lv" else backprop[1]
+    if _is_mode(backprop, "lv") or _is_mode(backprop, "onestep"):
+        return 1
+    if _is_mode(backprop, "drtune"):
+        return backprop[1]
     return backprop if isinstance(backprop, int) else backprop[1]
 
 
 def step_activation_bytes(sd, cond, uncond, latents, steps, guidance=7.5, eta=0.0):
     """What keep_activations costs per kept step, measured rather than assumed: the bytes autograd holds for backward
     after one DDIM step with gradients (the UNet, then the update) from `latents` (B, 4, h, w), in the caller's
-    autocast dtype. Counted with saved_tensors_hooks as the distinct storages the step's graph saves, the model's
-    weights excluded (they are in memory anyway). Linear in the batch; CFG's two halves are included."""
-    weights = {t.untyped_storage().data_ptr() for t in [*sd.unet.parameters(), *sd.unet.buffers()]}
+    autocast dtype (saved_bytes). Linear in the batch; CFG's two halves are included."""
+    t = _ddim_schedule(sd, steps).timesteps[0]
+    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)
+    return saved_bytes(lambda x: ddim_transition(sd, guided_output(sd, x, t, context, guidance), x, t, steps, eta),
+                       latents, sd.unet)
+
+
+def saved_bytes(fn, x, model):
+    """The bytes autograd holds for backward after fn(x) with gradients from x (as in the chain, where x carries the
+    gradient of the steps before), counted with saved_tensors_hooks as the distinct storages the graph saves, the
+    model's weights excluded (they are in memory anyway)."""
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     held = {}
 
     def pack(t):
@@ -153,11 +190,8 @@ def step_activation_bytes(sd, cond, uncond, latents, steps, guidance=7.5, eta=0.
         if storage.data_ptr() not in weights:
             held[storage.data_ptr()] = storage.nbytes()
         return t
-    t = _ddim_schedule(sd, steps).timesteps[0]
-    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        x = latents.detach().requires_grad_()  # as in the chain, where x_t carries the gradient of the steps before
-        ddim_transition(sd, guided_output(sd, x, t, context, guidance), x, t, steps, eta)
+        fn(x.detach().requires_grad_())
     return sum(held.values())
 
 
@@ -185,6 +219,11 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     backprop: see backprop_window. With ("lv", N) the result has N * B rows (draw-major): the finished sample,
     re-noised N times to the last timestep and denoised once more with gradients (DRaFT-LV, Clark et al. 2023);
     score all of them and average, and the gradient is the mean over the N draws.
+    With ("onestep", F) (Direct-Align / SRPO, Shen et al. 2025, arXiv:2509.06942; ReFL, Xu et al. 2023,
+    arXiv:2304.05977): the whole chain runs under no_grad, the finished sample x_0 is re-noised with known noise z to
+    the timestep t = F * 999 (onestep_level), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) z, and one UNet call with gradients
+    predicts x0 from x_t (the legend's first line): the result is that prediction, which is what gets decoded and
+    scored. One UNet backward per sample, and it reaches the early, noisy timesteps where the layout is decided.
     With ("drtune", N) (DRTune, Wu et al. 2024) every step is x_prev = c_x * x_t + c_eps * eps(sg(x_t)) + sigma * z
     (the update above, rearranged): the UNet sees its input detached (sg, "stop-gradient"), so the reward's gradient
     reaches every step, the earliest included, through the linear term c_x = sqrt(a_prev / a_t) alone, never through
@@ -215,7 +254,7 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     context = guidance_context(cond, uncond, guidance, sd.unet.dtype)  # (2B, L, D): [uncond; cond]
     ts = sched.timesteps
     x = latents
-    if grad and isinstance(backprop, (tuple, list)) and backprop[0] == "drtune":
+    if grad and _is_mode(backprop, "drtune"):
         trained = drtune_steps(backprop[1], steps, generator)
         kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
         for i, t in enumerate(ts):
@@ -234,13 +273,19 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
         for t in ts[:steps - k]:
             x = step(x, t, noise(x), context)
     window = [functools.partial(step, t=t, z=noise(x), context=context) for t in ts[steps - k:]]
-    if k == 0 and grad:  # DRaFT-LV: re-noise the sample N times to the last timestep, x_t = sqrt(a_t) x_0 +
-        n, t = backprop[1], ts[-1]  # sqrt(1 - a_t) z, and take the last step again, with gradients
+    if grad and _is_mode(backprop, "lv"):  # DRaFT-LV: re-noise the sample N times to the last timestep, x_t =
+        n, t = backprop[1], ts[-1]  # sqrt(a_t) x_0 + sqrt(1 - a_t) z, and take the last step again, with gradients
         x0 = x.repeat(n, 1, 1, 1)  # (N * B, 4, h, w), draw-major
         a_t = float(sched.alphas_cumprod[t])
         x = a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * _randn(x0, generator)
         context = guidance_context(cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), guidance, sd.unet.dtype)
         window = [functools.partial(step, t=t, z=noise(x), context=context)]
+    if grad and _is_mode(backprop, "onestep"):  # re-noise the finished sample x_0 to t, then one UNet call's x0
+        t = torch.tensor(round(onestep_level(backprop, generator) * (sched.config.num_train_timesteps - 1)))
+        a_t = float(sched.alphas_cumprod[t])
+        x = a_t ** 0.5 * x + (1 - a_t) ** 0.5 * _randn(x, generator)  # x_t, the noise z known (drawn here)
+        window = [lambda x: _eps_and_x0(sched.config.prediction_type, guided_output(sd, x, t, context, guidance), x,
+                                        a_t)[1]]
     recompute = len(window) - min(keep_activations, len(window))
     if recompute:  # checkpointed: only the latents entering each step are kept for backward
         x = checkpoint(window[:recompute], x, trainable)
@@ -297,7 +342,7 @@ def ddim_transition(sd, out, x, t, steps, eta):
     return a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps, sigma
 
 
-def ddim_logprob(x_prev, mean, sigma):
+def step_logprob(x_prev, mean, sigma):
     """log N(x_prev; mean, sigma^2 I) per sample (B,), averaged (not summed) over the latent's dimensions, as DDPO
     does (Black et al. 2023): a per-dimension log-density, so that exp(difference) - the PPO ratio - stays near 1
     whatever the latent size. Needs sigma > 0 (eta > 0). The gradient flows through `mean` (the policy)."""
@@ -319,143 +364,8 @@ def ddim_rollout(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=1.0, gen
         x = xs[-1]
         mean, sigma = ddim_transition(sd, guided_output(sd, x, t, context, guidance), x, t, steps, eta)
         xs.append(mean + sigma * _randn(x, generator))
-        logps.append(ddim_logprob(xs[-1], mean, sigma))
+        logps.append(step_logprob(xs[-1], mean, sigma))
     return torch.stack(xs), torch.stack(logps), sched.timesteps.clone()
-
-
-# -----------------------------------------------------------------------------
-# the rectified-flow sampler (SD3)
-
-
-def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, backprop="all", generator=None, keep_activations=0):
-    """Run the rectified-flow Euler ODE from noise `latents` (B, 16, h, w) with the conditioning `cond`, `uncond`
-    (B, L + 1, D) from encode_prompts (the last row: the pooled CLIP vector). SD3's sampler, written out: under
-    `torch.no_grad()` it matches diffusers' StableDiffusion3Pipeline (FlowMatchEulerDiscreteScheduler) to fp32
-    precision. `sd.unet` is the transformer here. FLUX.1-dev (FluxPipeline, also matched): `uncond` is unused (None
-    will do), `guidance` goes to the transformer's guidance embedding, and the latents are packed 2x2 for each call.
-
-    Notation (rectified flow, Liu et al. 2022; SD3, Esser et al. 2024), s in [0, 1], s = 1 pure noise:
-        x_s   = (1 - s) * x0 + s * eps                 the straight path from data x0 to noise eps
-        v     = transformer(x_s, t = 1000 s, c)       the predicted velocity dx_s/ds = eps - x0
-        x_s'  = x_s + (s' - s) * v                     one Euler step to the next (smaller) s'
-        x0    = x_s - s * v                            the predicted clean latents (the last step, s' = 0, lands here)
-    The s_i (steps + 1 of them, the last 0) are the model's scheduler's sigmas after set_timesteps(steps), so SD3's
-    shift (s -> shift s / (1 + (shift - 1) s), 3.0) comes from its config; FLUX's are FluxPipeline's, shifted by the
-    image's token count (_flow_schedule). v is classifier-free guided, v_u + guidance * (v_c - v_u), both halves in one
-    batched call (FLUX-dev: one call, guidance embedded). The step is deterministic: `generator` only draws K for a
-    (lo, hi) window, DRTune's offset and DRaFT-LV's noise.
-
-    backprop: as in ddim_sample (backprop_window): with "all", K or (lo, hi) the steps before the window run under
-    no_grad, those in it through `checkpoint`; keep_activations likewise.
-    ("lv", N), DRaFT-LV: the finished sample x0 is re-noised N times to the last step's s, x_s = (1 - s) x0 + s z
-    (the path above), and the last step, x_0 = x_s - s v, is taken again with gradients: N * B rows, draw-major.
-    ("drtune", N), DRTune: every step is x_s' = x_s + (s' - s) v(sg(x_s)), the transformer sees its input detached, so
-    the gradient reaches every step through the identity term alone; only the N steps of drtune_steps run the
-    transformer with gradients (checkpointed, the last keep_activations of them kept), the others under no_grad.
-    """
-    grad = torch.is_grad_enabled()
-    k = backprop_window(backprop, steps, generator) if grad else 0
-    sched = _flow_schedule(sd, steps, latents)
-    ts = sched.timesteps  # t_i = 1000 s_i (steps,), fp32: what the transformer reads
-    ds = (sched.sigmas[1:] - sched.sigmas[:-1]).tolist()  # s_{i+1} - s_i < 0, taken in fp32 as the scheduler does
-    trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
-
-    def step(x, i, context):  # one Euler step s_i -> s_{i+1}: the transformer, then the update (linear in x and v)
-        return x + ds[i] * flow_output(sd, x, ts[i], context, guidance)
-
-    def contexts(cond, uncond):  # (2B, L + 1, D): [uncond; cond]; FLUX-dev: cond alone, guidance is an embedding
-        return cond.to(sd.unet.dtype) if _is_flux(sd) else guidance_context(cond, uncond, guidance, sd.unet.dtype)
-    context = contexts(cond, uncond)
-    x = latents
-    if grad and isinstance(backprop, (tuple, list)) and backprop[0] == "drtune":
-        trained = drtune_steps(backprop[1], steps, generator)
-        kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
-        for i, t in enumerate(ts):
-            transformer = functools.partial(flow_output, sd, t=t, context=context, guidance=guidance)
-            if i in kept:
-                v = transformer(x.detach())
-            elif i in trained:
-                v = checkpoint([transformer], x.detach(), trainable)  # sg(x_s): gradient to the LoRA weights only
-            else:
-                with torch.no_grad():
-                    v = transformer(x)  # a constant: the chain's gradient passes this step by the identity alone
-            x = x + ds[i] * v  # x itself, not detached: the gradient's path to the earlier steps
-        return x
-    with torch.no_grad():  # the steps before the truncation window build no graph at all
-        for i in range(steps - k):
-            x = step(x, i, context)
-    window = [functools.partial(step, i=i, context=context) for i in range(steps - k, steps)]
-    if k == 0 and grad:  # DRaFT-LV: re-noise the sample N times to the last step's s and take that step again
-        n, s = backprop[1], float(sched.sigmas[-2])
-        x0 = x.repeat(n, 1, 1, 1)  # (N * B, 16, h, w), draw-major
-        x = (1 - s) * x0 + s * _randn(x0, generator)
-        context = contexts(cond.repeat(n, 1, 1), None if uncond is None else uncond.repeat(n, 1, 1))
-        window = [functools.partial(step, i=steps - 1, context=context)]
-    recompute = len(window) - min(keep_activations, len(window))
-    if recompute:  # checkpointed: only the latents entering each step are kept for backward
-        x = checkpoint(window[:recompute], x, trainable)
-    for fn in window[recompute:]:  # plain autograd: activations kept, no recomputation
-        x = fn(x)
-    return x
-
-
-def _flow_schedule(sd, steps, latents):
-    sched = sd.scheduler
-    if hasattr(sched, "alphas_cumprod"):  # a DDIMScheduler: SD 1.x, 2.x, XL
-        raise ValueError(f"a {type(sched).__name__} is a diffusion model's, not a flow's: sample it with ddim_sample")
-    if sched.config.get("stochastic_sampling"):
-        raise ValueError("flow schedulers with stochastic sampling are not supported yet (SD3 and FLUX do not use it)")
-    if not sched.config.get("use_dynamic_shifting"):
-        sched.set_timesteps(steps)  # sigmas shifted by the model's config (SD3: shift 3.0), and a final 0 appended
-        return sched
-    # FLUX: the shift grows with the image's token count n = h/2 * w/2, linear in n (FluxPipeline's calculate_shift):
-    #   mu = n m + b,  m = (max_shift - base_shift) / (max_len - base_len),  b = base_shift - m base_len
-    #   s -> e^mu / (e^mu + 1 / s - 1)  (the scheduler's time_shift) on the pipeline's evenly spaced s = 1 ... 1/steps
-    c = sched.config
-    m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-    mu = latents.shape[-2] * latents.shape[-1] // 4 * m + (c["base_shift"] - m * c["base_image_seq_len"])
-    d = (1 / steps - 1) / max(steps - 1, 1)  # np.linspace(1, 1 / steps, steps), written out as numpy computes it
-    sched.set_timesteps(sigmas=[i * d + 1 for i in range(steps - 1)] + [1 / steps], mu=mu)
-    return sched
-
-
-def flow_output(sd, x, t, context, guidance):
-    """The transformer's velocity at x_s (B, 16, h, w) and t = 1000 s, classifier-free guided when guidance > 1:
-    v_u + guidance * (v_c - v_u), both halves in one batched call on `context` (guidance_context), whose last row is
-    the pooled vector (its first pooled_projection_dim entries: SD3's CLIP-L and CLIP-G projections side by side).
-    FLUX: _flux_output, no CFG batch."""
-    if _is_flux(sd):
-        return _flux_output(sd, x, t, context, guidance)
-    cfg = guidance > 1.0
-    context, pooled = context[:, :-1], context[:, -1, :sd.unet.config.pooled_projection_dim]
-    x_in = (torch.cat([x, x]) if cfg else x).to(sd.unet.dtype)
-    v = sd.unet(hidden_states=x_in, timestep=t.to(x.device).expand(len(x_in)), encoder_hidden_states=context,
-                pooled_projections=pooled).sample
-    if cfg:
-        v_u, v_c = v.chunk(2)
-        v = v_u + guidance * (v_c - v_u)
-    return v.to(x.dtype)
-
-
-def _is_flux(sd):
-    return type(sd.unet).__name__ == "FluxTransformer2DModel"
-
-
-def _flux_output(sd, x, t, context, guidance):
-    """FLUX's velocity at x_s (B, 16, h, w), as FluxPipeline calls its transformer: the latents packed 2x2 into tokens
-    (B, h/2 * w/2, 64) and unpacked after (_pack_latents / _unpack_latents), each token's position (0, row, col) in
-    img_ids and every text row's (0, 0, 0) in txt_ids (the rotary embedding's); the time as s = t / 1000; FLUX-dev's
-    guidance as an embedding the transformer reads, one call on `context` = cond (B, T + 1, D), no CFG batch."""
-    b, c, h, w = x.shape
-    tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.device, sd.unet.dtype)
-    txt_ids = torch.zeros(context.shape[1] - 1, 3, device=x.device, dtype=sd.unet.dtype)
-    g = torch.full((b,), guidance, device=x.device, dtype=torch.float32) if sd.unet.config.guidance_embeds else None
-    v = sd.unet(hidden_states=tokens.to(sd.unet.dtype), timestep=t.to(x.device).expand(b).to(x.dtype) / 1000,
-                guidance=g, encoder_hidden_states=context[:, :-1], txt_ids=txt_ids, img_ids=img_ids,
-                pooled_projections=context[:, -1, :sd.unet.config.pooled_projection_dim]).sample
-    return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w).to(x.dtype)
 
 
 def _randn(like, generator):  # N(0, I) noise like `like`, drawn on the generator's device: reproducible anywhere

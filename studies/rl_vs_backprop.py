@@ -191,7 +191,7 @@ def gradient_estimates(sd, params, reward_fn, prompt, n, seed, resolution, steps
     unbiased estimates of one gradient (Stein's lemma makes them equal in expectation); they differ in variance.
     Returns the two as flat vectors."""
     from model import decode, encode_prompts, latent_shape
-    from sampler import ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output
+    from sampler import step_logprob, ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output
     cond, uncond = encode_prompts(sd, [prompt]), encode_prompts(sd, [""])
     x_T = torch.randn(n, *latent_shape(sd, resolution), generator=torch.Generator().manual_seed(seed))
 
@@ -212,7 +212,7 @@ def gradient_estimates(sd, params, reward_fn, prompt, n, seed, resolution, steps
         logp = 0  # sum over steps of log p(x_{t-1} | x_t), summed over the latent's dimensions (b,)
         for j, t in enumerate(ts):
             mean, sigma = ddim_transition(sd, guided_output(sd, xs[j], t, context, guidance), xs[j], t, steps, 1.0)
-            logp = logp + ddim_logprob(xs[j + 1], mean, sigma) * xs[j][0].numel()
+            logp = logp + step_logprob(xs[j + 1], mean, sigma) * xs[j][0].numel()
         for acc, g in zip(score, torch.autograd.grad(((r - mean_reward) * logp).sum() / n, params)):
             acc += g
         latents = ddim_sample(sd, cond.expand(b, -1, -1), uncond.expand(b, -1, -1), x_T[i:i + chunk], steps,

@@ -78,7 +78,7 @@ def test_the_rl_gradient_measured_in_the_readme_is_ddpo_s_update(tiny):
     from lora import inject_lora
     from model import decode, encode_prompts, latent_shape
     from rewards import load_reward
-    from sampler import ddim_logprob, ddim_rollout, ddim_transition, guidance_context, guided_output
+    from sampler import step_logprob, ddim_rollout, ddim_transition, guidance_context, guided_output
     params = inject_lora(tiny.unet, rank=4)
     with torch.no_grad():  # away from up = 0, so that every LoRA weight has a gradient
         for p in params:
@@ -97,7 +97,7 @@ def test_the_rl_gradient_measured_in_the_readme_is_ddpo_s_update(tiny):
     ddpo = [torch.zeros_like(p) for p in params]
     for j, t in enumerate(ts):
         mean, sigma = ddim_transition(tiny, guided_output(tiny, xs[j], t, context, 1.0), xs[j], t, steps, 1.0)
-        loss, ratio = ppo_loss(ddim_logprob(xs[j + 1], mean, sigma), logps_old[j], r - r.mean(), 0.2)
+        loss, ratio = ppo_loss(step_logprob(xs[j + 1], mean, sigma), logps_old[j], r - r.mean(), 0.2)
         assert (ratio - 1).abs().max() < 1e-5
         for acc, g in zip(ddpo, torch.autograd.grad(loss, params)):
             acc += g

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from flow import flow_sample
 from lora import inject_lora, lora_layers
 from model import decode, encode_prompts, latent_shape, load_sd, native_resolution
 from rewards import compress
-from sampler import drtune_steps, flow_sample
+from sampler import drtune_steps
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 # FLUX's attention: the double-stream blocks' image and text q/k/v/out, the single-stream blocks' q/k/v

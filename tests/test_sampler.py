@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler
 from conftest import pipeline
 from grid import image_grid
 from model import ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution
-from sampler import (backprop_window, ddim_logprob, ddim_rollout, ddim_sample, ddim_transition, drtune_steps,
+from sampler import (backprop_window, step_logprob, ddim_rollout, ddim_sample, ddim_transition, drtune_steps,
                      guidance_context, guided_output, parse_backprop, step_activation_bytes, steps_with_gradient)
 
 PROMPTS = ["a cat", "a red dog on the grass"]
@@ -80,7 +80,7 @@ def test_logprob_by_hand():
     gen = torch.Generator().manual_seed(0)
     x, mean = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen).requires_grad_()
     sigma = 0.3
-    got = ddim_logprob(x, mean, sigma)
+    got = step_logprob(x, mean, sigma)
     by_hand = [sum(-0.5 * ((a - m) / sigma) ** 2 - torch.log(torch.tensor(sigma)).item() - 0.5 * math.log(2 * math.pi)
                    for a, m in zip(x[i].flatten().tolist(), mean[i].flatten().tolist())) / 16 for i in range(3)]
     assert got.tolist() == pytest.approx(by_hand, rel=1e-6)
@@ -88,7 +88,7 @@ def test_logprob_by_hand():
     got.sum().backward()
     torch.testing.assert_close(mean.grad, (x - mean.detach()) / sigma ** 2 / 16)
     with pytest.raises(ValueError, match="eta > 0"):
-        ddim_logprob(x, mean, 0.0)
+        step_logprob(x, mean, 0.0)
 
 
 def test_rollout_samples_what_ddim_sample_samples(tiny):
@@ -104,7 +104,7 @@ def test_rollout_samples_what_ddim_sample_samples(tiny):
     for i, t in enumerate(ts):
         with torch.no_grad():
             mean, sigma = ddim_transition(tiny, guided_output(tiny, xs[i], t, context, 5.0), xs[i], t, 6, 1.0)
-        torch.testing.assert_close(ddim_logprob(xs[i + 1], mean, sigma), logps[i])
+        torch.testing.assert_close(step_logprob(xs[i + 1], mean, sigma), logps[i])
         # x_prev - mean = sigma z with z ~ N(0, I) over 256 dimensions: log-density ~ -1/2 - log(sigma sqrt(2 pi))
         assert logps[i].tolist() == pytest.approx([-0.5 - math.log(sigma * (2 * math.pi) ** 0.5)] * 2, abs=0.3)
 

@@ -7,10 +7,11 @@ sample.py on SD3."""
 import pytest
 import torch
 
+from flow import flow_sample
 from lora import inject_lora, load_lora, lora_layers, save_lora
 from model import decode, encode_prompts, latent_shape, load_sd, native_resolution
 from rewards import compress
-from sampler import ddim_sample, drtune_steps, flow_sample
+from sampler import ddim_sample, drtune_steps
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 # SD3's attention, both streams: the image's q/k/v/out and the text's (the joint blocks' "add_" projections)

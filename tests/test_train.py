@@ -163,7 +163,7 @@ def prompt_files(tmp_path):
     (["--reward", "count", "--prompts", "{tmp}/nocount.txt"], "no object count in the prompt 'cats on a sofa'"),
     (["--prompts", "no/such/file.txt"], "no such file"),
     (["--prompts", "{tmp}/empty.txt"], "has no prompts"),
-    (["--backprop", "30", "--ddim-steps", "20"], "1 <= K <= the number of DDIM steps (20)"),
+    (["--backprop", "30", "--ddim-steps", "20"], "1 <= K <= the number of sampling steps (20)"),
     (["--backprop", "5,2"], "K must satisfy"),
     (["--backprop", "lv:0"], "N >= 1"),
     (["--backprop", "drtune:21", "--ddim-steps", "20"], "'drtune:21': DRTune trains N steps, 1 <= N <= the number"),
