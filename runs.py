@@ -35,6 +35,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from flow import flow_step_activation_bytes
 from lora import inject_lora, parse_targets, save_lora
 from model import DEFAULT_MODEL, SHAPES_DIR, ModelLoadError, latent_shape, load_sd, native_resolution, vae_scale_factor
 from rewards import RewardLoadError, check_prompts, load_reward, parse_reward_spec
@@ -502,8 +503,9 @@ def activations_to_keep(sd, cond, uncond, noise, steps, guidance, eta, backprop,
     one step's activation bytes), the latter measured on this batch (cond, uncond (B, L, D), noise (B, 4, h, w)) in
     the caller's autocast dtype."""
     n = backprop[1] if isinstance(backprop, tuple) and backprop[0] == "lv" else 1  # lv:N trains N * B rows
-    per_step = step_activation_bytes(sd, cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), noise.repeat(n, 1, 1, 1), steps,
-                                     guidance, eta)
+    measure = flow_step_activation_bytes if sd.flow else step_activation_bytes  # eta: a flow's SDE noise level
+    per_step = measure(sd, cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), noise.repeat(n, 1, 1, 1), steps, guidance,
+                       eta)
     return steps_that_fit(budget, peak, per_step, steps_with_gradient(backprop, steps)), per_step
 
 
