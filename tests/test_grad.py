@@ -148,3 +148,30 @@ def test_drtune_with_kept_activations_gives_the_same_gradient(tiny):
                                                           keep_activations=k))).mean()) for k in (0, 2)]
     for a, b in zip(*g):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("level,keep", [(0.6, 0), ((0.2, 0.9), 1)])
+def test_onestep_gradient_is_one_unet_call_on_the_renoised_sample(tiny, level, keep):
+    """("onestep", F), Direct-Align / ReFL: the chain without gradients, its sample re-noised with known noise to
+    t = F * 999, the UNet's clean prediction x0 from there with gradients (diffusers' step reports it as
+    pred_original_sample); by hand on diffusers' DDIMScheduler."""
+    params, x, cond, uncond = setup(tiny)
+    ours = ddim_sample(tiny, cond, uncond, x, steps=STEPS, guidance=5.0, eta=1.0, backprop=("onestep", level),
+                       generator=torch.Generator().manual_seed(4), keep_activations=keep)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        x0 = reference_latents(tiny, cond, uncond, x, 5.0, 1.0, 0, generator)  # the eta noise drawn first, in order
+    f = level if isinstance(level, float) else level[0] + (level[1] - level[0]) * float(torch.rand((), generator=generator))
+    sched = DDIMScheduler.from_config(tiny.scheduler.config)
+    sched.set_timesteps(STEPS)
+    t = torch.tensor(round(f * 999))
+    a = sched.alphas_cumprod[t]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=generator)
+    eps_u, eps_c = tiny.unet(torch.cat([xt, xt]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+    want = sched.step(eps_u + 5.0 * (eps_c - eps_u), t, xt).pred_original_sample
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    g_ours = grads(params, -compress(decode(tiny, ours)).mean())
+    g_ref = grads(params, -compress(decode(tiny, want)).mean())
+    assert all(g.abs().sum() > 0 for g in g_ours)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())

@@ -1,0 +1,128 @@
+"""What flow.py adds beyond the Euler ODE that tests/test_sd3.py checks against the stock pipeline: Flow-GRPO's SDE
+(its step's mean and spread against the formula written out here, noise 0 equal to the ODE, the rollout's
+log-probabilities those of its own transitions, gradients through the stochastic chain equal to a plain loop) and the
+one-step mode (Direct-Align), on SD3 and FLUX miniatures."""
+import math
+
+import pytest
+import torch
+
+from flow import flow_output, flow_rollout, flow_sample, flow_transition
+from lora import inject_lora
+from model import encode_prompts, load_sd
+from sampler import step_logprob
+from test_sd3 import PROMPTS, assert_same_gradients, lora, noise, ours, reference, velocity
+
+STEPS = 4
+
+
+@pytest.fixture
+def tiny_sd3():
+    return load_sd("tiny-sd3")
+
+
+def conditioning(sd):
+    return encode_prompts(sd, PROMPTS), encode_prompts(sd, [""] * len(PROMPTS))
+
+
+def sde_step(x, v, s, s_next, s_1, a):
+    """Flow-GRPO's SDE step (Liu et al. 2025, Eq. 9 discretised), in float64, as the paper writes it:
+    x' = x + [v + sigma^2 / (2 s) (x + (1 - s) v)] dt + sigma sqrt(-dt) z,  sigma = a sqrt(s / (1 - s)), dt = s' - s,
+    and at s = 1 the second sigma s_1 in the denominator (the paper's code: the noise scale stays finite)."""
+    x, v = x.double(), v.double()
+    sigma = a * math.sqrt(s / (1 - (s_1 if s == 1 else s)))
+    dt = s_next - s
+    return x + (v + sigma ** 2 / (2 * s) * (x + (1 - s) * v)) * dt, sigma * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("a", [0.7, 0.0])
+def test_sde_step_is_the_formula_and_noise_zero_is_the_ode(tiny_sd3, a):
+    cond, uncond = conditioning(tiny_sd3)
+    x = noise(tiny_sd3)
+    v = velocity(tiny_sd3, 5.0)
+    tiny_sd3.scheduler.set_timesteps(STEPS)
+    sigmas, ts = tiny_sd3.scheduler.sigmas.clone(), tiny_sd3.scheduler.timesteps.clone()
+    with torch.no_grad():
+        for i in (0, 2, STEPS - 1):  # s = 1 (the special case), a middle step, the last (to s' = 0)
+            out = v(x, ts[i])
+            mean, std = flow_transition(tiny_sd3, out, x, ts[i], STEPS, a)
+            want_mean, want_std = sde_step(x, out, float(sigmas[i]), float(sigmas[i + 1]), float(sigmas[1]), a)
+            torch.testing.assert_close(mean.double(), want_mean, rtol=1e-5, atol=1e-5)
+            assert std == pytest.approx(want_std, rel=1e-6, abs=0)
+            if a == 0:  # the ODE's Euler step, bit for bit
+                assert torch.equal(mean, x + (sigmas[i + 1] - sigmas[i]) * out) and std == 0
+    with torch.no_grad():  # the whole sampler: noise level 0 is the Euler ODE, whatever the generator
+        torch.testing.assert_close(flow_sample(tiny_sd3, cond, uncond, x, STEPS, 5.0, 0.0),
+                                   flow_sample(tiny_sd3, cond, uncond, x, STEPS, 5.0), rtol=0, atol=0)
+
+
+def test_rollout_samples_the_sde_and_its_logprobs_are_its_transitions(tiny_sd3):
+    """flow_rollout gives flow_sample's images for the same generator, its x_{i+1} lie at the transition's mean plus
+    std times standard normal noise, and each log-probability recomputed from the stored latents (what ddpo.py's
+    PPO ratio does) is the stored one: ratio 1 before any update."""
+    cond, uncond = conditioning(tiny_sd3)
+    x = noise(tiny_sd3)
+    with torch.no_grad():
+        xs, logps, ts = flow_rollout(tiny_sd3, cond, uncond, x, STEPS, 5.0, 0.7, torch.Generator().manual_seed(1))
+        want = flow_sample(tiny_sd3, cond, uncond, x, STEPS, 5.0, 0.7, generator=torch.Generator().manual_seed(1))
+    assert xs.shape == (STEPS + 1, *x.shape) and logps.shape == (STEPS, len(x))
+    torch.testing.assert_close(xs[-1], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    v = velocity(tiny_sd3, 5.0)
+    z = []
+    with torch.no_grad():
+        for j in range(STEPS):
+            mean, std = flow_transition(tiny_sd3, v(xs[j], ts[j]), xs[j], ts[j], STEPS, 0.7)
+            torch.testing.assert_close(step_logprob(xs[j + 1], mean, std), logps[j], rtol=1e-4, atol=1e-4)
+            z.append((xs[j + 1] - mean) / std)
+    z = torch.cat([t.flatten() for t in z])  # 4 steps x 2 x 16 x 8 x 8 = 8192 draws of N(0, 1)
+    assert abs(z.mean()) < 4 / len(z) ** 0.5 and abs(z.std() - 1) < 0.05
+
+
+def test_sde_gradients_match_plain_autograd(tiny_sd3):
+    """Backprop through the stochastic chain (noise drawn once, reused in the recomputation) equals a plain loop of
+    the formula's steps with the same noise."""
+    params, x = lora(tiny_sd3), noise(tiny_sd3)
+    got = ours(tiny_sd3, x, STEPS, 5.0, noise_level=0.7, generator=torch.Generator().manual_seed(2))
+    v, g = velocity(tiny_sd3, 5.0), torch.Generator().manual_seed(2)
+    tiny_sd3.scheduler.set_timesteps(STEPS)
+    sigmas, want = tiny_sd3.scheduler.sigmas.tolist(), x
+    for i, t in enumerate(tiny_sd3.scheduler.timesteps):
+        mean, std = sde_step(want, v(want, t), sigmas[i], sigmas[i + 1], sigmas[1], 0.7)
+        want = (mean + std * torch.randn(x.shape, generator=g)).float()
+    assert_same_gradients(tiny_sd3, params, got, want)
+
+
+@pytest.mark.parametrize("level", [0.6, (0.3, 0.9)])
+def test_onestep_gradients_match_the_reference(tiny_sd3, level):
+    """("onestep", F): the ODE's sample without gradients, re-noised with known noise to s = F, and one transformer
+    call with gradients: x0 = x_s - s v."""
+    params, x = lora(tiny_sd3), noise(tiny_sd3)
+    got = ours(tiny_sd3, x, STEPS, 5.0, backprop=("onestep", level), generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    s = level if isinstance(level, float) else level[0] + (level[1] - level[0]) * float(torch.rand((), generator=g))
+    with torch.no_grad():
+        x0 = reference(tiny_sd3, x, STEPS, 5.0, k=STEPS)
+    x_s = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
+    want = x_s - s * velocity(tiny_sd3, 5.0)(x_s, torch.tensor(1000 * s, dtype=torch.float32))
+    assert_same_gradients(tiny_sd3, params, got, want)
+
+
+def test_onestep_on_flux_is_one_guided_call():
+    """FLUX: the same mode through the packed latents and the guidance embedding; its gradient reaches the LoRA."""
+    sd = load_sd("tiny-flux")
+    torch.manual_seed(0)
+    params = inject_lora(sd.unet, rank=2)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    cond = encode_prompts(sd, PROMPTS)
+    x = torch.randn(len(PROMPTS), 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = flow_sample(sd, cond, None, x, STEPS, 3.5, backprop=("onestep", 0.5),
+                      generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x0 = flow_sample(sd, cond, None, x, STEPS, 3.5)
+        x_s = 0.5 * x0 + 0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        want = x_s - 0.5 * flow_output(sd, x_s, torch.tensor(500.0), cond, 3.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    grads = torch.autograd.grad(got.square().mean(), params, allow_unused=True)
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > len(params) // 2
