@@ -1,12 +1,15 @@
 """DDPO: fine-tune Stable Diffusion's UNet (through LoRA) by reinforcement learning, on any reward, differentiable or
-not (Black et al. 2023, arXiv:2305.13301): the baseline that AlignProp (train.py) is measured against.
+not (Black et al. 2023, arXiv:2305.13301): the baseline that AlignProp (train.py) is measured against. On SD3 / FLUX,
+Flow-GRPO (Liu et al. 2025, arXiv:2505.05470): the same loop on the rectified-flow sampler made an SDE.
 
     python ddpo.py --reward jpeg                        # no CUDA GPU: the shipped shapes model, real JPEG size
     python ddpo.py --reward shapes-count-exact --advantage group --group-size 8     # GRPO-style advantages
+    python ddpo.py --model stabilityai/stable-diffusion-3.5-medium --reward jpeg --advantage group --group-size 16
     python ddpo.py --resume out/ddpo-jpeg --steps 40    # continue a run; flags given here override its saved ones
 
-One step is a round of sampling and training. Sample --samples-per-step images with DDIM at eta > 0, keeping every
-step's latents x_T .. x_0 and the log-probability of each transition, log p_old(x_{t-1} | x_t) (sampler.ddim_rollout);
+One step is a round of sampling and training. Sample --samples-per-step images with DDIM at eta > 0 (a flow model:
+the SDE at noise level --eta > 0, flow.flow_rollout), keeping every step's latents x_T .. x_0 and the log-probability
+of each transition, log p_old(x_{t-1} | x_t) (sampler.ddim_rollout);
 score them: these are the round's reward queries. Turn rewards into advantages normalised per prompt (below). Then
 --inner-epochs passes of PPO (Schulman et al. 2017, arXiv:1707.06347) over the stored transitions, treating each
 denoising step as an action of a policy (DDPO's MDP, Sec. 4.2): for a --timestep-fraction of the steps,
@@ -36,14 +39,15 @@ import torch
 from tqdm import tqdm
 
 from grid import image_grid
+from flow import flow_context, flow_output, flow_rollout, flow_sample, flow_transition
 from lora import TARGET_SETS
 from model import DEFAULT_MODEL, decode, encode_prompts, native_resolution
 from rewards import REWARDS
 from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_batch_fits, check_numbers, check_out, die,
                   gather, info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
                   machine_defaults, plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts,
-                  save_checkpoint, start_processes, write_config)
-from sampler import step_logprob, ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output
+                  sampling_defaults, save_checkpoint, start_processes, write_config)
+from sampler import ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output, step_logprob
 
 # -----------------------------------------------------------------------------
 # advantages and the PPO loss: the whole of the method that is not sampling
@@ -89,8 +93,9 @@ def ppo_loss(logp, logp_old, adv, clip_range):
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--reward", default="jpeg", help=f"what to maximise: {', '.join(REWARDS)}, or a weighted mix such as "
                "jpeg,compress:0.5; a gradient is never used (default: jpeg, DDPO's compressibility)")
-p.add_argument("--model", default=None, help=f"hub id, local diffusers dir, 'shapes' (shipped, trained) or 'tiny' "
-               f"(random weights) (default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
+p.add_argument("--model", default=None, help=f"hub id, local diffusers dir (SD 1.x, 2.x, XL, 3 / 3.5, FLUX.1), "
+               f"'shapes' (shipped, trained) or 'tiny' / 'tiny-xl' / 'tiny-sd3' / 'tiny-flux' (random weights) "
+               f"(default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
 p.add_argument("--prompts", default=None, help="training prompts, one per line (default: as train.py's)")
 p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: as train.py's)")
 p.add_argument("--steps", type=int, default=20, help="rounds of sampling + training in total (default %(default)s)")
@@ -114,10 +119,13 @@ p.add_argument("--stat-buffer", type=int, default=16, help="running advantages: 
 p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (alpha = rank; DDPO: 4)")
 p.add_argument("--lora-targets", default="attn", help=f"layers that get adapters: {', '.join(TARGET_SETS)} "
                "(the attention projections, DDPO's; the ResNet blocks' convolutions) or module names, joined with '+'")
-p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps per sample (DDPO: 50)")
-p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale in sampling and "
-               "training, as train.py's; <= 1 disables CFG (DDPO: 5)")
-p.add_argument("--eta", type=float, default=1.0, help="DDIM noise, > 0: the policy must be stochastic (DDPO: 1)")
+p.add_argument("--sample-steps", "--ddim-steps", type=int, default=20, help="denoising steps per sample (DDPO: 50; "
+               "Flow-GRPO: 10)")
+p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale in sampling and "
+               "training, as train.py's; <= 1 disables CFG (default: 7.5 SD, 7.0 SD3, 3.5 FLUX; DDPO: 5, Flow-GRPO: "
+               "4.5)")
+p.add_argument("--eta", type=float, default=None, help="sampler noise, > 0: the policy must be stochastic; DDIM's eta "
+               "(default 1, DDPO's) or on flow models the noise level of Flow-GRPO's SDE (default 0.7, its value)")
 p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
 p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision of the frozen model and "
                "autocast (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
@@ -135,10 +143,8 @@ master = rank == 0
 device_type, device = machine_defaults(args)  # --model, --prompts, --eval-prompts and --dtype for this machine
 args.out = args.out or os.path.join("out", "ddpo-" + args.reward.replace(",", "+").replace(":", ""))
 prompts, eval_prompts = run_prompts(args)
-if args.eta == 0:
-    die("--eta must be > 0: eta 0 is a deterministic sampler, which has no policy density to train")
 check_numbers(args, at_least_1=("steps", "samples_per_step", "batch_size", "grad_accum", "inner_epochs",
-                                "group_size", "stat_buffer", "lora_rank", "ddim_steps", "eval_n"),
+                                "group_size", "stat_buffer", "lora_rank", "sample_steps", "eval_n"),
               at_least_0=("max_grad_norm", "resolution", "save_every", "eval_every"),
               above_0=("lr", "clip_range", "adv_clip_max", "eta", "timestep_fraction"), finite=("guidance",))
 if args.timestep_fraction > 1:
@@ -156,11 +162,15 @@ check_out(args.out)  # a file, or a place this process may not write: one line n
 # -----------------------------------------------------------------------------
 # setup
 
-sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run's dtype; shape (4, h, w)
+sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run's dtype; shape (C, h, w)
+sampling_defaults(args, sd, eta_default={"ddim": 1.0, "flow": 0.7})  # --guidance, --eta by the model's family
+# The two families' pieces take the same arguments (eta: DDIM's, or the flow SDE's noise level); the loop uses these
+sample_chain, rollout, transition, model_output = ((flow_sample, flow_rollout, flow_transition, flow_output) if sd.flow
+                                                   else (ddim_sample, ddim_rollout, ddim_transition, guided_output))
 dtype = DTYPES[args.dtype]
 resolution = args.resolution or native_resolution(sd)
 # a round keeps every image's latents x_T .. x_0 and its decoded image, on every rank (a lower bound: no activations)
-per_image = (args.ddim_steps + 1) * 4 * torch.Size(shape).numel() + 4 * 3 * resolution ** 2
+per_image = (args.sample_steps + 1) * 4 * torch.Size(shape).numel() + 4 * 3 * resolution ** 2
 check_batch_fits(f"--samples-per-step {args.samples_per_step}", args.samples_per_step // world * per_image,
                  device_type, "lower --samples-per-step")
 torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
@@ -178,7 +188,7 @@ rng = torch.Generator().manual_seed(args.seed)  # prompts and initial noise of e
 stats = RunningPromptStats(args.stat_buffer)
 n_local = args.samples_per_step // world  # this rank's images per round
 rows = slice(rank * n_local, (rank + 1) * n_local)
-train_steps = max(1, round(args.timestep_fraction * args.ddim_steps))  # denoising steps trained per micro-batch
+train_steps = max(1, round(args.timestep_fraction * args.sample_steps))  # denoising steps trained per micro-batch
 config = dict(vars(args), script="ddpo.py", world_size=world)
 if not args.resume:  # a resumed run's config.json is rewritten once its checkpoint has loaded
     write_config(args.out, config)
@@ -203,8 +213,8 @@ def evaluate(step):  # as train.py's: the same held-out prompts, seeds and eta n
     for i in range(0, args.eval_n, args.batch_size):
         cond = eval_cond[i:i + args.batch_size]
         with autocast:
-            latents = ddim_sample(sd, cond, uncond.expand(len(cond), -1, -1), eval_noise[i:i + args.batch_size].to(
-                device), args.ddim_steps, args.guidance, args.eta, generator=generator)
+            latents = sample_chain(sd, cond, uncond.expand(len(cond), -1, -1), eval_noise[i:i + args.batch_size].to(
+                device), args.sample_steps, args.guidance, args.eta, generator=generator)
             images.append(decode(sd, latents))
     images = torch.cat(images)
     title = f"ddpo.py {args.out}, step {step}: held-out prompts, fixed seeds"
@@ -225,7 +235,7 @@ else:
     checkpoint_run(0)
 info(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers, {device_type} {args.dtype}, "
      f"{args.samples_per_step} images per round in {args.samples_per_step // (micro * args.grad_accum)} optimisation steps x "
-     f"{args.inner_epochs} inner epochs, {train_steps} of {args.ddim_steps} denoising steps trained, {args.advantage} "
+     f"{args.inner_epochs} inner epochs, {train_steps} of {args.sample_steps} denoising steps trained, {args.advantage} "
      f"advantages" + (f", eval reward {eval_before:.4f}" if master else ""))
 
 # -----------------------------------------------------------------------------
@@ -242,19 +252,19 @@ for step in pbar:
     # 1. sample: the round's prompts (groups of --group-size) and noise, drawn globally; this rank keeps its rows
     idx = torch.randint(len(prompts), (args.samples_per_step // args.group_size,), generator=rng)
     idx = idx.repeat_interleave(args.group_size)  # (N,): each prompt G times in a row
-    noise = torch.randn(args.samples_per_step, *shape, generator=rng)[rows]  # (n, 4, h, w)
+    noise = torch.randn(args.samples_per_step, *shape, generator=rng)[rows]  # (n, C, h, w)
     idx_local, generator = idx[rows], round_generator(step, 0)
     xs, logps_old, images = [], [], []
     for i in range(0, n_local, args.batch_size):  # under no_grad: a rollout builds no graph
         cond = cond_all[idx_local[i:i + args.batch_size]]
         with autocast:
-            x, lp, ts = ddim_rollout(sd, cond, uncond.expand(len(cond), -1, -1), noise[i:i + args.batch_size].to(
-                device), args.ddim_steps, args.guidance, args.eta, generator)
+            x, lp, ts = rollout(sd, cond, uncond.expand(len(cond), -1, -1), noise[i:i + args.batch_size].to(device),
+                                args.sample_steps, args.guidance, args.eta, generator)
             with torch.no_grad():
                 images.append(decode(sd, x[-1]).float())
         xs.append(x)
         logps_old.append(lp)
-    xs, logps_old = torch.cat(xs, 1), torch.cat(logps_old, 1)  # (T + 1, n, 4, h, w): x_T .. x_0; (T, n)
+    xs, logps_old = torch.cat(xs, 1), torch.cat(logps_old, 1)  # (T + 1, n, C, h, w): x_T .. x_0; (T, n)
 
     # 2. score (the reward queries), then advantages from every rank's rewards, so that all normalise alike
     with torch.no_grad():
@@ -272,14 +282,15 @@ for step in pbar:
         epoch_dev, epoch_losses = 0.0, []
         for start in range(0, n_local, args.batch_size * args.grad_accum):  # one optimisation step
             for mb in order[start:start + args.batch_size * args.grad_accum].split(args.batch_size):
-                trained = torch.randperm(args.ddim_steps, generator=g)[:train_steps]  # which denoising steps
-                context = guidance_context(cond_all[idx_local[mb]], uncond.expand(len(mb), -1, -1), args.guidance,
-                                           sd.unet.dtype)
+                trained = torch.randperm(args.sample_steps, generator=g)[:train_steps]  # which denoising steps
+                cond, uncond_mb = cond_all[idx_local[mb]], uncond.expand(len(mb), -1, -1)
+                context = (flow_context(sd, cond, uncond_mb, args.guidance) if sd.flow  # FLUX: cond alone
+                           else guidance_context(cond, uncond_mb, args.guidance, sd.unet.dtype))
                 for j in trained.tolist():
-                    x_t, x_prev = xs[j, mb], xs[j + 1, mb]  # (b, 4, h, w): the stored transition x_t -> x_{t-1}
+                    x_t, x_prev = xs[j, mb], xs[j + 1, mb]  # (b, C, h, w): the stored transition x_t -> x_{t-1}
                     with autocast:
-                        out = guided_output(sd, x_t, ts[j], context, args.guidance)
-                    mean, sigma = ddim_transition(sd, out.float(), x_t.float(), ts[j], args.ddim_steps, args.eta)
+                        out = model_output(sd, x_t, ts[j], context, args.guidance)
+                    mean, sigma = transition(sd, out.float(), x_t.float(), ts[j], args.sample_steps, args.eta)
                     loss, ratio = ppo_loss(step_logprob(x_prev, mean, sigma), logps_old[j, mb], adv[mb],
                                            args.clip_range)
                     scaler.scale(loss / (train_steps * args.grad_accum)).backward()  # mean over steps, micro-batches

@@ -162,12 +162,16 @@ def resume_args(parser, args):
         die(f"{args.resume} is a {other} run ({SCRIPTS[other]}), not a {script} run; continue it with python {other} "
             f"--resume {args.resume}")
     read_checkpoint(args.resume)  # damaged: one line now, before the model loads and anything is written
+    for old, new in RENAMED.items():  # a run saved before a flag's rename: its value under the new name
+        if old in cfg:
+            cfg.setdefault(new, cfg.pop(old))
     parser.set_defaults(**{k: v for k, v in cfg.items() if k in vars(args)})
     args = parser.parse_args()
     args.out = args.resume
     return args
 
 
+RENAMED = {"ddim_steps": "sample_steps"}  # config.json keys of older runs -> today's (--ddim-steps is an alias)
 SCRIPTS = {"train.py": "reward backprop", "ddpo.py": "reinforcement learning"}
 
 
@@ -305,6 +309,24 @@ def load_model_and_reward(args, device):
     except RewardLoadError as e:
         die(str(e))
     return sd, latent_shape(sd, args.resolution or native_resolution(sd)), reward_fn
+
+
+GUIDANCE = {"ddim": 7.5, "sd3": 7.0, "flux": 3.5}  # --guidance's default: AlignProp's CFG scale for SD 1.x / 2.x / XL;
+# StableDiffusion3Pipeline's CFG scale and FluxPipeline's guidance embedding (FLUX.1-dev), each pipeline's default
+
+
+def family(sd):
+    """"flux", "sd3" (rectified flow: flow.py samples them) or "ddim" (SD 1.x, 2.x, XL: sampler.py)."""
+    return "flux" if sd.flux else "sd3" if sd.flow else "ddim"
+
+
+def sampling_defaults(args, sd, eta_default=None):
+    """Fill --guidance (None: GUIDANCE for this model's family) and --eta (None: `eta_default`, a dict by family: DDIM's
+    eta, or on a flow model the noise level of Flow-GRPO's SDE, 0 = the ODE) once the model is loaded."""
+    if args.guidance is None:
+        args.guidance = GUIDANCE[family(sd)]
+    if args.eta is None:
+        args.eta = eta_default["flow" if sd.flow else "ddim"]
 
 
 def lora_targets(text):

@@ -3,8 +3,9 @@
     python sample.py --lora out/compress/lora.safetensors --prompts "a cat" "a dog" --n 4 --reward compress
 
 Writes a PNG grid: one row per prompt, the base model's n samples on the left, the LoRA model's on the right (same
-initial noise). With --reward, prints the mean reward of both. The model, resolution, DDIM steps and guidance default
-to those in the config.json that train.py wrote beside the LoRA file, so a run's own settings are reproduced.
+initial noise). With --reward, prints the mean reward of both. The model, resolution, sampling steps and guidance
+default to those in the config.json that train.py (or ddpo.py) wrote beside the LoRA file, so a run's own settings are
+reproduced. SD 1.x / 2.x / XL sample with DDIM (sampler.py), SD3 and FLUX with the rectified-flow ODE (flow.py).
 """
 import argparse
 import json
@@ -13,10 +14,11 @@ import os
 import torch
 
 from grid import image_grid
+from flow import flow_sample
 from lora import load_lora, read_lora_config
 from model import DEFAULT_MODEL, ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution
 from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
-from runs import check_numbers, check_writable, die, warn_unknown_words
+from runs import RENAMED, check_numbers, check_writable, die, sampling_defaults, warn_unknown_words
 from sampler import ddim_sample
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -26,16 +28,19 @@ p.add_argument("--n", type=int, default=4, help="samples per prompt and model")
 p.add_argument("--model", default=None, help="hub id, local diffusers dir or 'tiny' (default: the run's)")
 p.add_argument("--reward", default=None,
                help=f"also score both models: {', '.join(REWARDS)}, or a weighted mix such as aesthetic,compress:0.5")
-p.add_argument("--ddim-steps", type=int, default=None, help="denoising steps (default: the run's, else 50)")
-p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the run's, else 7.5)")
-p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic")
+p.add_argument("--sample-steps", "--ddim-steps", type=int, default=None, help="denoising steps (default: the run's, "
+               "else 50)")
+p.add_argument("--guidance", type=float, default=None, help="CFG scale, or FLUX.1-dev's guidance embedding (default: "
+               "the run's, else 7.5 SD, 7.0 SD3, 3.5 FLUX)")
+p.add_argument("--eta", type=float, default=0.0, help="sampler noise: DDIM's eta, or a flow model's SDE noise level; "
+               "0 = deterministic")
 p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the run's or the model's native")
 p.add_argument("--seed", type=int, default=0, help="seeds the initial noise shared by both models")
 p.add_argument("--out", default=None, help="output PNG (default: compare.png beside the LoRA file)")
 args = p.parse_args()
 
 
-check_numbers(args, at_least_1=("n", "ddim_steps"), at_least_0=("eta", "resolution"), finite=("guidance",))
+check_numbers(args, at_least_1=("n", "sample_steps"), at_least_0=("eta", "resolution"), finite=("guidance",))
 if not os.path.isfile(args.lora):
     die(f"--lora {args.lora}: no such file")
 if args.reward is not None:
@@ -47,12 +52,12 @@ run_cfg = {}
 if os.path.isfile(os.path.join(os.path.dirname(args.lora), "config.json")):
     with open(os.path.join(os.path.dirname(args.lora), "config.json")) as f:
         run_cfg = json.load(f)
+    run_cfg.update({new: run_cfg[old] for old, new in RENAMED.items() if old in run_cfg})  # an older run's keys
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 model = args.model or run_cfg.get("model") or (DEFAULT_MODEL if device == "cuda" else "tiny")
 warn_unknown_words(model, args.prompts)
-steps = args.ddim_steps or run_cfg.get("ddim_steps", 50)
-guidance = args.guidance if args.guidance is not None else run_cfg.get("guidance", 7.5)
+steps = args.sample_steps or run_cfg.get("sample_steps", 50)
 out = args.out or os.path.join(os.path.dirname(args.lora) or ".", "compare.png")
 out_dir = os.path.dirname(out) or "."
 if not os.path.isdir(out_dir):  # found now, not when the grid is saved after all the sampling
@@ -76,6 +81,10 @@ try:
 except ModelLoadError as e:
     die(str(e))
 resolution = args.resolution or run_cfg.get("resolution") or native_resolution(sd)
+if args.guidance is None:
+    args.guidance = run_cfg.get("guidance")
+sampling_defaults(args, sd)  # still None: the model family's default
+sample_chain = flow_sample if sd.flow else ddim_sample  # the same arguments; eta is a flow's SDE noise level
 prompts = [p for p in args.prompts for _ in range(args.n)]  # (P * n,), prompt-major
 noise = torch.randn(len(prompts), *latent_shape(sd, resolution), generator=torch.Generator().manual_seed(args.seed))
 autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
@@ -85,8 +94,8 @@ autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 def generate():
     with autocast:
         cond, uncond = encode_prompts(sd, prompts), encode_prompts(sd, [""] * len(prompts))
-        latents = ddim_sample(sd, cond, uncond, noise.to(device), steps, guidance, args.eta,
-                              generator=torch.Generator().manual_seed(args.seed + 1))
+        latents = sample_chain(sd, cond, uncond, noise.to(device), steps, args.guidance, args.eta,
+                               generator=torch.Generator().manual_seed(args.seed + 1))
         return decode(sd, latents).float()  # (P * n, 3, H, W)
 
 
@@ -102,7 +111,8 @@ rows = torch.cat([base.unflatten(0, (len(args.prompts), args.n)), tuned.unflatte
 labels = [f"{name}: {p}" for p in args.prompts for name in ["base"] * args.n + ["LoRA"] * args.n]
 image_grid(rows.flatten(0, 1), nrow=2 * args.n, labels=labels,
            title=f"{model}: base (left) and {args.lora} (right), same noise").save(out)
-print(f"{model}, {resolution}px, {steps} DDIM steps: wrote {out} (left: base, right: LoRA)")
+print(f"{model}, {resolution}px, {steps} {'flow' if sd.flow else 'DDIM'} steps, guidance {args.guidance:g}: wrote {out} "
+      "(left: base, right: LoRA)")
 if reward_fn is not None:  # the reward, then each part of a mix
     scores = []
     for images in (base, tuned):

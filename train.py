@@ -1,12 +1,14 @@
 """AlignProp: fine-tune Stable Diffusion's UNet (through LoRA) by backpropagating a differentiable reward through the
-whole DDIM sampling chain (Prabhudesai et al. 2023, arXiv:2310.03739).
+whole sampling chain (Prabhudesai et al. 2023, arXiv:2310.03739): DDIM for SD 1.x / 2.x / XL, the rectified-flow
+Euler loop for SD3 / SD3.5 and FLUX.1 (their transformer in place of the UNet).
 
     python train.py --reward shapes-count               # no CUDA GPU: the shipped coloured-shapes model, on a CPU
-    python train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5 --ddim-steps 50
+    python train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5 --sample-steps 50
+    python train.py --reward aesthetic --model stabilityai/stable-diffusion-3.5-medium --backprop onestep:0.3,0.9
     python train.py --resume out/compress --steps 200   # continue a run; flags given here override its saved ones
     torchrun --standalone --nproc_per_node=4 train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5
 
-One optimisation step: draw prompts and noise, sample with DDIM *with gradients on* (each UNet call checkpointed, so
+One optimisation step: draw prompts and noise, sample *with gradients on* (each UNet call checkpointed, so
 memory stays flat in the number of steps, except the last steps whose activations fit --memory-budget: they skip the
 recomputation), decode, score, loss = -mean(reward), backprop into the LoRA weights only, clip the gradient norm,
 AdamW. Writes to --out: config.json, metrics.jsonl (one line per step), lora.safetensors
@@ -26,14 +28,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from grid import image_grid
+from flow import flow_sample
 from lora import TARGET_SETS
 from model import DEFAULT_MODEL, decode, encode_prompts, native_resolution
 from rewards import REWARDS, without_gradient
 from runs import (DTYPES, StopOnSignal, activations_to_keep, agree, average_gradients, check_batch_fits, check_numbers,
                   check_out, die, gather, info, inject_adapters, is_out_of_memory, load_checkpoint,
                   load_model_and_reward, log_metrics, lora_targets, machine_defaults, memory_budget, parse_keep,
-                  peak_memory, plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts, save_checkpoint,
-                  start_processes, start_snapshot, undo_start, write_config)
+                  peak_memory, plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts, sampling_defaults,
+                  save_checkpoint, start_processes, start_snapshot, undo_start, write_config)
 from sampler import ddim_sample, parse_backprop, steps_with_gradient
 
 # -----------------------------------------------------------------------------
@@ -42,9 +45,9 @@ from sampler import ddim_sample, parse_backprop, steps_with_gradient
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--reward", default="compress", help=f"what to maximise: {', '.join(REWARDS)}, or a weighted mix "
                "such as aesthetic,compress:0.5")
-p.add_argument("--model", default=None, help=f"hub id or local diffusers dir (SD 1.x, 2.x, XL), 'shapes' (shipped, "
-               f"trained) or 'tiny' / 'tiny-xl' (random weights) (default: {DEFAULT_MODEL} on CUDA, shapes without a "
-               "GPU)")
+p.add_argument("--model", default=None, help=f"hub id or local diffusers dir (SD 1.x, 2.x, XL, 3 / 3.5, FLUX.1), "
+               f"'shapes' (shipped, trained) or 'tiny' / 'tiny-xl' / 'tiny-sd3' / 'tiny-flux' (random weights) "
+               f"(default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
 p.add_argument("--prompts", default=None, help="training prompts, one per line (default: prompts/shapes.txt for "
                "the shapes model, else prompts/animals.txt)")
 p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: the -eval.txt "
@@ -58,13 +61,16 @@ p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapte
 p.add_argument("--lora-targets", default=None, help=f"layers that get adapters: {', '.join(TARGET_SETS)} "
                "(the attention projections; the ResNet blocks' convolutions) or module names, joined with '+' "
                "(default attn; the count demo: attn+conv)")
-p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps per sample")
-p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables CFG")
-p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic DDIM, 1 = DDPM-like")
+p.add_argument("--sample-steps", "--ddim-steps", type=int, default=20, help="denoising steps per sample")
+p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, <= 1 disables CFG; on "
+               "FLUX.1-dev the value of its guidance embedding (default: 7.5 SD, 7.0 SD3, 3.5 FLUX)")
+p.add_argument("--eta", type=float, default=0.0, help="sampler noise: DDIM's eta (0 = deterministic DDIM, 1 = "
+               "DDPM-like); on flow models the noise level of Flow-GRPO's SDE (0 = the Euler ODE)")
 p.add_argument("--backprop", default=None, help="gradient through: all steps | K (the last K) | lo,hi (K drawn "
                "uniformly per trajectory) | lv:N (DRaFT-LV: the last step, N noise draws averaged) | drtune:N "
-               "(DRTune: every step, the UNet's input detached, N evenly spaced steps train it) (default all; the "
-               "count demo: 1,T)")
+               "(DRTune: every step, the UNet's input detached, N evenly spaced steps train it) | onestep:F or "
+               "onestep:lo,hi (Direct-Align: the sample re-noised to noise level F, one UNet call's clean prediction) "
+               "(default all; the count demo: 1,T)")
 p.add_argument("--keep-activations", default="auto", help="the last N steps with gradients keep their UNet "
                "activations instead of recomputing them in backward: faster, more memory; auto = as many as fit "
                "--memory-budget, measured on the first step; 0 = recompute all (flat memory)")
@@ -94,25 +100,25 @@ if without_gradient(args.reward):
     die(f"--reward {','.join(without_gradient(args.reward))} has no gradient, which reward backprop follows: train "
         "on its differentiable stand-in (jpeg -> compress, shapes-count-exact -> shapes-count), or use ddpo.py")
 if args.lr is None:
-    args.lr = 1e-2 if args.model in ("tiny", "tiny-xl") else 1e-3
+    args.lr = 1e-2 if args.model in ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux") else 1e-3
 # The count demo (the shapes model, --reward shapes-count) runs studies/truncation_study.py's best setting (docs); a
 # run resumed from before --lora-targets existed had attention-only adapters
 demo = (args.model, args.reward) == ("shapes", "shapes-count") and not args.resume
 if args.steps is None:
     args.steps = 100 if demo else 50
 if args.backprop is None:
-    args.backprop = f"1,{args.ddim_steps}" if demo else "all"  # random K in 1..T
+    args.backprop = f"1,{args.sample_steps}" if demo else "all"  # random K in 1..T
 if args.lora_targets is None:
     args.lora_targets = "attn+conv" if demo else "attn"
 args.out = args.out or os.path.join("out", args.reward.replace(",", "+").replace(":", ""))
 prompts, eval_prompts = run_prompts(args)
 try:
-    backprop = parse_backprop(args.backprop, args.ddim_steps)
+    backprop = parse_backprop(args.backprop, args.sample_steps)
 except ValueError as e:
     die(f"--backprop {e}")
 targets = lora_targets(args.lora_targets)
 keep = parse_keep(args.keep_activations)  # None: auto, chosen after the first step
-check_numbers(args, at_least_1=("steps", "batch_size", "grad_accum", "lora_rank", "ddim_steps", "eval_n",
+check_numbers(args, at_least_1=("steps", "batch_size", "grad_accum", "lora_rank", "sample_steps", "eval_n",
                                 "max_skips"),
               at_least_0=("memory_budget", "eta", "max_grad_norm", "resolution", "save_every", "eval_every"),
               above_0=("lr",), finite=("guidance",))  # NaN and inf included: one line, exit 2
@@ -122,7 +128,9 @@ made = check_out(args.out)  # a file, or a place this process may not write: one
 # -----------------------------------------------------------------------------
 # setup
 
-sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run's dtype; shape (4, H/f, W/f)
+sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run's dtype; shape (C, H/f, W/f)
+sampling_defaults(args, sd)  # --guidance by the model's family
+sample_chain = flow_sample if sd.flow else ddim_sample  # the same arguments; eta is a flow's SDE noise level
 dtype = DTYPES[args.dtype]
 resolution = args.resolution or native_resolution(sd)
 smaller = "lower --batch-size (--grad-accum N keeps the images per step: N micro-batches of --batch-size)"
@@ -162,10 +170,10 @@ def checkpoint_run(done):  # after `done` optimisation steps; called on every ra
     save_checkpoint(args.out, sd.unet, params, opt, scaler, rng, step=done, eval_before=eval_before)
 
 
-def sample(cond, noise, generator, backprop):  # noise (B, 4, h, w) -> images (B, 3, H, W) in [0, 1]
+def sample(cond, noise, generator, backprop):  # noise (B, C, h, w) -> images (B, 3, H, W) in [0, 1]
     with autocast:
-        latents = ddim_sample(sd, cond, uncond.expand(len(cond), -1, -1), noise.to(device), args.ddim_steps,
-                              args.guidance, args.eta, backprop, generator, keep or 0)
+        latents = sample_chain(sd, cond, uncond.expand(len(cond), -1, -1), noise.to(device), args.sample_steps,
+                               args.guidance, args.eta, backprop, generator, keep or 0)
         return decode(sd, latents)
 
 
@@ -211,7 +219,7 @@ for step in pbar:
     try:
         for micro in range(args.grad_accum):
             idx = torch.randint(len(prompts), (world * args.batch_size,), generator=rng)[rows]  # this rank's rows
-            noise = torch.randn(world * args.batch_size, *shape, generator=rng)[rows]  # (B, 4, h, w), on the CPU
+            noise = torch.randn(world * args.batch_size, *shape, generator=rng)[rows]  # (B, C, h, w), on the CPU
             images = sample(cond_all[idx], noise, loop_generator(step, micro), backprop)  # (B, ...); (N * B, ...) lv:N
             r = reward_fn(images, [prompts[i] for i in idx] * (len(images) // args.batch_size))
             loss = -r.mean() / args.grad_accum
@@ -249,8 +257,8 @@ for step in pbar:
                 f"({peak / 2**30:.2f} GB, measured on the first step): raise it, or lower --batch-size or --resolution")
         with autocast:
             keep, per_step = activations_to_keep(sd, cond_all[idx], uncond.expand(len(idx), -1, -1), noise.to(device),
-                                                 args.ddim_steps, args.guidance, args.eta, backprop, peak, budget)
-        most = steps_with_gradient(backprop, args.ddim_steps)
+                                                 args.sample_steps, args.guidance, args.eta, backprop, peak, budget)
+        most = steps_with_gradient(backprop, args.sample_steps)
         info(f"--keep-activations auto: {keep} of {most} steps keep their activations ({per_step / 2**20:.1f} MB "
              f"each); recomputing all, a step peaked at {peak / 2**30:.2f} GB, budget {budget / 2**30:.2f} GB")
         write_config(args.out, dict(config, kept_steps=keep, activation_mb_per_step=per_step / 2**20,

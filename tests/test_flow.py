@@ -2,7 +2,9 @@
 (its step's mean and spread against the formula written out here, noise 0 equal to the ODE, the rollout's
 log-probabilities those of its own transitions, gradients through the stochastic chain equal to a plain loop) and the
 one-step mode (Direct-Align), on SD3 and FLUX miniatures."""
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from flow import flow_output, flow_rollout, flow_sample, flow_transition
 from lora import inject_lora
 from model import encode_prompts, load_sd
+from conftest import refused, run_here
 from sampler import step_logprob
 from test_sd3 import PROMPTS, assert_same_gradients, lora, noise, ours, reference, velocity
 
@@ -126,3 +129,48 @@ def test_onestep_on_flux_is_one_guided_call():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     grads = torch.autograd.grad(got.square().mean(), params, allow_unused=True)
     assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > len(params) // 2
+
+
+# -----------------------------------------------------------------------------
+# the scripts on flow models: train.py, ddpo.py and sample.py end to end, resumed runs continue exactly
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def stopped_and_resumed(script, args, tmp_path, key):
+    """The run to 3 steps, and the same run stopped after 2 and resumed to 3: the same numbers at every step."""
+    run_here(script, *args, "--out", tmp_path / "whole", "--steps", 3)
+    run_here(script, *args, "--out", tmp_path / "cut", "--steps", 2)
+    resumed = run_here(script, "--resume", tmp_path / "cut", "--steps", 3)
+    whole, cut = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
+    assert [x["step"] for x in cut] == [1, 2, 3] and "resuming" in resumed.stdout
+    for k in ("reward_mean", key):
+        assert [x[k] for x in cut] == pytest.approx([x[k] for x in whole], rel=1e-5, abs=1e-7), k
+    return whole, json.loads((tmp_path / "cut" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("model,backprop,guidance", [("tiny-sd3", "all", 7.0), ("tiny-flux", "onestep:0.3,0.9", 3.5)])
+def test_train_py_on_a_flow_model_resumes_exactly(tmp_path, model, backprop, guidance):
+    args = ["--model", model, "--reward", "compress", "--batch-size", 2, "--sample-steps", 3, "--eval-n", 2,
+            "--eval-every", 0, "--save-every", 1, "--backprop", backprop]
+    whole, cfg = stopped_and_resumed("train.py", args, tmp_path, "grad_norm")
+    assert all(x["grad_norm"] > 0 for x in whole)  # the gradient reaches the transformer's LoRA
+    assert cfg["guidance"] == guidance and cfg["sample_steps"] == 3  # the family's default guidance, recorded
+    proc = run_here("sample.py", "--lora", tmp_path / "cut" / "lora.safetensors", "--n", 1, "--reward", "compress")
+    assert "3 flow steps" in proc.stdout and (tmp_path / "cut" / "compare.png").is_file()
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_ddpo_py_on_a_flow_model_is_flow_grpo_and_resumes_exactly(tmp_path, model):
+    """The SDE rollout at Flow-GRPO's noise level 0.7 (the default on a flow model), group advantages; the first inner
+    epoch's ratio is 1 (one optimisation step per round: the recomputed log-probabilities are the rollout's)."""
+    args = ["--model", model, "--reward", "jpeg", "--batch-size", 2, "--sample-steps", 3, "--eval-n", 2,
+            "--samples-per-step", 4, "--grad-accum", 2, "--advantage", "group", "--group-size", 2, "--lr", 1e-2,
+            "--clip-range", 1e-2, "--eval-every", 0, "--save-every", 1]
+    whole, cfg = stopped_and_resumed("ddpo.py", args, tmp_path, "loss")
+    assert cfg["eta"] == 0.7 and whole[0]["ratio_max_dev"][0] < 1e-5
+    status, stderr = refused("ddpo.py", *args, "--eta", 0, "--out", tmp_path / "zero")
+    assert status == 2 and "--eta must be a finite number > 0" in stderr

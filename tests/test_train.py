@@ -167,7 +167,7 @@ def prompt_files(tmp_path):
     (["--backprop", "5,2"], "K must satisfy"),
     (["--backprop", "lv:0"], "N >= 1"),
     (["--backprop", "drtune:21", "--ddim-steps", "20"], "'drtune:21': DRTune trains N steps, 1 <= N <= the number"),
-    (["--backprop", "drtune:x"], "expected all, K, lo,hi, lv:N or drtune:N"),
+    (["--backprop", "drtune:x"], "expected all, K, lo,hi, lv:N, drtune:N or onestep:F"),
     (["--lora-targets", "attn+"], "--lora-targets 'attn+': expected names joined with '+'"),
     (["--lora-targets", "attn+conv3"], "no nn.Linear or nn.Conv2d in this module is named 'conv3'"),  # after loading
     (["--resolution", "60"], "not divisible by 8"),
