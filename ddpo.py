@@ -143,6 +143,8 @@ master = rank == 0
 device_type, device = machine_defaults(args)  # --model, --prompts, --eval-prompts and --dtype for this machine
 args.out = args.out or os.path.join("out", "ddpo-" + args.reward.replace(",", "+").replace(":", ""))
 prompts, eval_prompts = run_prompts(args)
+if args.eta == 0:
+    die("--eta must be > 0: eta 0 is a deterministic sampler, which has no policy density to train")
 check_numbers(args, at_least_1=("steps", "samples_per_step", "batch_size", "grad_accum", "inner_epochs",
                                 "group_size", "stat_buffer", "lora_rank", "sample_steps", "eval_n"),
               at_least_0=("max_grad_norm", "resolution", "save_every", "eval_every"),

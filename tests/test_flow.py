@@ -13,7 +13,7 @@ from flow import flow_output, flow_rollout, flow_sample, flow_transition
 from lora import inject_lora
 from model import encode_prompts, load_sd
 from conftest import refused, run_here
-from sampler import step_logprob
+from sampler import backprop_window, step_logprob
 from test_sd3 import PROMPTS, assert_same_gradients, lora, noise, ours, reference, velocity
 
 STEPS = 4
@@ -95,6 +95,14 @@ def test_sde_gradients_match_plain_autograd(tiny_sd3):
     assert_same_gradients(tiny_sd3, params, got, want)
 
 
+def test_a_random_window_s_gradients_match_plain_autograd(tiny_sd3):
+    """(lo, hi): K drawn once from the generator, then the last K steps with gradients (test_sd3 checks fixed K)."""
+    params, x = lora(tiny_sd3), noise(tiny_sd3)
+    k = backprop_window((1, 3), STEPS, torch.Generator().manual_seed(5))
+    got = ours(tiny_sd3, x, STEPS, 5.0, backprop=(1, 3), generator=torch.Generator().manual_seed(5))
+    assert_same_gradients(tiny_sd3, params, got, reference(tiny_sd3, x, STEPS, 5.0, k))
+
+
 @pytest.mark.parametrize("level", [0.6, (0.3, 0.9)])
 def test_onestep_gradients_match_the_reference(tiny_sd3, level):
     """("onestep", F): the ODE's sample without gradients, re-noised with known noise to s = F, and one transformer
@@ -173,4 +181,4 @@ def test_ddpo_py_on_a_flow_model_is_flow_grpo_and_resumes_exactly(tmp_path, mode
     whole, cfg = stopped_and_resumed("ddpo.py", args, tmp_path, "loss")
     assert cfg["eta"] == 0.7 and whole[0]["ratio_max_dev"][0] < 1e-5
     status, stderr = refused("ddpo.py", *args, "--eta", 0, "--out", tmp_path / "zero")
-    assert status == 2 and "--eta must be a finite number > 0" in stderr
+    assert status == 2 and "--eta must be > 0" in stderr
