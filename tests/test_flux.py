@@ -3,7 +3,8 @@
 encoder reading 16 tokens, FLUX's VAE scaling and shift, a FlowMatchEulerDiscreteScheduler with dynamic shifting): the
 conditioning equals FluxPipeline.encode_prompt, sampling and decoding equal the stock pipeline on the same noise, and
 LoRA gradients through the checkpointed chain equal a plain autograd loop on packed latents (backprop all, K, kept
-activations, DRTune, DRaFT-LV). Not yet: train.py / ddpo.py / sample.py on FLUX; real FLUX checkpoints."""
+activations, DRTune, DRaFT-LV); a saved FLUX directory loads back as the miniature. Not yet: train.py / ddpo.py /
+sample.py on FLUX."""
 import numpy as np
 import pytest
 import torch
@@ -50,6 +51,20 @@ def test_loads_fixed_and_leaves_the_rng_alone():
     for a, b in zip(sd.unet.parameters(), again.unet.parameters()):
         assert torch.equal(a, b)  # fixed-seed weights
     assert not any(p.requires_grad for p in sd.unet.parameters())
+
+
+def test_a_saved_flux_directory_loads_as_the_miniature(tiny_flux, tmp_path):
+    """The stock pipeline's save_pretrained of the miniature, then load_sd of the directory: FluxPipeline's T5
+    (text_encoder_2) in our text_encoder_3, its 16 tokens (the tokenizer's limit under FLUX-dev's default 512), no
+    second CLIP, and the same latents."""
+    pipeline(tiny_flux).save_pretrained(tmp_path)
+    loaded = load_sd(str(tmp_path))
+    assert loaded.flux and loaded.text_encoder_2 is None and loaded.max_sequence_length == 16
+    for field in ("unet", "scheduler", "text_encoder", "text_encoder_3"):
+        assert type(getattr(loaded, field)) is type(getattr(tiny_flux, field)), field
+    x = noise(tiny_flux)
+    with torch.no_grad():
+        assert torch.equal(ours(loaded, x), ours(tiny_flux, x))
 
 
 def test_conditioning_is_the_pipelines(tiny_flux):

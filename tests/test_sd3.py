@@ -2,8 +2,8 @@
 SD3Transformer2DModel, two CLIPs with projection, a T5 encoder reading 16 tokens, SD3's VAE scaling and shift, a
 FlowMatchEulerDiscreteScheduler with shift 3.0): the conditioning equals StableDiffusion3Pipeline.encode_prompt,
 sampling and decoding equal the stock pipeline, and LoRA gradients through the checkpointed chain equal a plain
-autograd Euler loop (backprop all, K, kept activations, DRTune, DRaFT-LV). Not yet: FLUX, and train.py / ddpo.py /
-sample.py on SD3."""
+autograd Euler loop (backprop all, K, kept activations, DRTune, DRaFT-LV); a saved SD3 directory loads back as the
+miniature. Not yet: train.py / ddpo.py / sample.py on SD3."""
 import pytest
 import torch
 
@@ -203,6 +203,19 @@ def test_load_is_deterministic_and_leaves_the_callers_rng_alone():
     assert latent_shape(a, 64) == (16, 8, 8) and native_resolution(a) == 64
     assert a.vae.config.scaling_factor == 1.5305 and a.vae.config.shift_factor == 0.0609
     assert a.scheduler.config.shift == 3.0
+
+
+def test_a_saved_sd3_directory_loads_as_the_miniature(tiny_sd3, tmp_path):
+    """The stock pipeline's save_pretrained of the miniature, then load_sd of the directory: the same fields (T5 in
+    text_encoder_3, its 16 tokens: the tokenizer's limit under the pipeline's default 256) and the same latents."""
+    pipeline(tiny_sd3).save_pretrained(tmp_path)
+    loaded = load_sd(str(tmp_path))
+    assert loaded.flow and not loaded.flux and loaded.max_sequence_length == tiny_sd3.max_sequence_length == 16
+    for field in ("unet", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        assert type(getattr(loaded, field)) is type(getattr(tiny_sd3, field)), field
+    x = noise(tiny_sd3)
+    with torch.no_grad():
+        assert torch.equal(ours(loaded, x, 3, 5.0), ours(tiny_sd3, x, 3, 5.0))
 
 
 def test_our_lora_file_loads_in_the_stock_sd3_pipeline(tiny_sd3, tmp_path):

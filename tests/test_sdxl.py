@@ -148,7 +148,9 @@ def test_train_py_trains_and_resumes_an_sdxl_directory(xl_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["model"] == str(xl_dir)
 
 
-@pytest.mark.parametrize("kind", ["FluxPipeline", "StableDiffusion3Pipeline", "StableDiffusionXLImg2ImgPipeline"])
+@pytest.mark.parametrize("kind", ["StableDiffusionXLImg2ImgPipeline", "FluxFillPipeline", "FluxKontextPipeline",
+                                  "FluxControlPipeline", "StableDiffusion3ControlNetPipeline",
+                                  "StableDiffusion3InpaintPipeline"])
 def test_unsupported_kinds_are_one_line(tmp_path, kind):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text("{}")
@@ -156,7 +158,24 @@ def test_unsupported_kinds_are_one_line(tmp_path, kind):
     status, stderr = refused("train.py", "--model", tmp_path, "--out", tmp_path / "out")
     assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert f"is a {kind}, which this project does not support; supported: Stable Diffusion 1.x" in stderr
-    assert "SDXL (StableDiffusionXLPipeline)" in stderr
+    assert "SDXL (StableDiffusionXLPipeline)" in stderr and "SD3 / SD3.5 (StableDiffusion3Pipeline)" in stderr
+
+
+@pytest.mark.parametrize("kind, config, folder, says", [
+    ("StableDiffusion3Pipeline", None, None, "not a diffusers SD3 / SD3.5 directory (no transformer/config.json)"),
+    ("FluxPipeline", dict(in_channels=384, out_channels=64), None, "takes 384 input channels for 64 output ones"),
+    ("StableDiffusion3Pipeline", dict(in_channels=16, out_channels=16), "controlnet", "has a ControlNet")])
+def test_supported_kinds_that_are_not_text_to_image_are_one_line(tmp_path, kind, config, folder, says):
+    """A model_index that names a supported kind is not enough: the denoiser's config (read before any weight: FLUX
+    Fill's transformer takes 384 channels, 64 of them the latents) and a controlnet folder are checked too."""
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": kind}))
+    if config:
+        (tmp_path / "transformer").mkdir()
+        (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
+    if folder:
+        (tmp_path / folder).mkdir()
+    status, stderr = refused("train.py", "--model", tmp_path, "--out", tmp_path / "out")
+    assert status == 2 and len(stderr.strip().splitlines()) == 1 and says in stderr, stderr
 
 
 def test_sd2_v_prediction_at_768_runs_end_to_end(tmp_path):
