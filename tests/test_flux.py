@@ -188,6 +188,25 @@ def test_draft_lv_gradients_match_the_reference(tiny_flux):
     assert_same_gradients(tiny_flux, params, got, x - s * FluxPipeline._unpack_latents(v, 64, 64, 8))  # x0 = x_s - s v
 
 
+def test_memory_is_flat_in_the_number_of_steps(tiny_flux):
+    """What backward holds grows by one latent per step, as for SD3: the transformer's activations (packing and
+    rotary embeddings included) are recomputed."""
+    lora(tiny_flux)
+    x = noise(tiny_flux)
+    held = {}
+    for steps in (4, 16):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            flow_sample(tiny_flux, encode_prompts(tiny_flux, PROMPTS), None, x, steps, 3.5)
+        held[steps] = sum(storages.values())
+    latent = x.numel() * x.element_size()  # (B, 16, h, w) in fp32
+    assert held == {4: 4 * latent, 16: 16 * latent}, held  # exactly the latents entering each checkpointed step
+
+
 def test_our_lora_file_loads_in_the_stock_flux_pipeline(tiny_flux, tmp_path):
     """LoRA with the default targets ("attn": both streams of the double-stream block, q/k/v of the single-stream
     one), saved with save_lora's default prefix "transformer.", the key FluxPipeline.load_lora_weights reads: the stock
