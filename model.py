@@ -3,6 +3,7 @@ the UNet's (or SD3's / FLUX's transformer's) conditioning and latents into image
 
     sd = load_sd("tiny", "cpu", torch.float32)          # or "shapes", a hub id, or a local diffusers directory
     cond, uncond = encode_prompts(sd, ["a cat"]), encode_prompts(sd, [""])   # (B, L, D), as diffusers builds them
+    free_text_encoders(sd)                               # then their memory is free: T5-XXL's is 9.5 GB in bf16
     latents = torch.randn(1, *latent_shape(sd, 64))      # (B, 4, h, w): the sampler (sampler.py) starts here
     images = decode(sd, latents)                         # (B, 3, H, W) in [0, 1]; checkpointed under grad
 
@@ -129,7 +130,7 @@ def _from_pretrained(model, dtype):
         if local and not os.path.isfile(os.path.join(model, folder, "config.json")):
             raise ModelLoadError(f"{model} is not a diffusers {SUPPORTED[kind]} directory (no {folder}/config.json); "
                                  "make one with pipe.save_pretrained(dir), or use --model tiny")
-        if "controlnet" in index or local and os.path.isdir(os.path.join(model, "controlnet")):
+        if "controlnet" in index or (local and os.path.isdir(os.path.join(model, "controlnet"))):
             raise ModelLoadError(f"{model} has a ControlNet; supported are text-to-image models without one")
         config = denoiser.load_config(subfolder=folder, **kw)  # refused before any weight is read
         if config["in_channels"] != (config.get("out_channels") or config["in_channels"]):  # FLUX: null, the same
@@ -137,7 +138,7 @@ def _from_pretrained(model, dtype):
                                  f"{config['out_channels']} output ones (an inpainting or image-conditioned model); "
                                  "supported are text-to-image models")
 
-        def weights(cls, subfolder):  # a model, in the run's dtype (diffusers and transformers name it differently)
+        def weights(cls, subfolder):  # a model in the run's dtype (diffusers and transformers name the argument apart)
             if cls.__module__.startswith("diffusers"):
                 return cls.from_pretrained(subfolder=subfolder, torch_dtype=dtype, **kw, **lean)
             return cls.from_pretrained(subfolder=subfolder, dtype=dtype, **kw)
@@ -160,8 +161,8 @@ def _from_pretrained(model, dtype):
                 sd.tokenizer_3 = T5TokenizerFast.from_pretrained(subfolder=f"tokenizer_{n}", **kw)
                 # the T5 tokens the pipelines read by default: SD3's 256, FLUX-dev's 512; FLUX-schnell (no guidance
                 # embedding) 256, its max_length in Black Forest Labs' code; at most the tokenizer's (miniatures: 16)
-                default = 512 if flux and config.get("guidance_embeds") else 256
-                sd.max_sequence_length = min(default, sd.tokenizer_3.model_max_length)
+                sd.max_sequence_length = min(512 if flux and config.get("guidance_embeds") else 256,
+                                             sd.tokenizer_3.model_max_length)
         return sd
 
     if os.path.isdir(model):
@@ -371,6 +372,9 @@ def encode_prompts(sd, prompts):
     SD3: CLIP-L's and CLIP-G's rows then T5's, and the pooled row: (B, 77 + T + 1, D_t5) (_encode_sd3).
     FLUX: T5's last hidden states (B, T, D_t5), then CLIP's pooled output (B, D_clip) zero-padded to D_t5 as one more
     row: (B, T + 1, D_t5), as FluxPipeline.encode_prompt builds them."""
+    if isinstance(sd.text_encoder, FreedTextEncoder):
+        raise ValueError("the text encoders were freed after the prompts were encoded (free_text_encoders): encode "
+                         "every prompt before freeing them")
     def ids(tokenizer, device, length=None):
         return tokenizer(list(prompts), padding="max_length", max_length=length or tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(device)
@@ -410,6 +414,28 @@ def _encode_sd3(sd, ids):
     pooled = torch.cat(pooled, -1).to(t5.dtype)  # (B, P_l + P_g)
     pooled = torch.nn.functional.pad(pooled, (0, t5.shape[-1] - pooled.shape[-1]))  # (B, D)
     return torch.cat([clip, t5, pooled[:, None]], 1)
+
+
+class FreedTextEncoder:
+    """What free_text_encoders leaves of a text encoder: its config, no weights (sampler.guided_output reads SDXL's
+    pooled width from it, text_encoder_2.config.projection_dim)."""
+
+    def __init__(self, config):
+        self.config = config
+
+
+def free_text_encoders(sd):
+    """Drop the text encoders once every prompt is encoded: nothing after encode_prompts needs them, and they are large
+    (SD3's and FLUX's T5-XXL encoder: 4.76 B parameters, 9.5 GB in bf16). Each becomes a FreedTextEncoder, so that its
+    memory is returned (on a GPU to PyTorch's cache, for the training's activations); encode_prompts then is a
+    ValueError. Returns the bytes of parameters and buffers freed."""
+    freed = 0
+    for field in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(sd, field)
+        if isinstance(encoder, torch.nn.Module):
+            freed += sum(t.numel() * t.element_size() for t in [*encoder.parameters(), *encoder.buffers()])
+            setattr(sd, field, FreedTextEncoder(encoder.config))
+    return freed
 
 
 def vae_scale_factor(sd):

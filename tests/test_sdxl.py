@@ -1,7 +1,8 @@
 """SDXL through the same files as SD 1.x, on the offline miniature `tiny-xl` (real classes: two text encoders, a
 "text_time" UNet): sampling equals diffusers' StableDiffusionXLPipeline, LoRA gradients equal a plain autograd loop
 built on the pipeline's own conditioning, memory stays flat in the steps, our LoRA file loads in the stock pipeline,
-and train.py trains, resumes and refuses the models it does not support in one line."""
+the sampler needs no text encoder once the prompts are encoded, and train.py trains, resumes and refuses the models
+it does not support in one line."""
 import json
 
 import pytest
@@ -54,6 +55,27 @@ def test_empty_prompt_is_zeros_as_the_pipeline_makes_it(tiny_xl):
     torch.testing.assert_close(cond[:1, :-1], embeds)
     torch.testing.assert_close(cond[:1, -1, :32], pooled)  # the pooled row: projection_dim 32, zeros after
     assert not cond[:, -1, 32:].any()
+
+
+def test_sampling_needs_no_text_encoder_once_the_prompts_are_encoded(tiny_xl):
+    """free_text_encoders drops both encoders (nothing else holds them: their memory is returned) and returns their
+    bytes; the SDXL sampler still reads the pooled width from the second one's config, and samples the same."""
+    import gc
+    import weakref
+    from model import free_text_encoders
+    x = noise(tiny_xl)
+    cond, uncond = encode_prompts(tiny_xl, PROMPTS), encode_prompts(tiny_xl, [""] * len(PROMPTS))
+    with torch.no_grad():
+        want = ddim_sample(tiny_xl, cond, uncond, x, 3, 5.0)
+    encoders = [weakref.ref(tiny_xl.text_encoder), weakref.ref(tiny_xl.text_encoder_2)]
+    size = sum(t.numel() * t.element_size() for e in encoders for t in [*e().parameters(), *e().buffers()])
+    assert free_text_encoders(tiny_xl) == size > 0 and free_text_encoders(tiny_xl) == 0  # freed once
+    gc.collect()
+    assert [e() for e in encoders] == [None, None]
+    with torch.no_grad():
+        assert torch.equal(ddim_sample(tiny_xl, cond, uncond, x, 3, 5.0), want)
+    with pytest.raises(ValueError, match="^the text encoders were freed after the prompts were encoded"):
+        encode_prompts(tiny_xl, PROMPTS)
 
 
 def reference(sd, x, steps, guidance, eta, k, generator):
