@@ -138,7 +138,7 @@ def _from_pretrained(model, dtype):
                                  f"{config['out_channels']} output ones (an inpainting or image-conditioned model); "
                                  "supported are text-to-image models")
 
-        def weights(cls, subfolder):  # a model in the run's dtype (diffusers and transformers name the argument apart)
+        def weights(cls, subfolder):  # a model in the run's dtype: torch_dtype= to diffusers, dtype= to transformers
             if cls.__module__.startswith("diffusers"):
                 return cls.from_pretrained(subfolder=subfolder, torch_dtype=dtype, **kw, **lean)
             return cls.from_pretrained(subfolder=subfolder, dtype=dtype, **kw)
