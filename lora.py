@@ -16,8 +16,9 @@ the layer's shape and merges into it.
 
 File format: safetensors keyed by module path, "unet.<path>.lora_A.weight" (down) and "unet.<path>.lora_B.weight"
 (up * scale), which a stock diffusers pipeline loads with `pipe.load_lora_weights(path)`; for a transformer denoiser
-(SD3's SD3Transformer2DModel) the prefix is "transformer.", the key StableDiffusion3Pipeline reads. The scale is
-folded into lora_B so the file means the same thing to any reader; rank, alpha and targets are in the metadata.
+(SD3's SD3Transformer2DModel, FLUX's FluxTransformer2DModel) the prefix is "transformer.", the key
+StableDiffusion3Pipeline and FluxPipeline read. The scale is folded into lora_B so the file means the same thing to any
+reader; rank, alpha and targets are in the metadata.
 """
 import json
 import math
@@ -29,7 +30,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections of SD's transformer blocks
+# the attention projections: SD's transformer blocks' (in SD3 and FLUX, those of the image stream), then those of the
+# text stream in SD3's and FLUX's joint attention, which a UNet does not have (inject_lora lets them match nothing)
+TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") + TEXT_STREAM
 TARGET_SETS = {  # the names --lora-targets takes (joined with "+"), besides module names themselves
     "attn": DEFAULT_TARGETS,
     "conv": ("conv1", "conv2"),  # the two 3x3 convolutions of every ResNet block: the layers at every resolution
@@ -95,7 +99,8 @@ def lora_layers(module):
 
 def inject_lora(module, rank=4, alpha=None, targets=DEFAULT_TARGETS, dtype=None):
     """Wrap every nn.Linear / nn.Conv2d whose path ends with one of `targets` (a name or a dotted path suffix) in a
-    LoRALinear / LoRAConv2d; freeze everything else. A target that matches no such layer is an error.
+    LoRALinear / LoRAConv2d; freeze everything else. A target that matches no such layer is an error, but for those of
+    the text stream (TEXT_STREAM: a UNet has none) when another target matched.
 
     alpha defaults to rank (scale 1). dtype is the LoRA weights' dtype (default: the base weight's); keep them in fp32
     when the frozen model is bf16/fp16 and training runs under autocast. Returns the trainable parameters as a list."""
@@ -108,6 +113,8 @@ def inject_lora(module, rank=4, alpha=None, targets=DEFAULT_TARGETS, dtype=None)
 
     layers = {name: m for name, m in module.named_modules() if isinstance(m, tuple(LORA_TYPES))}
     unmatched = [t for t in targets if not any(matches(name, t) for name in layers)]
+    if len(unmatched) < len(targets):  # some target matched: the text stream's may not (a UNet has no text stream)
+        unmatched = [t for t in unmatched if t not in TEXT_STREAM]
     if unmatched:
         raise ValueError(f"no nn.Linear or nn.Conv2d in this module is named {', '.join(map(repr, unmatched))} "
                          f"(targets {tuple(targets)})")

@@ -1,8 +1,9 @@
-"""Loading a Stable Diffusion (1.x, 2.x, XL, 3, or an offline miniature), and what turns prompts into the UNet's
-(or SD3's transformer's) conditioning and latents into images.
+"""Loading a Stable Diffusion (1.x, 2.x, XL, 3 / 3.5), a FLUX.1 or an offline miniature, and what turns prompts into
+the UNet's (or SD3's / FLUX's transformer's) conditioning and latents into images.
 
     sd = load_sd("tiny", "cpu", torch.float32)          # or "shapes", a hub id, or a local diffusers directory
     cond, uncond = encode_prompts(sd, ["a cat"]), encode_prompts(sd, [""])   # (B, L, D), as diffusers builds them
+    free_text_encoders(sd)                               # then their memory is free: T5-XXL's is 9.5 GB in bf16
     latents = torch.randn(1, *latent_shape(sd, 64))      # (B, 4, h, w): the sampler (sampler.py) starts here
     images = decode(sd, latents)                         # (B, 3, H, W) in [0, 1]; checkpointed under grad
 
@@ -13,7 +14,7 @@ random fixed-seed weights, so that everything runs, and is tested, without a dow
 sampler.checkpoint when gradients are on, so that its large activations are held one stage at a time.
 
 References: latent diffusion, Rombach et al. 2022 (arXiv:2112.10752); SDXL, Podell et al. 2023 (arXiv:2307.01952);
-SD3, Esser et al. 2024 (arXiv:2403.03206).
+SD3, Esser et al. 2024 (arXiv:2403.03206); FLUX.1, Black Forest Labs 2024.
 """
 import contextlib
 import copy
@@ -60,7 +61,8 @@ class SD:
         return type(self.unet).__name__ == "FluxTransformer2DModel"
 
 
-SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionXLPipeline": "SDXL"}
+SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionXLPipeline": "SDXL",
+             "StableDiffusion3Pipeline": "SD3 / SD3.5", "FluxPipeline": "FLUX.1-dev / -schnell"}
 
 
 class ModelLoadError(RuntimeError):
@@ -72,13 +74,13 @@ class ModelLoadError(RuntimeError):
 
 
 def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
-    """Load a Stable Diffusion (1.x, 2.x or XL): a hub id, a local diffusers-format directory, "tiny" / "tiny-xl"
-    (random weights, built offline) or "shapes" (the coloured-shapes model trained by shapes.py, in models/shapes);
-    or "tiny-sd3" / "tiny-flux", offline SD3 / FLUX.1-dev miniatures (rectified-flow models: flow.flow_sample
-    samples them). Loading a real SD3 or FLUX directory or hub id is not supported yet.
+    """Load a model: a hub id or a local diffusers-format directory of one of SUPPORTED (the kind read from its
+    model_index.json), "tiny" / "tiny-xl" (random weights, built offline) or "shapes" (the coloured-shapes model
+    trained by shapes.py, in models/shapes); or "tiny-sd3" / "tiny-flux", offline SD3 / FLUX.1-dev miniatures.
+    SD3 and FLUX are rectified-flow models (`sd.flow`): flow.flow_sample samples them.
 
     All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is a DDIMScheduler but for SD3's
-    (FlowMatchEulerDiscreteScheduler). An SDXL
+    and FLUX's (FlowMatchEulerDiscreteScheduler). An SDXL
     VAE whose config says `force_upcast` stays in fp32 when the rest is fp16 (it overflows in fp16), and decode() runs
     it outside autocast."""
     if model in ("tiny", "tiny-xl"):
@@ -105,9 +107,10 @@ def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
 
 
 def _from_pretrained(model, dtype):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
+                           SD3Transformer2DModel, UNet2DConditionModel)
     from diffusers.utils import is_accelerate_available
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     def load(local_only):  # weights come in the run's dtype: no full-precision copy on the way
         kw = dict(pretrained_model_name_or_path=model, local_files_only=local_only)
@@ -120,29 +123,49 @@ def _from_pretrained(model, dtype):
         if kind not in SUPPORTED:
             raise ModelLoadError(f"{model} is a {kind}, which this project does not support; supported: "
                                  + ", ".join(f"{v} ({k})" for k, v in SUPPORTED.items()))
-        xl = kind == "StableDiffusionXLPipeline"
+        sd3, flux = kind == "StableDiffusion3Pipeline", kind == "FluxPipeline"
+        denoiser = SD3Transformer2DModel if sd3 else FluxTransformer2DModel if flux else UNet2DConditionModel
+        folder = "transformer" if sd3 or flux else "unet"
+        local = os.path.isdir(model)
+        if local and not os.path.isfile(os.path.join(model, folder, "config.json")):
+            raise ModelLoadError(f"{model} is not a diffusers {SUPPORTED[kind]} directory (no {folder}/config.json); "
+                                 "make one with pipe.save_pretrained(dir), or use --model tiny")
+        if "controlnet" in index or (local and os.path.isdir(os.path.join(model, "controlnet"))):
+            raise ModelLoadError(f"{model} has a ControlNet; supported are text-to-image models without one")
+        config = denoiser.load_config(subfolder=folder, **kw)  # refused before any weight is read
+        if config["in_channels"] != (config.get("out_channels") or config["in_channels"]):  # FLUX: null, the same
+            raise ModelLoadError(f"{model}'s {folder} takes {config['in_channels']} input channels for "
+                                 f"{config['out_channels']} output ones (an inpainting or image-conditioned model); "
+                                 "supported are text-to-image models")
+
+        def weights(cls, subfolder):  # a model in the run's dtype: torch_dtype= to diffusers, dtype= to transformers
+            if cls.__module__.startswith("diffusers"):
+                return cls.from_pretrained(subfolder=subfolder, torch_dtype=dtype, **kw, **lean)
+            return cls.from_pretrained(subfolder=subfolder, dtype=dtype, **kw)
+
         with warnings.catch_warnings():  # diffusers passes an argument that newer huggingface_hub deprecates
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
-            sd = SD(unet=UNet2DConditionModel.from_pretrained(subfolder="unet", torch_dtype=dtype, **kw, **lean),
-                    vae=AutoencoderKL.from_pretrained(subfolder="vae", torch_dtype=dtype, **kw, **lean),
-                    text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", dtype=dtype, **kw),
+            sd = SD(unet=weights(denoiser, folder), vae=weights(AutoencoderKL, "vae"),
+                    text_encoder=weights(CLIPTextModelWithProjection if sd3 else CLIPTextModel, "text_encoder"),
                     tokenizer=CLIPTokenizer.from_pretrained(subfolder="tokenizer", **kw),
-                    scheduler=DDIMScheduler.from_pretrained(subfolder="scheduler", **kw))
-            if xl:  # the second text encoder, and the pipeline's convention for the empty prompt
-                sd.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(subfolder="text_encoder_2",
-                                                                                dtype=dtype, **kw)
+                    scheduler=(FlowMatchEulerDiscreteScheduler if sd3 or flux else DDIMScheduler).from_pretrained(
+                        subfolder="scheduler", **kw))
+            if kind == "StableDiffusionXLPipeline" or sd3:  # the second CLIP, with a projection (CLIP-G / bigG)
+                sd.text_encoder_2 = weights(CLIPTextModelWithProjection, "text_encoder_2")
                 sd.tokenizer_2 = CLIPTokenizer.from_pretrained(subfolder="tokenizer_2", **kw)
+            if kind == "StableDiffusionXLPipeline":  # the pipeline's convention for the empty prompt
                 sd.force_zeros_for_empty_prompt = index.get("force_zeros_for_empty_prompt", True)
-        if sd.unet.config.in_channels != sd.unet.config.out_channels:
-            raise ModelLoadError(f"{model}'s UNet takes {sd.unet.config.in_channels} input channels for "
-                                 f"{sd.unet.config.out_channels} output ones (an inpainting or image-conditioned "
-                                 "model); supported are text-to-image models")
+            if sd3 or flux:  # T5: SD3's third text encoder, FLUX's second (it has one CLIP); ours is text_encoder_3
+                n = 3 if sd3 else 2
+                sd.text_encoder_3 = weights(T5EncoderModel, f"text_encoder_{n}")
+                sd.tokenizer_3 = T5TokenizerFast.from_pretrained(subfolder=f"tokenizer_{n}", **kw)
+                # the T5 tokens the pipelines read by default: SD3's 256, FLUX-dev's 512; FLUX-schnell (no guidance
+                # embedding) 256, its max_length in Black Forest Labs' code; at most the tokenizer's (miniatures: 16)
+                sd.max_sequence_length = min(512 if flux and config.get("guidance_embeds") else 256,
+                                             sd.tokenizer_3.model_max_length)
         return sd
 
     if os.path.isdir(model):
-        if not os.path.isfile(os.path.join(model, "unet", "config.json")):
-            raise ModelLoadError(f"{model} is not a diffusers Stable Diffusion directory (no unet/config.json); "
-                                 "make one with pipe.save_pretrained(dir), or use --model tiny")
         return load(local_only=True)
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"no such model directory: {model} (a hub id looks like 'owner/name')")
@@ -349,6 +372,9 @@ def encode_prompts(sd, prompts):
     SD3: CLIP-L's and CLIP-G's rows then T5's, and the pooled row: (B, 77 + T + 1, D_t5) (_encode_sd3).
     FLUX: T5's last hidden states (B, T, D_t5), then CLIP's pooled output (B, D_clip) zero-padded to D_t5 as one more
     row: (B, T + 1, D_t5), as FluxPipeline.encode_prompt builds them."""
+    if isinstance(sd.text_encoder, FreedTextEncoder):
+        raise ValueError("the text encoders were freed after the prompts were encoded (free_text_encoders): encode "
+                         "every prompt before freeing them")
     def ids(tokenizer, device, length=None):
         return tokenizer(list(prompts), padding="max_length", max_length=length or tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(device)
@@ -388,6 +414,28 @@ def _encode_sd3(sd, ids):
     pooled = torch.cat(pooled, -1).to(t5.dtype)  # (B, P_l + P_g)
     pooled = torch.nn.functional.pad(pooled, (0, t5.shape[-1] - pooled.shape[-1]))  # (B, D)
     return torch.cat([clip, t5, pooled[:, None]], 1)
+
+
+class FreedTextEncoder:
+    """What free_text_encoders leaves of a text encoder: its config, no weights (sampler.guided_output reads SDXL's
+    pooled width from it, text_encoder_2.config.projection_dim)."""
+
+    def __init__(self, config):
+        self.config = config
+
+
+def free_text_encoders(sd):
+    """Drop the text encoders once every prompt is encoded: nothing after encode_prompts needs them, and they are large
+    (SD3's and FLUX's T5-XXL encoder: 4.76 B parameters, 9.5 GB in bf16). Each becomes a FreedTextEncoder, so that its
+    memory is returned (on a GPU to PyTorch's cache, for the training's activations); encode_prompts then is a
+    ValueError. Returns the bytes of parameters and buffers freed."""
+    freed = 0
+    for field in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(sd, field)
+        if isinstance(encoder, torch.nn.Module):
+            freed += sum(t.numel() * t.element_size() for t in [*encoder.parameters(), *encoder.buffers()])
+            setattr(sd, field, FreedTextEncoder(encoder.config))
+    return freed
 
 
 def vae_scale_factor(sd):

@@ -3,13 +3,14 @@
 encoder reading 16 tokens, FLUX's VAE scaling and shift, a FlowMatchEulerDiscreteScheduler with dynamic shifting): the
 conditioning equals FluxPipeline.encode_prompt, sampling and decoding equal the stock pipeline on the same noise, and
 LoRA gradients through the checkpointed chain equal a plain autograd loop on packed latents (backprop all, K, kept
-activations, DRTune, DRaFT-LV). Not yet: train.py / ddpo.py / sample.py on FLUX; real FLUX checkpoints."""
+activations, DRTune, DRaFT-LV); a saved FLUX directory loads back as the miniature. Not yet: train.py / ddpo.py /
+sample.py on FLUX."""
 import numpy as np
 import pytest
 import torch
 
 from flow import flow_sample
-from lora import inject_lora, lora_layers
+from lora import inject_lora, load_lora, lora_layers, save_lora
 from model import decode, encode_prompts, latent_shape, load_sd, native_resolution
 from rewards import compress
 from sampler import drtune_steps
@@ -50,6 +51,20 @@ def test_loads_fixed_and_leaves_the_rng_alone():
     for a, b in zip(sd.unet.parameters(), again.unet.parameters()):
         assert torch.equal(a, b)  # fixed-seed weights
     assert not any(p.requires_grad for p in sd.unet.parameters())
+
+
+def test_a_saved_flux_directory_loads_as_the_miniature(tiny_flux, tmp_path):
+    """The stock pipeline's save_pretrained of the miniature, then load_sd of the directory: FluxPipeline's T5
+    (text_encoder_2) in our text_encoder_3, its 16 tokens (the tokenizer's limit under FLUX-dev's default 512), no
+    second CLIP, and the same latents."""
+    pipeline(tiny_flux).save_pretrained(tmp_path)
+    loaded = load_sd(str(tmp_path))
+    assert loaded.flux and loaded.text_encoder_2 is None and loaded.max_sequence_length == 16
+    for field in ("unet", "scheduler", "text_encoder", "text_encoder_3"):
+        assert type(getattr(loaded, field)) is type(getattr(tiny_flux, field)), field
+    x = noise(tiny_flux)
+    with torch.no_grad():
+        assert torch.equal(ours(loaded, x), ours(tiny_flux, x))
 
 
 def test_conditioning_is_the_pipelines(tiny_flux):
@@ -171,3 +186,56 @@ def test_draft_lv_gradients_match_the_reference(tiny_flux):
     x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     v = velocity(tiny_flux, x, 3.5, n=3)[0](_pack(x), tiny_flux.scheduler.timesteps[-1])
     assert_same_gradients(tiny_flux, params, got, x - s * FluxPipeline._unpack_latents(v, 64, 64, 8))  # x0 = x_s - s v
+
+
+def test_memory_is_flat_in_the_number_of_steps(tiny_flux):
+    """What backward holds grows by one latent per step, as for SD3: the transformer's activations (packing and
+    rotary embeddings included) are recomputed."""
+    lora(tiny_flux)
+    x = noise(tiny_flux)
+    held = {}
+    for steps in (4, 16):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            flow_sample(tiny_flux, encode_prompts(tiny_flux, PROMPTS), None, x, steps, 3.5)
+        held[steps] = sum(storages.values())
+    latent = x.numel() * x.element_size()  # (B, 16, h, w) in fp32
+    assert held == {4: 4 * latent, 16: 16 * latent}, held  # exactly the latents entering each checkpointed step
+
+
+def test_our_lora_file_loads_in_the_stock_flux_pipeline(tiny_flux, tmp_path):
+    """LoRA with the default targets ("attn": both streams of the double-stream block, q/k/v of the single-stream
+    one), saved with save_lora's default prefix "transformer.", the key FluxPipeline.load_lora_weights reads: the stock
+    pipeline with the file gives our flow_sample's latents, and load_lora restores the same weights."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in inject_lora(tiny_flux.unet, rank=4, alpha=8):
+            p.normal_(0, 0.05)
+    paths = set(lora_layers(tiny_flux.unet))
+    assert len(paths) == 8 + 3 and "transformer_blocks.0.attn.to_add_out" in paths
+    x = noise(tiny_flux)
+    with torch.no_grad():
+        want = ours(tiny_flux, x)
+    path = tmp_path / "lora.safetensors"
+    save_lora(tiny_flux.unet, path)
+
+    pipe = pipeline(load_sd("tiny-flux"))
+    kw = dict(latents=_pack(x), num_inference_steps=4, guidance_scale=3.5, height=64, width=64,
+              max_sequence_length=tiny_flux.max_sequence_length, output_type="latent")
+    base = pipe(PROMPTS, **kw).images
+    pipe.load_lora_weights(str(path))
+    assert {n.removesuffix(".lora_A") for n, _ in pipe.transformer.named_modules()
+            if n.endswith(".lora_A")} == paths  # PEFT put an adapter on every layer in the file, no more
+    got = pipe(PROMPTS, **kw).images  # packed (B, 16, 64)
+    assert (base - _pack(want)).abs().max() > 100 * 1e-5 * want.abs().max()  # the LoRA changes the latents
+    torch.testing.assert_close(got, _pack(want), rtol=1e-5, atol=1e-5 * want.abs().max())
+
+    fresh = load_sd("tiny-flux")
+    load_lora(fresh.unet, path)  # injects with the file's rank, alpha and targets
+    trained, restored = lora_layers(tiny_flux.unet), lora_layers(fresh.unet)
+    assert restored.keys() == trained.keys()
+    assert all(torch.equal(restored[n].down, m.down) and torch.equal(restored[n].up, m.up) for n, m in trained.items())

@@ -60,6 +60,19 @@ def test_convolutions_too(tiny):
                                    rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_attn_adapts_both_streams_of_a_joint_attention(model):
+    """SD3's and FLUX's attention projects the image and the text stream: "attn" (the default) adapts every linear
+    layer of every attention, both streams' q/k/v/out (FLUX's single-stream blocks: q/k/v, their output is proj_out);
+    on a UNet, which has no text stream, the same names adapt the image's only (test_injection_is_a_noop...)."""
+    unet = load_sd(model).unet
+    attention = {name for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and ".attn." in name}
+    inject_lora(unet, rank=2, targets=parse_targets("attn"))
+    assert set(lora_layers(unet)) == attention and any(name.endswith(".add_q_proj") for name in attention)
+    with pytest.raises(ValueError, match="is named 'add_q_proj'"):  # a text-stream target alone must match
+        inject_lora(load_sd("tiny").unet, targets=("add_q_proj",))
+
+
 @pytest.mark.parametrize("text,want", [("attn", DEFAULT_TARGETS), ("attn+conv", (*DEFAULT_TARGETS, "conv1", "conv2")),
                                        ("conv+to_q+conv1", ("conv1", "conv2", "to_q")), ("proj_in", ("proj_in",))])
 def test_parse_targets(text, want):

@@ -2,14 +2,14 @@
 SD3Transformer2DModel, two CLIPs with projection, a T5 encoder reading 16 tokens, SD3's VAE scaling and shift, a
 FlowMatchEulerDiscreteScheduler with shift 3.0): the conditioning equals StableDiffusion3Pipeline.encode_prompt,
 sampling and decoding equal the stock pipeline, and LoRA gradients through the checkpointed chain equal a plain
-autograd Euler loop (backprop all, K, kept activations, DRTune, DRaFT-LV). Not yet: FLUX, and train.py / ddpo.py /
-sample.py on SD3."""
+autograd Euler loop (backprop all, K, kept activations, DRTune, DRaFT-LV); a saved SD3 directory loads back as the
+miniature. Not yet: train.py / ddpo.py / sample.py on SD3."""
 import pytest
 import torch
 
 from flow import flow_sample
 from lora import inject_lora, load_lora, lora_layers, save_lora
-from model import decode, encode_prompts, latent_shape, load_sd, native_resolution
+from model import decode, encode_prompts, free_text_encoders, latent_shape, load_sd, native_resolution
 from rewards import compress
 from sampler import ddim_sample, drtune_steps
 
@@ -203,6 +203,57 @@ def test_load_is_deterministic_and_leaves_the_callers_rng_alone():
     assert latent_shape(a, 64) == (16, 8, 8) and native_resolution(a) == 64
     assert a.vae.config.scaling_factor == 1.5305 and a.vae.config.shift_factor == 0.0609
     assert a.scheduler.config.shift == 3.0
+
+
+def test_a_saved_sd3_directory_loads_as_the_miniature(tiny_sd3, tmp_path):
+    """The stock pipeline's save_pretrained of the miniature, then load_sd of the directory: the same fields (T5 in
+    text_encoder_3, its 16 tokens: the tokenizer's limit under the pipeline's default 256) and the same latents."""
+    pipeline(tiny_sd3).save_pretrained(tmp_path)
+    loaded = load_sd(str(tmp_path))
+    assert loaded.flow and not loaded.flux and loaded.max_sequence_length == tiny_sd3.max_sequence_length == 16
+    for field in ("unet", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        assert type(getattr(loaded, field)) is type(getattr(tiny_sd3, field)), field
+    x = noise(tiny_sd3)
+    with torch.no_grad():
+        assert torch.equal(ours(loaded, x, 3, 5.0), ours(tiny_sd3, x, 3, 5.0))
+
+
+def test_sampling_needs_no_text_encoder_once_the_prompts_are_encoded(tiny_sd3):
+    """free_text_encoders drops CLIP-L, CLIP-G and T5 (their bytes returned); flow_sample and decode run the same."""
+    x, cond, uncond = noise(tiny_sd3), encode_prompts(tiny_sd3, PROMPTS), encode_prompts(tiny_sd3, [""] * len(PROMPTS))
+    with torch.no_grad():
+        want = decode(tiny_sd3, flow_sample(tiny_sd3, cond, uncond, x, 3, 5.0))
+    encoders = (tiny_sd3.text_encoder, tiny_sd3.text_encoder_2, tiny_sd3.text_encoder_3)
+    size = sum(t.numel() * t.element_size() for e in encoders for t in [*e.parameters(), *e.buffers()])
+    assert free_text_encoders(tiny_sd3) == size
+    assert not any(isinstance(m, torch.nn.Module) for m in (tiny_sd3.text_encoder, tiny_sd3.text_encoder_2,
+                                                            tiny_sd3.text_encoder_3))
+    with torch.no_grad():
+        assert torch.equal(decode(tiny_sd3, flow_sample(tiny_sd3, cond, uncond, x, 3, 5.0)), want)
+    with pytest.raises(ValueError, match="^the text encoders were freed after the prompts were encoded"):
+        encode_prompts(tiny_sd3, [""])
+
+
+def test_the_real_text_encoders_sizes():
+    """What free_text_encoders returns on the real models, from their public configs, built on the meta device (no
+    memory): CLIP ViT-L/14's text tower (SD 1.x, SDXL, SD3, FLUX), OpenCLIP ViT-bigG/14's with its projection (SDXL,
+    SD3) and T5-XXL's encoder (SD3, FLUX): 9.5 GB in bf16, more than SD3.5 medium's transformer (2.47 B parameters)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    clip = dict(vocab_size=49408, max_position_embeddings=77)
+    with torch.device("meta"):
+        encoders = {
+            "CLIP-L": CLIPTextModelWithProjection(CLIPTextConfig(**clip, hidden_size=768, intermediate_size=3072,
+                                                                 num_hidden_layers=12, num_attention_heads=12,
+                                                                 hidden_act="quick_gelu", projection_dim=768)),
+            "bigG": CLIPTextModelWithProjection(CLIPTextConfig(**clip, hidden_size=1280, intermediate_size=5120,
+                                                               num_hidden_layers=32, num_attention_heads=20,
+                                                               hidden_act="gelu", projection_dim=1280)),
+            "T5-XXL": T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                              num_heads=64, feed_forward_proj="gated-gelu"))}
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in encoders.items()}
+    # CLIP-L: 123.06 M without its projection (SD 1.x, SDXL and FLUX use CLIPTextModel), 768 x 768 more with it (SD3)
+    assert params == {"CLIP-L": 123_060_480 + 768 * 768, "bigG": 694_659_840, "T5-XXL": 4_762_310_656}
+    assert 2 * params["T5-XXL"] / 1e9 == pytest.approx(9.52, abs=0.01)  # GB in bf16
 
 
 def test_our_lora_file_loads_in_the_stock_sd3_pipeline(tiny_sd3, tmp_path):

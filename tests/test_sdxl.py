@@ -1,7 +1,8 @@
 """SDXL through the same files as SD 1.x, on the offline miniature `tiny-xl` (real classes: two text encoders, a
 "text_time" UNet): sampling equals diffusers' StableDiffusionXLPipeline, LoRA gradients equal a plain autograd loop
 built on the pipeline's own conditioning, memory stays flat in the steps, our LoRA file loads in the stock pipeline,
-and train.py trains, resumes and refuses the models it does not support in one line."""
+the sampler needs no text encoder once the prompts are encoded, and train.py trains, resumes and refuses the models
+it does not support in one line."""
 import json
 
 import pytest
@@ -54,6 +55,27 @@ def test_empty_prompt_is_zeros_as_the_pipeline_makes_it(tiny_xl):
     torch.testing.assert_close(cond[:1, :-1], embeds)
     torch.testing.assert_close(cond[:1, -1, :32], pooled)  # the pooled row: projection_dim 32, zeros after
     assert not cond[:, -1, 32:].any()
+
+
+def test_sampling_needs_no_text_encoder_once_the_prompts_are_encoded(tiny_xl):
+    """free_text_encoders drops both encoders (nothing else holds them: their memory is returned) and returns their
+    bytes; the SDXL sampler still reads the pooled width from the second one's config, and samples the same."""
+    import gc
+    import weakref
+    from model import free_text_encoders
+    x = noise(tiny_xl)
+    cond, uncond = encode_prompts(tiny_xl, PROMPTS), encode_prompts(tiny_xl, [""] * len(PROMPTS))
+    with torch.no_grad():
+        want = ddim_sample(tiny_xl, cond, uncond, x, 3, 5.0)
+    encoders = [weakref.ref(tiny_xl.text_encoder), weakref.ref(tiny_xl.text_encoder_2)]
+    size = sum(t.numel() * t.element_size() for e in encoders for t in [*e().parameters(), *e().buffers()])
+    assert free_text_encoders(tiny_xl) == size > 0 and free_text_encoders(tiny_xl) == 0  # freed once
+    gc.collect()
+    assert [e() for e in encoders] == [None, None]
+    with torch.no_grad():
+        assert torch.equal(ddim_sample(tiny_xl, cond, uncond, x, 3, 5.0), want)
+    with pytest.raises(ValueError, match="^the text encoders were freed after the prompts were encoded"):
+        encode_prompts(tiny_xl, PROMPTS)
 
 
 def reference(sd, x, steps, guidance, eta, k, generator):
@@ -148,7 +170,9 @@ def test_train_py_trains_and_resumes_an_sdxl_directory(xl_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["model"] == str(xl_dir)
 
 
-@pytest.mark.parametrize("kind", ["FluxPipeline", "StableDiffusion3Pipeline", "StableDiffusionXLImg2ImgPipeline"])
+@pytest.mark.parametrize("kind", ["StableDiffusionXLImg2ImgPipeline", "FluxFillPipeline", "FluxKontextPipeline",
+                                  "FluxControlPipeline", "StableDiffusion3ControlNetPipeline",
+                                  "StableDiffusion3InpaintPipeline"])
 def test_unsupported_kinds_are_one_line(tmp_path, kind):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text("{}")
@@ -156,7 +180,24 @@ def test_unsupported_kinds_are_one_line(tmp_path, kind):
     status, stderr = refused("train.py", "--model", tmp_path, "--out", tmp_path / "out")
     assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert f"is a {kind}, which this project does not support; supported: Stable Diffusion 1.x" in stderr
-    assert "SDXL (StableDiffusionXLPipeline)" in stderr
+    assert "SDXL (StableDiffusionXLPipeline)" in stderr and "SD3 / SD3.5 (StableDiffusion3Pipeline)" in stderr
+
+
+@pytest.mark.parametrize("kind, config, folder, says", [
+    ("StableDiffusion3Pipeline", None, None, "not a diffusers SD3 / SD3.5 directory (no transformer/config.json)"),
+    ("FluxPipeline", dict(in_channels=384, out_channels=64), None, "takes 384 input channels for 64 output ones"),
+    ("StableDiffusion3Pipeline", dict(in_channels=16, out_channels=16), "controlnet", "has a ControlNet")])
+def test_supported_kinds_that_are_not_text_to_image_are_one_line(tmp_path, kind, config, folder, says):
+    """A model_index that names a supported kind is not enough: the denoiser's config (read before any weight: FLUX
+    Fill's transformer takes 384 channels, 64 of them the latents) and a controlnet folder are checked too."""
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": kind}))
+    if config:
+        (tmp_path / "transformer").mkdir()
+        (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
+    if folder:
+        (tmp_path / folder).mkdir()
+    status, stderr = refused("train.py", "--model", tmp_path, "--out", tmp_path / "out")
+    assert status == 2 and len(stderr.strip().splitlines()) == 1 and says in stderr, stderr
 
 
 def test_sd2_v_prediction_at_768_runs_end_to_end(tmp_path):

@@ -171,7 +171,7 @@ def prompt_files(tmp_path):
     (["--lora-targets", "attn+"], "--lora-targets 'attn+': expected names joined with '+'"),
     (["--lora-targets", "attn+conv3"], "no nn.Linear or nn.Conv2d in this module is named 'conv3'"),  # after loading
     (["--resolution", "60"], "not divisible by 8"),
-    (["--model", "{tmp}/notsd"], "is not a diffusers Stable Diffusion directory"),
+    (["--model", "{tmp}/notsd"], "is not a diffusers Stable Diffusion 1.x / 2.x directory (no unet/config.json)"),
     (["--model", "{tmp}/no/such/dir"], "no such model directory"),
     (["--reward", "jpeg"], "--reward jpeg has no gradient"),  # RL's reward: ddpo.py takes it, train.py cannot
     (["--reward", "compress,shapes-count-exact:0.5"], "--reward shapes-count-exact has no gradient"),
