@@ -41,7 +41,7 @@ from tqdm import tqdm
 from grid import image_grid
 from flow import flow_context, flow_output, flow_rollout, flow_sample, flow_transition
 from lora import TARGET_SETS
-from model import DEFAULT_MODEL, decode, encode_prompts, native_resolution
+from model import DEFAULT_MODEL, decode, encode_prompts, free_text_encoders, native_resolution
 from rewards import REWARDS
 from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_batch_fits, check_numbers, check_out, die,
                   gather, info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
@@ -185,6 +185,9 @@ with torch.no_grad(), autocast:
     cond_all = encode_prompts(sd, prompts)  # (N, L, D)
     eval_cond = encode_prompts(sd, eval_prompts)
     uncond = encode_prompts(sd, [""])  # (1, L, D)
+freed = free_text_encoders(sd)  # needed no more: SD3's and FLUX's T5-XXL alone holds 9.5 GB in bf16
+if device_type == "cuda":
+    torch.cuda.empty_cache()  # their memory back to the driver, and to this run's peak-memory budget
 eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual_seed(args.seed + 1))
 rng = torch.Generator().manual_seed(args.seed)  # prompts and initial noise of every round, the same on every rank
 stats = RunningPromptStats(args.stat_buffer)
@@ -238,7 +241,8 @@ else:
 info(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers, {device_type} {args.dtype}, "
      f"{args.samples_per_step} images per round in {args.samples_per_step // (micro * args.grad_accum)} optimisation steps x "
      f"{args.inner_epochs} inner epochs, {train_steps} of {args.sample_steps} denoising steps trained, {args.advantage} "
-     f"advantages" + (f", eval reward {eval_before:.4f}" if master else ""))
+     f"advantages, text encoders freed ({freed / 2**30:.2f} GB)" + (f", eval reward {eval_before:.4f}" if master
+                                                                       else ""))
 
 # -----------------------------------------------------------------------------
 # training loop: one round = sample and score, then PPO on what was sampled

@@ -180,18 +180,18 @@ def _flow_schedule(sd, steps, latents):
         raise ValueError(f"a {type(sched).__name__} is a diffusion model's, not a flow's: sample it with ddim_sample")
     if sched.config.get("stochastic_sampling"):
         raise ValueError("flow schedulers with stochastic sampling are not supported yet (SD3 and FLUX do not use it)")
-    if not sched.config.get("use_dynamic_shifting"):
+    if not _is_flux(sd):
         sched.set_timesteps(steps)  # sigmas shifted by the model's config (SD3: shift 3.0), and a final 0 appended
         return sched
-    # FLUX: the shift grows with the image's token count n = h/2 * w/2, linear in n (FluxPipeline's calculate_shift):
+    # FLUX-dev: the shift grows with the image's token count n = h/2 * w/2, linear in n (FluxPipeline's calculate_shift):
     #   mu = n m + b,  m = (max_shift - base_shift) / (max_len - base_len),  b = base_shift - m base_len
     #   s -> e^mu / (e^mu + 1 / s - 1)  (the scheduler's time_shift) on the pipeline's evenly spaced s = 1 ... 1/steps
     c = sched.config
     m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
     mu = latents.shape[-2] * latents.shape[-1] // 4 * m + (c["base_shift"] - m * c["base_image_seq_len"])
     d = (1 / steps - 1) / max(steps - 1, 1)  # np.linspace(1, 1 / steps, steps), written out as numpy computes it
-    sched.set_timesteps(sigmas=[i * d + 1 for i in range(steps - 1)] + [1 / steps], mu=mu)
-    return sched
+    sched.set_timesteps(sigmas=[i * d + 1 for i in range(steps - 1)] + [1 / steps], mu=mu)  # FLUX-schnell (no
+    return sched  # dynamic shifting in its config): the same evenly spaced s, mu unused, its static shift 1.0 kept
 
 
 def flow_output(sd, x, t, context, guidance):

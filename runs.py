@@ -301,9 +301,10 @@ def load_model_and_reward(args, device):
         sd = load_sd(args.model, device, dtype)
     except ModelLoadError as e:
         die(str(e))
-    if args.resolution % vae_scale_factor(sd):
-        die(f"--resolution {args.resolution} is not divisible by {vae_scale_factor(sd)} (the VAE's downsampling "
-            "factor)")
+    factor = vae_scale_factor(sd) * (2 if sd.flux else 1)  # FLUX packs 2x2 latents into one token
+    if args.resolution % factor:
+        die(f"--resolution {args.resolution} is not divisible by {factor} (the VAE's downsampling factor"
+            + (", times FLUX's 2x2 packing)" if sd.flux else ")"))
     try:
         reward_fn = load_reward(args.reward, device, dtype)
     except RewardLoadError as e:

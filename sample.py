@@ -16,7 +16,8 @@ import torch
 from grid import image_grid
 from flow import flow_sample
 from lora import load_lora, read_lora_config
-from model import DEFAULT_MODEL, ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution
+from model import (DEFAULT_MODEL, ModelLoadError, decode, encode_prompts, free_text_encoders, latent_shape, load_sd,
+                   native_resolution)
 from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
 from runs import RENAMED, check_numbers, check_writable, die, sampling_defaults, warn_unknown_words
 from sampler import ddim_sample
@@ -90,10 +91,14 @@ noise = torch.randn(len(prompts), *latent_shape(sd, resolution), generator=torch
 autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
 
+with torch.no_grad(), autocast:  # once for both models: the LoRA is on the denoiser, not on the text encoders
+    cond, uncond = encode_prompts(sd, prompts), encode_prompts(sd, [""] * len(prompts))
+free_text_encoders(sd)  # their memory (T5-XXL: 9.5 GB in bf16) is free for sampling
+
+
 @torch.no_grad()
 def generate():
     with autocast:
-        cond, uncond = encode_prompts(sd, prompts), encode_prompts(sd, [""] * len(prompts))
         latents = sample_chain(sd, cond, uncond, noise.to(device), steps, args.guidance, args.eta,
                                generator=torch.Generator().manual_seed(args.seed + 1))
         return decode(sd, latents).float()  # (P * n, 3, H, W)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from grid import image_grid
 from flow import flow_sample
 from lora import TARGET_SETS
-from model import DEFAULT_MODEL, decode, encode_prompts, native_resolution
+from model import DEFAULT_MODEL, decode, encode_prompts, free_text_encoders, native_resolution
 from rewards import REWARDS, without_gradient
 from runs import (DTYPES, StopOnSignal, activations_to_keep, agree, average_gradients, check_batch_fits, check_numbers,
                   check_out, die, gather, info, inject_adapters, is_out_of_memory, load_checkpoint,
@@ -146,6 +146,9 @@ with torch.no_grad(), autocast:  # the text encoder is frozen: encode every prom
     cond_all = encode_prompts(sd, prompts)  # (N, L, D)
     eval_cond = encode_prompts(sd, eval_prompts)
     uncond = encode_prompts(sd, [""])  # (1, L, D)
+freed = free_text_encoders(sd)  # needed no more: SD3's and FLUX's T5-XXL alone holds 9.5 GB in bf16
+if device_type == "cuda":
+    torch.cuda.empty_cache()  # their memory back to the driver, and to this run's peak-memory budget
 eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual_seed(args.seed + 1))
 
 # One CPU generator, in the same state on every rank, draws each global batch of prompts and initial noise; a rank
@@ -202,7 +205,8 @@ else:
 n_params = sum(p.numel() for p in params)
 info(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers ({n_params / 1e6:.2f}M params), {device_type} "
      f"{args.dtype}, global batch {global_batch} images/step = {args.batch_size} x {args.grad_accum} grad-accum x "
-     f"{world} processes" + (f", eval reward {eval_before:.4f}" if master else ""))
+     f"{world} processes, text encoders freed ({freed / 2**30:.2f} GB)" + (f", eval reward {eval_before:.4f}"
+                                                                        if master else ""))
 
 # -----------------------------------------------------------------------------
 # training loop

@@ -79,8 +79,15 @@ def test_conditioning_is_the_pipelines(tiny_flux):
     assert not cond[:, -1, 32:].any()
 
 
-@pytest.mark.parametrize("steps, guidance", [(6, 3.5), (3, 1.0)])
-def test_matches_the_stock_flux_pipeline(tiny_flux, steps, guidance):
+@pytest.mark.parametrize("steps, guidance, schnell", [(6, 3.5, False), (3, 1.0, False), (4, 0.0, True)])
+def test_matches_the_stock_flux_pipeline(tiny_flux, steps, guidance, schnell):
+    """FLUX.1-dev (guidance embedded, the resolution-dependent shift) and a FLUX.1-schnell-configured miniature (no
+    guidance embedding, no dynamic shifting: the pipeline's evenly spaced sigmas as they are)."""
+    if schnell:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        tiny_flux.unet = FluxTransformer2DModel.from_config(tiny_flux.unet.config, guidance_embeds=False).eval()
+        tiny_flux.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            tiny_flux.scheduler.config, use_dynamic_shifting=False, shift=1.0)
     x = torch.randn(2, *latent_shape(tiny_flux, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cond = encode_prompts(tiny_flux, PROMPTS)
