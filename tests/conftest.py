@@ -77,3 +77,19 @@ def refused(script, *args):
     if proc.returncode == 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} ran to the end instead of refusing its input")
     return proc.returncode, proc.stderr
+
+
+def held_for_backward(run, exclude=()):
+    """The bytes of the distinct storages that autograd saves for backward while run() runs (each counted once, views
+    included), those of the tensors in `exclude` (e.g. a model's weights) not counted."""
+    import torch
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storages.values())

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import held_for_backward
 from flow import flow_sample
 from lora import inject_lora, load_lora, lora_layers, save_lora
 from model import decode, encode_prompts, latent_shape, load_sd, native_resolution
@@ -200,16 +201,8 @@ def test_memory_is_flat_in_the_number_of_steps(tiny_flux):
     rotary embeddings included) are recomputed."""
     lora(tiny_flux)
     x = noise(tiny_flux)
-    held = {}
-    for steps in (4, 16):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            flow_sample(tiny_flux, encode_prompts(tiny_flux, PROMPTS), None, x, steps, 3.5)
-        held[steps] = sum(storages.values())
+    cond = encode_prompts(tiny_flux, PROMPTS)
+    held = {steps: held_for_backward(lambda: flow_sample(tiny_flux, cond, None, x, steps, 3.5)) for steps in (4, 16)}
     latent = x.numel() * x.element_size()  # (B, 16, h, w) in fp32
     assert held == {4: 4 * latent, 16: 16 * latent}, held  # exactly the latents entering each checkpointed step
 

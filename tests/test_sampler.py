@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import pipeline
+from conftest import held_for_backward, pipeline
 from grid import image_grid
 from model import ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution
 from sampler import (backprop_window, step_logprob, ddim_rollout, ddim_sample, ddim_transition, drtune_steps,
@@ -141,16 +141,7 @@ def test_checkpointing_keeps_one_latent_per_step(tiny):
     x = noise(tiny)
     tiny.unet.conv_out.weight.requires_grad_(True)
     cond, uncond = encode_prompts(tiny, PROMPTS), encode_prompts(tiny, [""] * 2)
-    held = {}
-    for steps in (5, 25):
-        storages = {}
-
-        def pack(t):  # count each saved storage once
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            ddim_sample(tiny, cond, uncond, x, steps=steps)
-        held[steps] = sum(storages.values())
+    held = {steps: held_for_backward(lambda: ddim_sample(tiny, cond, uncond, x, steps=steps)) for steps in (5, 25)}
     assert held[25] - held[5] <= 20 * x.numel() * x.element_size() * 1.05
 
 
@@ -162,18 +153,9 @@ def test_a_kept_step_holds_what_step_activation_bytes_measures(tiny):
     x = noise(tiny)
     inject_lora(tiny.unet, rank=2)
     cond, uncond = encode_prompts(tiny, PROMPTS), encode_prompts(tiny, [""] * 2)
-    weights = {p.untyped_storage().data_ptr() for p in [*tiny.unet.parameters(), *tiny.unet.buffers()]}
-    held = {}
-    for keep in (0, 2, 6):
-        storages = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in weights:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            ddim_sample(tiny, cond, uncond, x, steps=6, keep_activations=keep)
-        held[keep] = sum(storages.values())
+    weights = [*tiny.unet.parameters(), *tiny.unet.buffers()]
+    held = {keep: held_for_backward(lambda: ddim_sample(tiny, cond, uncond, x, steps=6, keep_activations=keep), weights)
+            for keep in (0, 2, 6)}
     per_step = step_activation_bytes(tiny, cond, uncond, x, 6)
     assert per_step > 100 * x.numel() * x.element_size()  # the UNet's activations, not a latent
     assert held[2] - held[0] == pytest.approx(2 * per_step, rel=0.02)

@@ -7,6 +7,7 @@ miniature. Not yet: train.py / ddpo.py / sample.py on SD3."""
 import pytest
 import torch
 
+from conftest import held_for_backward
 from flow import flow_sample
 from lora import inject_lora, load_lora, lora_layers, save_lora
 from model import decode, encode_prompts, free_text_encoders, latent_shape, load_sd, native_resolution
@@ -177,16 +178,7 @@ def test_memory_is_flat_in_the_number_of_steps(tiny_sd3):
     recomputed."""
     lora(tiny_sd3)
     x = noise(tiny_sd3)
-    held = {}
-    for steps in (4, 16):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            ours(tiny_sd3, x, steps, 5.0)
-        held[steps] = sum(storages.values())
+    held = {steps: held_for_backward(lambda: ours(tiny_sd3, x, steps, 5.0)) for steps in (4, 16)}
     assert held[16] - held[4] <= 12 * x.numel() * x.element_size() * 1.05, held
 
 

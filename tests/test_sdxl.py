@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import pipeline, refused, run_here
+from conftest import held_for_backward, pipeline, refused, run_here
 from lora import inject_lora, save_lora
 from model import decode, encode_prompts, latent_shape, native_resolution
 from rewards import compress
@@ -120,16 +120,7 @@ def test_memory_is_flat_in_the_number_of_steps(tiny_xl):
     """What backward holds grows by one latent per step, as for SD 1.x: the UNet's activations are recomputed."""
     inject_lora(tiny_xl.unet, rank=2)
     x = noise(tiny_xl)
-    held = {}
-    for steps in (4, 16):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            ours(tiny_xl, x, steps, 5.0)
-        held[steps] = sum(storages.values())
+    held = {steps: held_for_backward(lambda: ours(tiny_xl, x, steps, 5.0)) for steps in (4, 16)}
     assert held[16] - held[4] <= 12 * x.numel() * x.element_size() * 1.05
 
 
