@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from sampler import (_is_mode, _randn, backprop_window, checkpoint, drtune_steps, guidance_context, onestep_level,
+from sampler import (backprop_window, checkpoint, drtune_steps, guidance_context, is_mode, noise_like, onestep_level,
                      saved_bytes, step_logprob)
 
 
@@ -73,11 +73,11 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0
         return update(x, flow_output(sd, x, ts[i], context, guidance), i, z)
 
     def noise(like):  # drawn in step order, once: a recomputed step reuses its own
-        return _randn(like, generator) if noise_level > 0 else None
+        return noise_like(like, generator) if noise_level > 0 else None
 
     context = flow_context(sd, cond, uncond, guidance)
     x = latents
-    if grad and _is_mode(backprop, "drtune"):
+    if grad and is_mode(backprop, "drtune"):
         trained = drtune_steps(backprop[1], steps, generator)
         kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
         for i, t in enumerate(ts):
@@ -96,15 +96,15 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0
         for i in range(steps - k):
             x = step(x, i, noise(x), context)
     window = [functools.partial(step, i=i, z=noise(x), context=context) for i in range(steps - k, steps)]
-    if grad and _is_mode(backprop, "lv"):  # DRaFT-LV: re-noise the sample N times to the last step's s, take it again
+    if grad and is_mode(backprop, "lv"):  # DRaFT-LV: re-noise the sample N times to the last step's s, take it again
         n, s = backprop[1], float(sched.sigmas[-2])
         x0 = x.repeat(n, 1, 1, 1)  # (N * B, 16, h, w), draw-major
-        x = (1 - s) * x0 + s * _randn(x0, generator)
+        x = (1 - s) * x0 + s * noise_like(x0, generator)
         context = flow_context(sd, cond.repeat(n, 1, 1), None if uncond is None else uncond.repeat(n, 1, 1), guidance)
         window = [functools.partial(step, i=steps - 1, z=noise(x), context=context)]
-    if grad and _is_mode(backprop, "onestep"):  # re-noise the finished sample x0 to s, then one call's clean x0
+    if grad and is_mode(backprop, "onestep"):  # re-noise the finished sample x0 to s, then one call's clean x0
         s = onestep_level(backprop, generator)
-        x = (1 - s) * x + s * _randn(x, generator)  # x_s, the noise z known (drawn here)
+        x = (1 - s) * x + s * noise_like(x, generator)  # x_s, the noise z known (drawn here)
         t = torch.tensor(1000 * s, dtype=torch.float32)  # the transformer's clock, as the scheduler's timesteps
         window = [lambda x: x - s * flow_output(sd, x, t, context, guidance)]
     recompute = len(window) - min(keep_activations, len(window))
@@ -160,7 +160,7 @@ def flow_rollout(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=
     for t in ts:
         x = xs[-1]
         mean, std = flow_transition(sd, flow_output(sd, x, t, context, guidance), x, t, steps, noise_level)
-        xs.append(mean + std * _randn(x, generator))
+        xs.append(mean + std * noise_like(x, generator))
         logps.append(step_logprob(xs[-1], mean, std))
     return torch.stack(xs), torch.stack(logps), ts
 

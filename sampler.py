@@ -111,7 +111,7 @@ def parse_backprop(text, steps):
     return backprop
 
 
-def _is_mode(backprop, name):  # ("lv", N), ("drtune", N), ("onestep", F)
+def is_mode(backprop, name):  # ("lv", N), ("drtune", N), ("onestep", F)
     return isinstance(backprop, (tuple, list)) and len(backprop) == 2 and backprop[0] == name
 
 
@@ -122,15 +122,15 @@ def backprop_window(backprop, steps, generator=None, check_only=False):
     ("onestep", F) -> 0 (the gradient comes from one model call on the re-noised sample: onestep_level)."""
     if backprop == "all":
         return steps
-    if _is_mode(backprop, "lv"):
+    if is_mode(backprop, "lv"):
         if not (isinstance(backprop[1], int) and backprop[1] >= 1):
             raise ValueError(f"{backprop!r}: DRaFT-LV needs N >= 1 noise draws")
         return 0
-    if _is_mode(backprop, "drtune"):
+    if is_mode(backprop, "drtune"):
         if not (isinstance(backprop[1], int) and 1 <= backprop[1] <= steps):
             raise ValueError(f"{backprop!r}: DRTune trains N steps, 1 <= N <= the number of sampling steps ({steps})")
         return steps
-    if _is_mode(backprop, "onestep"):
+    if is_mode(backprop, "onestep"):
         onestep_level(backprop)  # checks the level(s)
         return 0
     window = (backprop, backprop) if isinstance(backprop, int) else backprop
@@ -161,9 +161,9 @@ def steps_with_gradient(backprop, steps):
     """The most steps of one trajectory that run the UNet with gradients: what keep_activations can keep at most."""
     if backprop == "all":
         return steps
-    if _is_mode(backprop, "lv") or _is_mode(backprop, "onestep"):
+    if is_mode(backprop, "lv") or is_mode(backprop, "onestep"):
         return 1
-    if _is_mode(backprop, "drtune"):
+    if is_mode(backprop, "drtune"):
         return backprop[1]
     return backprop if isinstance(backprop, int) else backprop[1]
 
@@ -249,12 +249,12 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
         return update(x, guided_output(sd, x, t, context, guidance), t, z)
 
     def noise(like):  # drawn in step order, once: a recomputed step reuses its own
-        return _randn(like, generator) if eta > 0 else None
+        return noise_like(like, generator) if eta > 0 else None
 
     context = guidance_context(cond, uncond, guidance, sd.unet.dtype)  # (2B, L, D): [uncond; cond]
     ts = sched.timesteps
     x = latents
-    if grad and _is_mode(backprop, "drtune"):
+    if grad and is_mode(backprop, "drtune"):
         trained = drtune_steps(backprop[1], steps, generator)
         kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
         for i, t in enumerate(ts):
@@ -273,17 +273,17 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
         for t in ts[:steps - k]:
             x = step(x, t, noise(x), context)
     window = [functools.partial(step, t=t, z=noise(x), context=context) for t in ts[steps - k:]]
-    if grad and _is_mode(backprop, "lv"):  # DRaFT-LV: re-noise the sample N times to the last timestep, x_t =
+    if grad and is_mode(backprop, "lv"):  # DRaFT-LV: re-noise the sample N times to the last timestep, x_t =
         n, t = backprop[1], ts[-1]  # sqrt(a_t) x_0 + sqrt(1 - a_t) z, and take the last step again, with gradients
         x0 = x.repeat(n, 1, 1, 1)  # (N * B, 4, h, w), draw-major
         a_t = float(sched.alphas_cumprod[t])
-        x = a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * _randn(x0, generator)
+        x = a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * noise_like(x0, generator)
         context = guidance_context(cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), guidance, sd.unet.dtype)
         window = [functools.partial(step, t=t, z=noise(x), context=context)]
-    if grad and _is_mode(backprop, "onestep"):  # re-noise the finished sample x_0 to t, then one UNet call's x0
+    if grad and is_mode(backprop, "onestep"):  # re-noise the finished sample x_0 to t, then one UNet call's x0
         t = torch.tensor(round(onestep_level(backprop, generator) * (sched.config.num_train_timesteps - 1)))
         a_t = float(sched.alphas_cumprod[t])
-        x = a_t ** 0.5 * x + (1 - a_t) ** 0.5 * _randn(x, generator)  # x_t, the noise z known (drawn here)
+        x = a_t ** 0.5 * x + (1 - a_t) ** 0.5 * noise_like(x, generator)  # x_t, the noise z known (drawn here)
         window = [lambda x: _eps_and_x0(sched.config.prediction_type, guided_output(sd, x, t, context, guidance), x,
                                         a_t)[1]]
     recompute = len(window) - min(keep_activations, len(window))
@@ -363,12 +363,13 @@ def ddim_rollout(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=1.0, gen
     for t in sched.timesteps:
         x = xs[-1]
         mean, sigma = ddim_transition(sd, guided_output(sd, x, t, context, guidance), x, t, steps, eta)
-        xs.append(mean + sigma * _randn(x, generator))
+        xs.append(mean + sigma * noise_like(x, generator))
         logps.append(step_logprob(xs[-1], mean, sigma))
     return torch.stack(xs), torch.stack(logps), sched.timesteps.clone()
 
 
-def _randn(like, generator):  # N(0, I) noise like `like`, drawn on the generator's device: reproducible anywhere
+def noise_like(like, generator):
+    """N(0, I) noise shaped like `like`, drawn on the generator's device (reproducible on any device), then moved."""
     device = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 

@@ -173,5 +173,5 @@ def test_onestep_gradient_is_one_unet_call_on_the_renoised_sample(tiny, level, k
     g_ours = grads(params, -compress(decode(tiny, ours)).mean())
     g_ref = grads(params, -compress(decode(tiny, want)).mean())
     assert all(g.abs().sum() > 0 for g in g_ours)
-    for a, b in zip(g_ours, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    a, b = torch.cat([g.flatten() for g in g_ours]), torch.cat([g.flatten() for g in g_ref])
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())  # to fp32 rounding of the whole
