@@ -203,8 +203,8 @@ def build_flow_arch(arch):
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
             sd.text_encoder = clip(CLIPTextModel, 768, 12)  # CLIP ViT-L/14's text tower: its pooled 768
-        else:  # MMDiT-X: 24 joint blocks of 24 heads of 64 (1536 wide), the first 13 with a second, image-only
-            unet = SD3Transformer2DModel(  # attention; 2.24B
+        else:  # MMDiT-X, 2.24B: 24 joint blocks, 24 heads of 64 (1536 wide); blocks 0-12 add an image-only attention
+            unet = SD3Transformer2DModel(
                 sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
                 num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                 pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),

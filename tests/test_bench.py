@@ -1,6 +1,6 @@
-"""bench.py runs and prints its table, on the DDIM and the rectified-flow miniatures; memory is flat in the number of DDIM steps with checkpointing (measured, not
-timed: tensor bytes counted exactly, which needs no fresh process per point, unlike RSS). Both run in the test process
-(conftest.run_here): nothing they check depends on the process's RSS."""
+"""bench.py runs and prints its table, on the DDIM and the rectified-flow miniatures; memory is flat in the number of
+DDIM steps with checkpointing (measured, not timed: tensor bytes counted exactly, which needs no fresh process per
+point, unlike RSS). All run in the test process (conftest.run_here): nothing they check depends on the process's RSS."""
 import json
 
 from conftest import run_here
