@@ -3,13 +3,18 @@
     python bench.py                                     # the tiny model on a CPU, well under a minute
     python bench.py --arch sd15 --resolution 512        # Stable Diffusion 1.5's architecture, random weights (GPU)
     python bench.py --arch sdxl                         # SDXL's, at its native 1024 px (GPU)
+    python bench.py --arch sd35m --resolution 1024      # SD 3.5 Medium's rectified-flow transformer (GPU)
+    python bench.py --arch flux --resolution 1024       # FLUX.1-dev's (GPU; 24 GB of weights in bf16)
+    python bench.py --model tiny-sd3                    # the SD3 / FLUX miniatures (tiny-flux), CPU, seconds
     python bench.py --steps-sweep 10,25,50              # peak memory against DDIM steps, with and without checkpointing
     python bench.py --budget-sweep 0.8,1.0 --resolution 256   # --keep-activations auto under each memory budget (GB)
     python bench.py --model path/to/diffusers/dir       # anything load_sd accepts
 
-All modes run in this one process on the same batch, steps and guidance: `sample` is DDIM + decode under no_grad;
-the others are one optimisation step (DDIM with grad, decode, reward, backward, AdamW on LoRA rank 4) with backprop
-through all steps, the last 1 (DRaFT-1), a random K in 1..T (AlignProp), DRaFT-LV or DRTune, keeping the
+All modes run in this one process on the same batch, steps and guidance: `sample` is the sampler + decode under
+no_grad (DDIM for SD 1.x / 2.x / XL, sampler.ddim_sample; the Euler ODE for the rectified-flow models SD3 and FLUX,
+flow.flow_sample); the others are one optimisation step (the sampler with grad, decode, reward, backward, AdamW on
+LoRA rank 4) with backprop through all steps, the last 1 (DRaFT-1), a random K in 1..T (AlignProp), DRaFT-LV, DRTune
+or one step on the re-noised sample (Direct-Align, onestep:F), keeping the
 activations of as many steps as --memory-budget allows (`kept`; --keep-activations auto, as train.py). Each is timed as
 the median of --repeats runs after --warmup; peak memory is torch.cuda.max_memory_allocated on a GPU, and on a CPU the
 peak resident set size sampled every millisecond, with MALLOC_MMAP_THRESHOLD_=65536 (set here) so that RSS follows
@@ -17,6 +22,9 @@ live memory.
 The default reward is a smoothness proxy (minus the mean |difference| of horizontally adjacent pixels, as in the peer
 harness we compare with) that costs nothing, so the figures measure the method's own machinery; --reward NAME uses
 one from rewards.py.
+--arch sd35m / flux: the transformer and VAE as published, random weights; the text encoders, which run once per
+prompt and not per step, are one-layer stand-ins of the real widths (build_flow_arch), so that the conditioning the
+transformer reads has its real shapes.
 """
 import os
 import sys
@@ -26,6 +34,7 @@ if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc reads it at start-up: re
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
@@ -36,6 +45,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
+from flow import flow_sample  # noqa: E402
 from lora import inject_lora  # noqa: E402
 from model import decode, encode_prompts, latent_shape, load_sd, native_resolution  # noqa: E402
 from rewards import load_reward  # noqa: E402
@@ -43,17 +53,26 @@ from runs import activations_to_keep, memory_budget  # noqa: E402
 from sampler import ddim_sample, parse_backprop  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, 'tiny' or 'tiny-xl'")
-p.add_argument("--arch", default=None, choices=["sd15", "sd21", "sdxl"], help="a real SD architecture with random "
-               "weights (no download): sd15 = SD 1.x, sd21 = SD 2.x (v-prediction), sdxl = SDXL base; overrides "
-               "--model")
+p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, or a miniature: 'tiny', 'tiny-xl', "
+               "'tiny-sd3', 'tiny-flux'")
+p.add_argument("--arch", default=None, choices=["sd15", "sd21", "sdxl", "sd35m", "flux"], help="a real architecture "
+               "with random weights (no download): sd15 = SD 1.x, sd21 = SD 2.x (v-prediction), sdxl = SDXL base, "
+               "sd35m = SD 3.5 Medium, flux = FLUX.1-dev (for these two the text encoders are one-layer stand-ins "
+               "of the real widths: the conditioning has its real shapes, the per-prompt encoding is not measured); "
+               "overrides --model")
+p.add_argument("--flux-blocks", default=None, help="D,S: --arch flux with D of its 19 double-stream and S of its 38 "
+               "single-stream blocks, for a machine that cannot hold its 12B weights; 1,2 is 1/19 of each kind, so "
+               "that the blocks' weights, multiply-adds and activations are 1/19 of the full model's")
 p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
 p.add_argument("--batch-size", type=int, default=1, help="images per step")
-p.add_argument("--ddim-steps", type=int, default=20, help="denoising steps T")
-p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (one batched UNet call for both halves)")
+p.add_argument("--sample-steps", "--ddim-steps", dest="sample_steps", type=int, default=20, help="sampling steps T "
+               "(DDIM's or the flow's Euler steps)")
+p.add_argument("--guidance", type=float, default=None, help="CFG scale (one batched call for both halves); FLUX: the "
+               "guidance embedding's value. Default: each pipeline's own, 7.0 for SD3 (StableDiffusion3Pipeline), 3.5 "
+               "for FLUX (FluxPipeline), 7.5 for SD 1.x / 2.x / XL")
 p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
-p.add_argument("--modes", default="sample,all,1,rand,lv:2,drtune:2", help="comma list: sample, all, K, rand "
-               "(K ~ U{1..T}), lv:N, drtune:N")
+p.add_argument("--modes", default="sample,all,1,rand,lv:2,drtune:2,onestep:0.6", help="comma list: sample, all, "
+               "K, rand (K ~ U{1..T}), lv:N, drtune:N, onestep:F (one call with grad on the sample re-noised to F)")
 p.add_argument("--keep-activations", default="auto", help="the last n grad steps keep their activations (faster, "
                "more memory); auto = as many as fit --memory-budget (as train.py); 0 = recompute every step")
 p.add_argument("--memory-budget", type=float, default=0, help="GB for --keep-activations auto; 0 = train.py's "
@@ -74,6 +93,8 @@ p.add_argument("--budget-sweep", default="", help="e.g. 0.7,0.8,1.2: a full-back
 p.add_argument("--sweep-point", default=None, help=argparse.SUPPRESS)  # "T,keep": one point, in a child
 p.add_argument("--json", default=None, help="also write the results to this JSON file")
 args = p.parse_args()
+if args.flux_blocks and (args.arch != "flux" or [n.isdigit() for n in args.flux_blocks.split(",")] != [True, True]):
+    p.error(f"--flux-blocks D,S needs --arch flux and two integers, got {args.flux_blocks}")
 if args.keep_activations != "auto" and not args.keep_activations.isdigit():
     p.error(f"--keep-activations must be auto or an integer >= 0, got {args.keep_activations}")
 
@@ -88,10 +109,24 @@ torch.manual_seed(0)
 # the model
 
 
+@contextlib.contextmanager
+def built_as(device, dtype):
+    """New weights are made on `device` in `dtype`: FLUX's 12B built in fp32 on the CPU first would need 48 GB."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+
+
 def build_arch(arch):
     """SD 1.x / 2.x / XL networks at full size with random weights; tokenizers and scheduler from the tiny models (the
     real CLIP vocabulary cannot be built offline; token ids only index the embedding, so speed and memory are the
-    same)."""
+    same). sd35m, flux: build_flow_arch."""
+    if arch in ("sd35m", "flux"):
+        return build_flow_arch(arch)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     sd = load_sd("tiny-xl" if arch == "sdxl" else "tiny")
@@ -128,8 +163,67 @@ def build_arch(arch):
     return sd
 
 
+def build_flow_arch(arch):
+    """SD 3.5 Medium's or FLUX.1-dev's transformer and VAE at full size with random weights, from their published
+    configs (stabilityai/stable-diffusion-3.5-medium and black-forest-labs/FLUX.1-dev on the hub: transformer/ and
+    vae/config.json; the arguments are diffusers' SD3Transformer2DModel / FluxTransformer2DModel / AutoencoderKL
+    ones). The tokenizers and the scheduler come from the miniatures tiny-sd3 / tiny-flux, whose schedulers are the
+    real configs already (SD3: shift 3.0; FLUX: dynamic shifting, base 0.5 to max 1.15 over 256 to 4096 tokens).
+
+    The text encoders are stand-ins: they run once per prompt, not in the sampling chain, so what matters for a step
+    is the shape of what they hand the transformer, and that is real: T5-XXL's rows, 4096 wide (256 of them for SD3,
+    StableDiffusion3Pipeline's max_sequence_length; 512 for FLUX, FluxPipeline's), CLIP-L's and OpenCLIP-G's hidden
+    states (768 + 1280) and pooled projections (768 + 1280 = SD3's pooled 2048), CLIP-L's pooled 768 for FLUX. Each
+    encoder is one layer of the real width; the real T5-XXL encoder (4.7B parameters, 24 layers) would not fit next to
+    the transformer on a 24 GB machine."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    flux = arch == "flux"
+    sd = load_sd("tiny-flux" if flux else "tiny-sd3")
+    sd.max_sequence_length = 512 if flux else 256
+    tiny_clip = sd.text_encoder.config.to_dict()  # the character vocabulary and its special tokens
+
+    def clip(cls, hidden, heads, **projection):  # one layer of the real width (its MLP 4x, as CLIP's)
+        return cls(CLIPTextConfig(**dict(tiny_clip, hidden_size=hidden, num_hidden_layers=1,
+                                         intermediate_size=4 * hidden, num_attention_heads=heads, **projection)))
+    with built_as(device, dtype):
+        # one layer of T5 v1.1 XXL: d_model 4096, 64 heads of 64, a gated-GELU feed-forward of 10240
+        sd.text_encoder_3 = T5EncoderModel(T5Config(
+            vocab_size=sd.text_encoder_3.config.vocab_size, d_model=4096, d_kv=64, d_ff=10240, num_heads=64,
+            num_layers=1, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        vae = AutoencoderKL(  # SD3's and FLUX's VAE: SD's layout with 16 latent channels, no quant convs, 1024 px
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            use_quant_conv=False, use_post_quant_conv=False, scaling_factor=sd.vae.config.scaling_factor,
+            shift_factor=sd.vae.config.shift_factor)  # each model's own (SD3 1.5305 / 0.0609, FLUX 0.3611 / 0.1159)
+        if flux:  # 19 double-stream blocks (text and image apart), then 38 single-stream (one sequence): 11.9B
+            double, single = map(int, args.flux_blocks.split(",")) if args.flux_blocks else (19, 38)
+            unet = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+            sd.text_encoder = clip(CLIPTextModel, 768, 12)  # CLIP ViT-L/14's text tower: its pooled 768
+        else:  # MMDiT-X, 2.24B: 24 joint blocks, 24 heads of 64 (1536 wide); blocks 0-12 add an image-only attention
+            unet = SD3Transformer2DModel(
+                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                qk_norm="rms_norm")
+            sd.text_encoder = clip(CLIPTextModelWithProjection, 768, 12, projection_dim=768)  # CLIP ViT-L/14
+            sd.text_encoder_2 = clip(CLIPTextModelWithProjection, 1280, 20, projection_dim=1280)  # OpenCLIP bigG/14
+    sd.unet, sd.vae = unet, vae
+    for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2, sd.text_encoder_3):
+        if m is not None:
+            m.requires_grad_(False).eval().to(device, dtype)
+    return sd
+
+
 sd = build_arch(args.arch) if args.arch else load_sd(args.model, device, dtype)
-model_mb = sum(t.numel() * t.element_size() for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2) if m
+if args.guidance is None:  # each pipeline's default: StableDiffusion3Pipeline's, FluxPipeline's, SD's
+    args.guidance = 3.5 if sd.flux else 7.0 if sd.flow else 7.5
+sample_chain = flow_sample if sd.flow else ddim_sample  # the same arguments: the flow's SDE noise level for eta (0)
+model_mb = sum(t.numel() * t.element_size() for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2,
+                                                      sd.text_encoder_3) if m
                for t in [*m.parameters(), *m.buffers()]) / 2**20
 params = inject_lora(sd.unet, rank=4, dtype=torch.float32)
 opt = torch.optim.AdamW(params, lr=1e-4)
@@ -160,12 +254,12 @@ rng = torch.Generator().manual_seed(1)  # random K and DRaFT-LV noise: a new dra
 def run(mode, steps, keep_activations):
     if mode == "sample":
         with torch.no_grad(), autocast:
-            decode(sd, ddim_sample(sd, cond, uncond, noise, steps, args.guidance, 0.0))
+            decode(sd, sample_chain(sd, cond, uncond, noise, steps, args.guidance, 0.0))
         return
     backprop = backprop_of(mode, steps)
     with autocast:
-        images = decode(sd, ddim_sample(sd, cond, uncond, noise, steps, args.guidance, 0.0, backprop, rng,
-                                        keep_activations))
+        images = decode(sd, sample_chain(sd, cond, uncond, noise, steps, args.guidance, 0.0, backprop, rng,
+                                         keep_activations))
         loss = -reward_fn(images.float(), prompts * (len(images) // len(prompts))).mean()
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -273,7 +367,9 @@ def seconds(fn, repeats, warmup):
 
 
 memory_name = "peak alloc" if device == "cuda" else "peak RSS"
-header = (f"{args.arch or args.model}: {resolution}px, batch {args.batch_size}, CFG {args.guidance}, {args.dtype}, "
+blocks = f" with {args.flux_blocks} double,single blocks (of 19,38)" if args.flux_blocks else ""
+header = (f"{args.arch or args.model}{blocks}: {resolution}px, batch {args.batch_size}, "
+          f"{'guidance (embedded)' if sd.flux else 'CFG'} {args.guidance}, {args.dtype}, "
           f"{device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'})"
           f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}; "
           f"model {model_mb:.0f} MB")
@@ -306,6 +402,7 @@ def sweep_point(steps, keep, budget=0.0, repeats=1):
              "--threads", str(args.threads), "--reward", args.reward, "--warmup", str(args.warmup),
              "--repeats", str(repeats), "--memory-budget", str(budget),
              *(["--arch", args.arch] if args.arch else []), *(["--no-tensor-memory"] if not args.tensor_memory else []),
+             *(["--flux-blocks", args.flux_blocks] if args.flux_blocks else []),
              *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else [])]
     out = subprocess.run(child + ["--sweep-point", f"{steps},{keep}"], capture_output=True, text=True)
     if out.returncode:
@@ -315,7 +412,7 @@ def sweep_point(steps, keep, budget=0.0, repeats=1):
 
 if args.budget_sweep:
     print(header)
-    T = args.ddim_steps
+    T = args.sample_steps
     base = seconds(lambda: run("sample", T, 0), args.repeats, args.warmup)
     print(f"sampling: {base:.3f} s; a full-backprop step ({T} steps) against --memory-budget:")
     print(f"{'budget GB':>10} {'kept':>5} {'s/step':>8} {'x sample':>9} {memory_name + ' MB':>13} {'step MB':>9}")
@@ -330,7 +427,7 @@ if args.budget_sweep:
 
 elif args.steps_sweep:
     print(header)
-    print(f"{'DDIM steps':>10} {'checkpointed':>12} {'s/step':>8} {memory_name + ' MB':>13} {'step MB':>9} "
+    print(f"{'steps':>10} {'checkpointed':>12} {'s/step':>8} {memory_name + ' MB':>13} {'step MB':>9} "
           f"{'step growth MB':>15}")
     sweep = [int(v) for v in args.steps_sweep.split(",")]
     if not args.repeats:  # untimed points run here: AdamW's state first, so that it does not count at the first alone
@@ -350,9 +447,9 @@ elif args.steps_sweep:
 
 else:
     print(header)
-    T = args.ddim_steps
+    T = args.sample_steps
     modes = ["sample"] + [m for m in args.modes.split(",") if m != "sample"]  # ratios are to sampling
-    print(f"{'mode':>8} {'backprop':>14} {'kept':>5} {'s/step':>8} {'x sample':>9} {memory_name + ' MB':>13} "
+    print(f"{'mode':>11} {'backprop':>18} {'kept':>5} {'s/step':>8} {'x sample':>9} {memory_name + ' MB':>13} "
           f"{'step MB':>9}")
     base = None
     for mode in modes:
@@ -360,12 +457,12 @@ else:
         s = seconds(lambda: run(mode, T, keep), args.repeats, args.warmup)
         peak, step_peak = memory(lambda: run(mode, T, keep))
         base = base or s
-        what = {"sample": "none (no_grad)", "all": f"all {T}", "rand": f"K ~ U{{1..{T}}}"}.get(
-            mode, f"DRaFT-LV, N={mode[3:]}" if mode.startswith("lv:") else f"DRTune, N={mode[7:]}"
-            if mode.startswith("drtune:") else f"last {mode}")
+        name, _, n = mode.partition(":")
+        what = {"sample": "none (no_grad)", "all": f"all {T}", "rand": f"K ~ U{{1..{T}}}", "lv": f"DRaFT-LV, N={n}",
+                "drtune": f"DRTune, N={n}", "onestep": f"Direct-Align, F={n}"}.get(name, f"last {mode}")
         results["rows"].append(dict(mode=mode, backprop=what, kept=keep, seconds=s, ratio=s / base, peak_mb=peak,
                                     step_mb=step_peak))
-        print(f"{mode:>8} {what:>14} {keep:>5} {s:>8.3f} {s / base:>9.2f} {peak:>13.1f} {step_peak:>9.1f}")
+        print(f"{mode:>11} {what:>18} {keep:>5} {s:>8.3f} {s / base:>9.2f} {peak:>13.1f} {step_peak:>9.1f}")
 
 if args.json:
     with open(args.json, "w") as f:
