@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from flow import flow_output, flow_rollout, flow_sample, flow_transition
+from flow import flow_output, flow_rollout, flow_sample, flow_step_activation_bytes, flow_transition
 from lora import inject_lora
 from model import encode_prompts, load_sd
-from conftest import refused, run_here
+from conftest import held_for_backward, refused, run_here
 from sampler import backprop_window, step_logprob
 from test_sd3 import PROMPTS, assert_same_gradients, lora, noise, ours, reference, velocity
 
@@ -101,6 +101,20 @@ def test_a_random_window_s_gradients_match_plain_autograd(tiny_sd3):
     k = backprop_window((1, 3), STEPS, torch.Generator().manual_seed(5))
     got = ours(tiny_sd3, x, STEPS, 5.0, backprop=(1, 3), generator=torch.Generator().manual_seed(5))
     assert_same_gradients(tiny_sd3, params, got, reference(tiny_sd3, x, STEPS, 5.0, k))
+
+
+def test_a_kept_step_holds_what_flow_step_activation_bytes_measures(tiny_sd3):
+    """--keep-activations auto on a flow model budgets with flow_step_activation_bytes: each kept step adds exactly
+    that to what backward holds (4 steps, 0 and 2 kept)."""
+    lora(tiny_sd3)
+    cond, uncond = conditioning(tiny_sd3)
+    x = noise(tiny_sd3)
+    weights = [*tiny_sd3.unet.parameters(), *tiny_sd3.unet.buffers()]
+    held = {keep: held_for_backward(lambda: flow_sample(tiny_sd3, cond, uncond, x, STEPS, 5.0, keep_activations=keep),
+                                    weights) for keep in (0, 2)}
+    per_step = flow_step_activation_bytes(tiny_sd3, cond, uncond, x, STEPS, 5.0)
+    assert per_step > 50 * x.numel() * x.element_size()  # the transformer's activations, not a latent
+    assert held[2] - held[0] == pytest.approx(2 * per_step, rel=0.02)
 
 
 @pytest.mark.parametrize("level", [0.6, (0.3, 0.9)])
