@@ -157,9 +157,10 @@ def flow_rollout(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=
     sched = _flow_schedule(sd, steps, latents)
     context = flow_context(sd, cond, uncond, guidance)
     xs, logps, ts = [latents], [], sched.timesteps.clone()
-    for t in ts:
+    for i, t in enumerate(ts):  # the schedule is known here: step i's coefficients, as flow_transition finds them
         x = xs[-1]
-        mean, std = flow_transition(sd, flow_output(sd, x, t, context, guidance), x, t, steps, noise_level)
+        c_x, c_v, std = _sde_coefficients(sched.sigmas, i, noise_level)
+        mean = c_x * x + c_v * flow_output(sd, x, t, context, guidance)
         xs.append(mean + std * noise_like(x, generator))
         logps.append(step_logprob(xs[-1], mean, std))
     return torch.stack(xs), torch.stack(logps), ts

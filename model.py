@@ -442,10 +442,15 @@ def vae_scale_factor(sd):
     return 2 ** (len(sd.vae.config.block_out_channels) - 1)  # 8 for SD: one 2x downsample between blocks
 
 
+def pixel_multiple(sd):
+    """What an image side must be a multiple of: the VAE's factor, times 2 for FLUX (it packs 2x2 latents into a
+    token, so h and w must be even)."""
+    return vae_scale_factor(sd) * (2 if sd.flux else 1)
+
+
 def latent_shape(sd, resolution):
     """(C, h, w) of the latents for square images of `resolution` pixels (FLUX: unpacked, C = in_channels / 4)."""
-    f = vae_scale_factor(sd) * (2 if sd.flux else 1)  # FLUX packs 2x2 latents into a token: h, w must be even
-    assert resolution % f == 0, f"resolution {resolution} is not divisible by {f}"
+    assert resolution % pixel_multiple(sd) == 0, f"resolution {resolution} is not divisible by {pixel_multiple(sd)}"
     c = sd.unet.config.in_channels // (4 if sd.flux else 1)
     return (c, resolution // vae_scale_factor(sd), resolution // vae_scale_factor(sd))
 

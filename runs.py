@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from flow import flow_step_activation_bytes
 from lora import inject_lora, parse_targets, save_lora
-from model import DEFAULT_MODEL, SHAPES_DIR, ModelLoadError, latent_shape, load_sd, native_resolution, vae_scale_factor
+from model import (DEFAULT_MODEL, SHAPES_DIR, ModelLoadError, latent_shape, load_sd, native_resolution,
+                   pixel_multiple)
 from rewards import RewardLoadError, check_prompts, load_reward, parse_reward_spec
 from sampler import step_activation_bytes, steps_with_gradient
 
@@ -301,7 +302,7 @@ def load_model_and_reward(args, device):
         sd = load_sd(args.model, device, dtype)
     except ModelLoadError as e:
         die(str(e))
-    factor = vae_scale_factor(sd) * (2 if sd.flux else 1)  # FLUX packs 2x2 latents into one token
+    factor = pixel_multiple(sd)
     if args.resolution % factor:
         die(f"--resolution {args.resolution} is not divisible by {factor} (the VAE's downsampling factor"
             + (", times FLUX's 2x2 packing)" if sd.flux else ")"))
