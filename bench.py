@@ -39,11 +39,8 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-import weakref  # noqa: E402
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from flow import flow_sample  # noqa: E402
 from lora import inject_lora  # noqa: E402
@@ -51,6 +48,7 @@ from model import decode, encode_prompts, latent_shape, load_sd, native_resoluti
 from rewards import load_reward  # noqa: E402
 from runs import activations_to_keep, memory_budget  # noqa: E402
 from sampler import ddim_sample, parse_backprop  # noqa: E402
+from step_memory import TensorMemory  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, or a miniature: 'tiny', 'tiny-xl', "
@@ -95,6 +93,8 @@ p.add_argument("--json", default=None, help="also write the results to this JSON
 args = p.parse_args()
 if args.flux_blocks and (args.arch != "flux" or [n.isdigit() for n in args.flux_blocks.split(",")] != [True, True]):
     p.error(f"--flux-blocks D,S needs --arch flux and two integers, got {args.flux_blocks}")
+if args.repeats < 0 or (args.repeats == 0 and args.budget_sweep):
+    p.error(f"--repeats must be >= 0, and >= 1 with --budget-sweep (which times its points), got {args.repeats}")
 if args.keep_activations != "auto" and not args.keep_activations.isdigit():
     p.error(f"--keep-activations must be auto or an integer >= 0, got {args.keep_activations}")
 
@@ -294,31 +294,6 @@ def rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class TensorMemory(TorchDispatchMode):
-    """Bytes of the tensor storages created while active, and their peak: on a CPU, the exact analogue of CUDA's
-    allocator statistics (at a small model's scale, RSS is blurred by the C allocator's own bookkeeping)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.seen:
-                storage = t.untyped_storage()  # one Python object per live storage: finalize fires when it dies
-                self.seen.add(id(storage))
-                self.live += storage.nbytes()
-                weakref.finalize(storage, self._free, id(storage), storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-    def _free(self, key, nbytes):
-        self.seen.discard(key)
-        self.live -= nbytes
-
-
 def memory(fn, tensors=True, rss=True):
     """(peak MB of the process while fn() runs, peak MB that fn() itself allocated). On a GPU both come from CUDA's
     allocator; on a CPU the first is the resident set size sampled every millisecond, the second TensorMemory's (each
@@ -354,6 +329,7 @@ def memory(fn, tensors=True, rss=True):
 
 
 def seconds(fn, repeats, warmup):
+    """The median of `repeats` timed runs of fn after `warmup` untimed ones; NaN with repeats 0 (memory only)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -363,7 +339,7 @@ def seconds(fn, repeats, warmup):
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2] if times else float("nan")
 
 
 memory_name = "peak alloc" if device == "cuda" else "peak RSS"
@@ -455,7 +431,7 @@ else:
     for mode in modes:
         keep = 0 if mode == "sample" else keep_for(mode, T)
         s = seconds(lambda: run(mode, T, keep), args.repeats, args.warmup)
-        peak, step_peak = memory(lambda: run(mode, T, keep))
+        peak, step_peak = memory(lambda: run(mode, T, keep), rss=args.repeats > 0)  # untimed: tensor bytes only
         base = base or s
         name, _, n = mode.partition(":")
         what = {"sample": "none (no_grad)", "all": f"all {T}", "rand": f"K ~ U{{1..{T}}}", "lv": f"DRaFT-LV, N={n}",

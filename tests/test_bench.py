@@ -1,9 +1,14 @@
 """bench.py runs and prints its table, on the DDIM and the rectified-flow miniatures; memory is flat in the number of
 DDIM steps with checkpointing (measured, not timed: tensor bytes counted exactly, which needs no fresh process per
-point, unlike RSS). All run in the test process (conftest.run_here): nothing they check depends on the process's RSS."""
+point, unlike RSS). All run in the test process (conftest.run_here): nothing they check depends on the process's RSS.
+The tensor counter itself (step_memory.TensorMemory) is checked against bytes computed by hand."""
 import json
+import math
+
+import torch
 
 from conftest import run_here
+from step_memory import TensorMemory
 
 
 def bench(tmp_path, monkeypatch, *args):
@@ -43,3 +48,32 @@ def test_bench_runs_the_flow_miniatures(tmp_path, monkeypatch):
         assert [row["mode"] for row in res["rows"]] == ["sample", "all", "onestep:0.6"], model
         assert all(row["seconds"] > 0 and row["peak_mb"] > 0 for row in res["rows"]), model
         assert f"{model}: 64px, batch 1, {guidance}" in stdout and "Direct-Align, F=0.6" in stdout
+
+
+def test_tensor_memory_counts_new_storages_only():
+    # fp32, 4 bytes a number. A Linear 64 -> 32 on x (8, 64): forward makes y (8, 32) = 1024 bytes (its weight's
+    # transpose is a view, not memory); backward from a given gradient makes dW (32, 64) = 8192 and db (32,) = 128
+    lin, x, g = torch.nn.Linear(64, 32), torch.randn(8, 64), torch.randn(8, 32)
+    with TensorMemory() as mem:
+        y = lin(x)
+        assert mem.live == 8 * 32 * 4
+        y.backward(g)
+    assert mem.peak == mem.live == (8 * 32 + 32 * 64 + 32) * 4
+    with TensorMemory() as mem:  # weights are never counted: under no_grad only the output is new
+        with torch.no_grad():
+            lin(x)
+        views = x.view(64, 8).t()[2:].unsqueeze(0).transpose(1, 2)  # a chain of views: nothing new
+        x.mul_(2)  # in place: nothing new
+        assert mem.live == 0 and mem.peak == 8 * 32 * 4
+        z = views * 2  # out of place: exactly its output, (1, 64, 6)
+        assert mem.live == 64 * 6 * 4
+        del z
+        assert mem.live == 0 and mem.peak == 64 * 6 * 4  # freed, and the peak was z's
+
+
+def test_bench_measures_memory_without_timing(tmp_path, monkeypatch):
+    # --repeats 0 outside a sweep: no timed run, the tensor bytes only (it used to end in an IndexError)
+    stdout, res = bench(tmp_path, monkeypatch, "--repeats", "0", "--warmup", "0", "--sample-steps", "2", "--modes",
+                        "all", "--keep-activations", "0")
+    assert [row["mode"] for row in res["rows"]] == ["sample", "all"]
+    assert all(math.isnan(row["seconds"]) and row["step_mb"] > 0 for row in res["rows"]), res["rows"]
