@@ -8,7 +8,7 @@ import math
 import torch
 
 from conftest import run_here
-from step_memory import TensorMemory
+from step_memory import CudaAutocast, TensorMemory
 
 
 def bench(tmp_path, monkeypatch, *args):
@@ -77,3 +77,42 @@ def test_bench_measures_memory_without_timing(tmp_path, monkeypatch):
                         "all", "--keep-activations", "0")
     assert [row["mode"] for row in res["rows"]] == ["sample", "all"]
     assert all(math.isnan(row["seconds"]) and row["step_mb"] > 0 for row in res["rows"]), res["rows"]
+
+
+def test_estimate_equals_the_real_step_to_the_byte(tmp_path, monkeypatch):
+    # the same step on fake tensors (--estimate, for this CPU) and for real (--repeats 0: counted, not timed), fp32:
+    # the same tensors, so the same bytes at every moment, and the same peak in the same phase
+    common = ["--sample-steps", "2", "--modes", "all,drtune:2", "--keep-activations", "0", "--repeats", "0"]
+    _, real = bench(tmp_path, monkeypatch, *common, "--warmup", "1")  # the warm-up run makes AdamW's state
+    stdout, fake = bench(tmp_path, monkeypatch, *common, "--estimate", "--estimate-device", "cpu")
+    assert [(r["mode"], r["step_mb"], r["peak_in"]) for r in fake["rows"]] == \
+        [(r["mode"], r["step_mb"], r["peak_in"]) for r in real["rows"]]
+    assert [r["peak_in"] for r in fake["rows"]] == ["decoder forward", "decoder backward", "decoder backward"]
+    assert "an estimate for cpu" in stdout and "Not counted: the CUDA context" in stdout
+
+
+def test_cuda_autocast_policy_on_the_cpu():
+    # a GroupNorm (8 groups of 32 channels) on bf16 activations x (2, 32, 8, 8), 4096 numbers, under autocast. CUDA's
+    # runs it in fp32: x's fp32 copy and the fp32 output (16384 bytes each), mean and rstd (2, 8) in fp32 (64 each),
+    # its weight's fp32 copy, saved for backward (128), and its bias's (128), freed at once. The CPU's runs it in bf16:
+    # the output (8192) and mean and rstd in bf16 (32 each)
+    norm = torch.nn.GroupNorm(8, 32).to(torch.bfloat16)
+    x = torch.randn(2, 32, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocast(), TensorMemory() as cuda:
+        y = norm(x)
+    assert y.dtype == torch.float32
+    assert (cuda.live, cuda.peak) == (2 * 16384 + 2 * 64 + 128, 2 * 16384 + 2 * 64 + 2 * 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16), TensorMemory() as cpu:
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    assert cpu.live == cpu.peak == 8192 + 2 * 32
+
+
+def test_estimate_runs_the_flow_miniatures(tmp_path, monkeypatch):
+    # the default estimate, for a GPU in bf16, through flow.flow_sample: SD3's CFG batch and FLUX's packed tokens
+    for model in ("tiny-sd3", "tiny-flux"):
+        stdout, res = bench(tmp_path, monkeypatch, "--model", model, "--estimate", "--sample-steps", "1", "--modes",
+                            "all,onestep:0.6")
+        assert [r["mode"] for r in res["rows"]] == ["sample", "all", "onestep:0.6"], model
+        assert all(r["step_mb"] > 0 and r["total_gb"] > 0 for r in res["rows"]), model
+        assert "bf16; an estimate for cuda under CUDA's autocast policy" in stdout, stdout
