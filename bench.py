@@ -431,7 +431,7 @@ def sweep_point(steps, keep, budget=0.0, repeats=1):
 
 if args.estimate:
     T = args.sample_steps
-    modes = ["sample"] + [m for m in args.modes.split(",") if m != "sample"]
+    modes = args.modes.split(",")  # sampling only if asked: each mode costs as many calls of the model as it runs
 
     def mb(tensors):
         return sum(t.numel() * t.element_size() for t in tensors) / 2**20

@@ -139,6 +139,7 @@ CUDA_FP32 = {"acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "
              "group_norm", "cosine_similarity", "cdist", "pdist", "dist", "renorm", "logsumexp"}
 CUDA_FP32_OUTPUT = {"softmax", "log_softmax", "cumsum", "cumprod", "prod", "sum"}
 CUDA_HALF_ONLY = {"einsum", "mv", "addmv", "addr", "chain_matmul", "multi_dot"}
+CUDA_POLICY = CUDA_FP32 | CUDA_FP32_OUTPUT | CUDA_HALF_ONLY
 
 
 class CudaAutocast(TorchFunctionMode):
@@ -151,7 +152,7 @@ class CudaAutocast(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", None)
-        if torch.is_autocast_enabled("cpu") and name in CUDA_FP32 | CUDA_FP32_OUTPUT | CUDA_HALF_ONLY:
+        if name in CUDA_POLICY and torch.is_autocast_enabled("cpu"):
             if name in CUDA_FP32_OUTPUT:
                 if kwargs.get("dtype") is None and _floats(args, kwargs) - {torch.float32}:
                     kwargs = dict(kwargs, dtype=torch.float32)
