@@ -9,6 +9,7 @@
     python bench.py --steps-sweep 10,25,50              # peak memory against DDIM steps, with and without checkpointing
     python bench.py --budget-sweep 0.8,1.0 --resolution 256   # --keep-activations auto under each memory budget (GB)
     python bench.py --model path/to/diffusers/dir       # anything load_sd accepts
+    python bench.py --estimate --arch sdxl --sample-steps 2 --modes all   # will it fit a GPU? fake tensors, no GPU
 
 All modes run in this one process on the same batch, steps and guidance: `sample` is the sampler + decode under
 no_grad (DDIM for SD 1.x / 2.x / XL, sampler.ddim_sample; the Euler ODE for the rectified-flow models SD3 and FLUX,
@@ -77,7 +78,7 @@ p.add_argument("--memory-budget", type=float, default=0, help="GB for --keep-act
                "default (90%% of the free GPU memory, half the RAM on a CPU)")
 p.add_argument("--reward", default="smooth", help="smooth (a free proxy) or a reward name from rewards.py")
 p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported); --steps-sweep times "
-               "one run per point, none with 0 (and counts tensor bytes only)")
+               "one run per point; 0: none, tensor bytes only")
 p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode (and per --steps-sweep point) first")
 p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
 p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
@@ -139,18 +140,21 @@ def build_arch(arch):
     same). sd35m, flux: build_flow_arch."""
     if arch in ("sd35m", "flux"):
         return build_flow_arch(arch)
+    from diffusers import DDIMScheduler
     sd = load_sd("tiny-xl" if arch == "sdxl" else "tiny")
     with torch.device(build_device):
-        sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2 = build_unet_vae_text(arch, sd)
+        sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2 = build_unet_vae_text(arch)
+    if arch == "sd21":  # v-prediction; its tables stay real, on the CPU: the sampler reads them as numbers
+        sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config, prediction_type="v_prediction")
     for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2):
         if m is not None:
             m.requires_grad_(False).eval().to(build_device, dtype)
     return sd
 
 
-def build_unet_vae_text(arch, sd):
+def build_unet_vae_text(arch):
     """build_arch's networks, on the default device: (UNet, VAE, text encoder, SDXL's second one or None)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     text_2 = None
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -178,7 +182,6 @@ def build_unet_vae_text(arch, sd):
                                     use_linear_projection=True)
         text = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                               num_attention_heads=16, hidden_act="gelu")
-        sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config, prediction_type="v_prediction")
     return unet, vae, CLIPTextModel(text), text_2
 
 
@@ -446,7 +449,7 @@ if args.estimate:
         opt.step()
         opt.zero_grad(set_to_none=True)
     state_mb = mb(t for state in opt.state.values() for t in state.values())
-    kept = "0 (auto needs the device's free memory: give N)" if args.keep_activations == "auto" else args.keep_activations
+    kept = args.keep_activations if args.keep_activations != "auto" else "0 (auto needs the device's free memory)"
     policy_note = " under CUDA's autocast policy" if target == "cuda" and dtype != torch.float32 else ""
     print(f"{args.arch or args.model}{blocks}: {resolution}px, batch {args.batch_size}, {T} steps, "
           f"{'guidance (embedded)' if sd.flux else 'CFG'} {args.guidance}, {args.dtype}; an estimate for {target}"

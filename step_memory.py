@@ -1,10 +1,16 @@
 """What a training step holds in memory: its tensors' bytes counted exactly as they are made and freed (TensorMemory),
-on a CPU, where there is no allocator to ask.
+on a CPU, where there is no allocator to ask; and the same count with no weights and no GPU, on fake tensors
+(FakeStep), under CUDA's autocast policy for a GPU's figure (CudaAutocast): bench.py --estimate.
 
     with TensorMemory() as mem:                   # every storage alive now (weights, inputs, optimiser state) is not
         loss = step()                             # the step's; an output of an op is counted once, on its first
         loss.backward()                           # appearance, if its storage is new, and uncounted when it dies
     mem.peak                                      # bytes: the analogue of torch.cuda.max_memory_allocated() - before
+
+    fake = FakeStep()                             # the model built on the meta device (no memory), then
+    fake.fake(model)                              # its weights fake: shapes, strides, dtypes, no numbers
+    with fake, CudaAutocast(), TensorMemory() as mem:   # the step as above, under torch.autocast("cpu", bf16)
+        ...
 
 What is counted is what the ops return: a kernel's scratch space (cuDNN / cuBLAS workspaces on a GPU, oneDNN's on a
 CPU) is not, nor what an allocator rounds up or keeps cached.
@@ -23,7 +29,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 def storage_of(t):
     """A tensor's storage (one Python object per live storage, however many views share it), None if it has none
     (sparse and other non-strided layouts)."""
-    # type(), not isinstance(): the garbage collector also hands over lazy module objects that warn when asked their class
+    # type(), not isinstance(): the garbage collector also hands over lazy module objects that warn when asked their
+    # class
     return t.untyped_storage() if issubclass(type(t), torch.Tensor) and t.layout == torch.strided else None
 
 
