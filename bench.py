@@ -9,6 +9,7 @@
     python bench.py --steps-sweep 10,25,50              # peak memory against DDIM steps, with and without checkpointing
     python bench.py --budget-sweep 0.8,1.0 --resolution 256   # --keep-activations auto under each memory budget (GB)
     python bench.py --model path/to/diffusers/dir       # anything load_sd accepts
+    python bench.py --estimate --arch sdxl --sample-steps 2 --modes all   # will it fit a GPU? fake tensors, no GPU
 
 All modes run in this one process on the same batch, steps and guidance: `sample` is the sampler + decode under
 no_grad (DDIM for SD 1.x / 2.x / XL, sampler.ddim_sample; the Euler ODE for the rectified-flow models SD3 and FLUX,
@@ -39,11 +40,8 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-import weakref  # noqa: E402
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from flow import flow_sample  # noqa: E402
 from lora import inject_lora  # noqa: E402
@@ -51,6 +49,7 @@ from model import decode, encode_prompts, latent_shape, load_sd, native_resoluti
 from rewards import load_reward  # noqa: E402
 from runs import activations_to_keep, memory_budget  # noqa: E402
 from sampler import ddim_sample, parse_backprop  # noqa: E402
+from step_memory import CudaAutocast, FakeStep, TensorMemory, phase  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, or a miniature: 'tiny', 'tiny-xl', "
@@ -79,7 +78,7 @@ p.add_argument("--memory-budget", type=float, default=0, help="GB for --keep-act
                "default (90%% of the free GPU memory, half the RAM on a CPU)")
 p.add_argument("--reward", default="smooth", help="smooth (a free proxy) or a reward name from rewards.py")
 p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported); --steps-sweep times "
-               "one run per point, none with 0 (and counts tensor bytes only)")
+               "one run per point; 0: none, tensor bytes only")
 p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode (and per --steps-sweep point) first")
 p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
 p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
@@ -91,15 +90,26 @@ p.add_argument("--steps-sweep", default="", help="e.g. 10,25,50: peak memory of 
 p.add_argument("--budget-sweep", default="", help="e.g. 0.7,0.8,1.2: a full-backprop step with --keep-activations "
                "auto under each --memory-budget in GB: steps kept, seconds, peak (replaces the mode table)")
 p.add_argument("--sweep-point", default=None, help=argparse.SUPPRESS)  # "T,keep": one point, in a child
+p.add_argument("--estimate", action="store_true", help="no GPU, no weights: each mode's training step on fake "
+               "tensors (shapes and dtypes, no arithmetic; step_memory.FakeStep), its tensors counted: weights, LoRA "
+               "+ AdamW state, the step's peak and the phase it happens in. Seconds: none. --keep-activations auto "
+               "counts as 0 (auto needs the device's free memory)")
+p.add_argument("--estimate-device", default="cuda", choices=["cuda", "cpu"], help="--estimate for: cuda, under CUDA's "
+               "autocast policy (step_memory.CudaAutocast); cpu, as this CPU runs the step (what --repeats 0 counts)")
 p.add_argument("--json", default=None, help="also write the results to this JSON file")
 args = p.parse_args()
 if args.flux_blocks and (args.arch != "flux" or [n.isdigit() for n in args.flux_blocks.split(",")] != [True, True]):
     p.error(f"--flux-blocks D,S needs --arch flux and two integers, got {args.flux_blocks}")
+if args.repeats < 0 or (args.repeats == 0 and args.budget_sweep):
+    p.error(f"--repeats must be >= 0, and >= 1 with --budget-sweep (which times its points), got {args.repeats}")
+if args.estimate and (args.reward != "smooth" or args.steps_sweep or args.budget_sweep or args.compile):
+    p.error("--estimate takes the smooth reward and the mode table: no --reward, sweeps or --compile")
 if args.keep_activations != "auto" and not args.keep_activations.isdigit():
     p.error(f"--keep-activations must be auto or an integer >= 0, got {args.keep_activations}")
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
-args.dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+device = "cuda" if torch.cuda.is_available() and not args.estimate else "cpu"  # an estimate's fake tensors: "cpu"
+target = args.estimate_device if args.estimate else device  # the device the figures are for
+args.dtype = args.dtype or ("bf16" if target == "cuda" else "fp32")
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -121,15 +131,32 @@ def built_as(device, dtype):
         torch.set_default_dtype(default)
 
 
+build_device = "meta" if args.estimate else device  # meta: shapes without memory, for FakeStep.fake
+
+
 def build_arch(arch):
     """SD 1.x / 2.x / XL networks at full size with random weights; tokenizers and scheduler from the tiny models (the
     real CLIP vocabulary cannot be built offline; token ids only index the embedding, so speed and memory are the
     same). sd35m, flux: build_flow_arch."""
     if arch in ("sd35m", "flux"):
         return build_flow_arch(arch)
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import DDIMScheduler
     sd = load_sd("tiny-xl" if arch == "sdxl" else "tiny")
+    with torch.device(build_device):
+        sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2 = build_unet_vae_text(arch)
+    if arch == "sd21":  # v-prediction; its tables stay real, on the CPU: the sampler reads them as numbers
+        sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config, prediction_type="v_prediction")
+    for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2):
+        if m is not None:
+            m.requires_grad_(False).eval().to(build_device, dtype)
+    return sd
+
+
+def build_unet_vae_text(arch):
+    """build_arch's networks, on the default device: (UNet, VAE, text encoder, SDXL's second one or None)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    text_2 = None
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     if arch == "sdxl":  # SDXL base 1.0's configs: CLIP ViT-L/14 + OpenCLIP ViT-bigG/14 text, a 2.6B UNet, 1024 px
@@ -143,10 +170,9 @@ def build_arch(arch):
             projection_class_embeddings_input_dim=2816)
         text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                               num_attention_heads=12, hidden_act="quick_gelu")
-        sd.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
             hidden_act="gelu", projection_dim=1280))
-        sd.text_encoder_2.requires_grad_(False).eval().to(device, dtype)
     elif arch == "sd15":  # UNet2DConditionModel's defaults are SD 1.x's UNet; text: CLIP ViT-L/14's
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -156,11 +182,7 @@ def build_arch(arch):
                                     use_linear_projection=True)
         text = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                               num_attention_heads=16, hidden_act="gelu")
-        sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config, prediction_type="v_prediction")
-    sd.unet, sd.vae, sd.text_encoder = unet, vae, CLIPTextModel(text)
-    for m in (sd.unet, sd.vae, sd.text_encoder):
-        m.requires_grad_(False).eval().to(device, dtype)
-    return sd
+    return unet, vae, CLIPTextModel(text), text_2
 
 
 def build_flow_arch(arch):
@@ -186,7 +208,7 @@ def build_flow_arch(arch):
     def clip(cls, hidden, heads, **projection):  # one layer of the real width (its MLP 4x, as CLIP's)
         return cls(CLIPTextConfig(**dict(tiny_clip, hidden_size=hidden, num_hidden_layers=1,
                                          intermediate_size=4 * hidden, num_attention_heads=heads, **projection)))
-    with built_as(device, dtype):
+    with built_as(build_device, dtype):
         # one layer of T5 v1.1 XXL: d_model 4096, 64 heads of 64, a gated-GELU feed-forward of 10240
         sd.text_encoder_3 = T5EncoderModel(T5Config(
             vocab_size=sd.text_encoder_3.config.vocab_size, d_model=4096, d_kv=64, d_ff=10240, num_heads=64,
@@ -214,18 +236,27 @@ def build_flow_arch(arch):
     sd.unet, sd.vae = unet, vae
     for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2, sd.text_encoder_3):
         if m is not None:
-            m.requires_grad_(False).eval().to(device, dtype)
+            m.requires_grad_(False).eval().to(build_device, dtype)
     return sd
 
 
 sd = build_arch(args.arch) if args.arch else load_sd(args.model, device, dtype)
+parts = dict(unet=sd.unet, vae=sd.vae, text_encoders=[sd.text_encoder, sd.text_encoder_2, sd.text_encoder_3])
+fake = FakeStep() if args.estimate else contextlib.nullcontext()  # an estimate: every tensor fake from here on
+# an estimate for a GPU: wherever the CPU's autocast is on (the recomputations in backward too), CUDA's policy
+cuda_policy = CudaAutocast() if args.estimate and target == "cuda" else contextlib.nullcontext()
+if args.estimate:
+    for m in (sd.unet, sd.vae, *parts["text_encoders"]):
+        if m is not None:
+            fake.fake(m)
 if args.guidance is None:  # each pipeline's default: StableDiffusion3Pipeline's, FluxPipeline's, SD's
     args.guidance = 3.5 if sd.flux else 7.0 if sd.flow else 7.5
 sample_chain = flow_sample if sd.flow else ddim_sample  # the same arguments: the flow's SDE noise level for eta (0)
 model_mb = sum(t.numel() * t.element_size() for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2,
                                                       sd.text_encoder_3) if m
                for t in [*m.parameters(), *m.buffers()]) / 2**20
-params = inject_lora(sd.unet, rank=4, dtype=torch.float32)
+with fake:
+    params = inject_lora(sd.unet, rank=4, dtype=torch.float32)
 opt = torch.optim.AdamW(params, lr=1e-4)
 if args.channels_last:
     sd.unet.to(memory_format=torch.channels_last)
@@ -234,15 +265,15 @@ if args.compile:
     sd.unet = torch.compile(sd.unet)
 resolution = args.resolution or native_resolution(sd)
 autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
-scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16 and not args.estimate)  # fake: no inf checks
 reward_fn = ((lambda images, prompts: -(images[..., 1:] - images[..., :-1]).abs().mean((1, 2, 3)))  # smooth
              if args.reward == "smooth" else load_reward(args.reward, device, dtype))
 prompts = ["a photo of a cat", "a dog", "a horse", "a monkey"]
 prompts = [prompts[i % len(prompts)] for i in range(args.batch_size)]
-with torch.no_grad(), autocast:
+with torch.no_grad(), autocast, fake, cuda_policy:
     cond, uncond = encode_prompts(sd, prompts), encode_prompts(sd, [""] * len(prompts))
-noise = torch.randn(args.batch_size, *latent_shape(sd, resolution), generator=torch.Generator().manual_seed(0))
-noise = noise.to(device)
+    noise = torch.randn(args.batch_size, *latent_shape(sd, resolution), generator=torch.Generator().manual_seed(0))
+    noise = noise.to(device)
 
 # -----------------------------------------------------------------------------
 # one run of each mode, and how to measure it
@@ -252,19 +283,34 @@ rng = torch.Generator().manual_seed(1)  # random K and DRaFT-LV noise: a new dra
 
 
 def run(mode, steps, keep_activations):
+    """One run of a mode, its phases labelled for TensorMemory's peak (step_memory.phase)."""
+    phase("chain forward")
     if mode == "sample":
         with torch.no_grad(), autocast:
-            decode(sd, sample_chain(sd, cond, uncond, noise, steps, args.guidance, 0.0))
+            latents = sample_chain(sd, cond, uncond, noise, steps, args.guidance, 0.0)
+            phase("decoder forward")
+            decode(sd, latents)
         return
     backprop = backprop_of(mode, steps)
     with autocast:
-        images = decode(sd, sample_chain(sd, cond, uncond, noise, steps, args.guidance, 0.0, backprop, rng,
-                                         keep_activations))
+        latents = sample_chain(sd, cond, uncond, noise, steps, args.guidance, 0.0, backprop, rng, keep_activations)
+        latents.register_hook(lambda grad: phase("chain backward"))  # the decoder's backward is done
+        phase("decoder forward")
+        images = decode(sd, latents)
+        phase("reward")
         loss = -reward_fn(images.float(), prompts * (len(images) // len(prompts))).mean()
+    phase("decoder backward")
     scaler.scale(loss).backward()
+    phase("optimiser step")
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
+
+
+def describe(mode, steps):
+    name, _, n = mode.partition(":")
+    return {"sample": "none (no_grad)", "all": f"all {steps}", "rand": f"K ~ U{{1..{steps}}}", "lv": f"DRaFT-LV, N={n}",
+            "drtune": f"DRTune, N={n}", "onestep": f"Direct-Align, F={n}"}.get(name, f"last {mode}")
 
 
 def backprop_of(mode, steps):
@@ -294,46 +340,21 @@ def rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class TensorMemory(TorchDispatchMode):
-    """Bytes of the tensor storages created while active, and their peak: on a CPU, the exact analogue of CUDA's
-    allocator statistics (at a small model's scale, RSS is blurred by the C allocator's own bookkeeping)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.seen:
-                storage = t.untyped_storage()  # one Python object per live storage: finalize fires when it dies
-                self.seen.add(id(storage))
-                self.live += storage.nbytes()
-                weakref.finalize(storage, self._free, id(storage), storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-    def _free(self, key, nbytes):
-        self.seen.discard(key)
-        self.live -= nbytes
-
-
 def memory(fn, tensors=True, rss=True):
-    """(peak MB of the process while fn() runs, peak MB that fn() itself allocated). On a GPU both come from CUDA's
-    allocator; on a CPU the first is the resident set size sampled every millisecond, the second TensorMemory's (each
-    a run of its own: rss=False skips the first, NaN)."""
+    """(peak MB of the process while fn() runs, peak MB that fn() itself allocated, the phase of run() at the latter).
+    On a GPU both come from CUDA's allocator (no phase); on a CPU the first is the resident set size sampled every
+    millisecond, the second TensorMemory's (each a run of its own: rss=False skips the first, NaN)."""
     if device == "cuda":
         sync()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         sync()
-        return torch.cuda.max_memory_allocated() / 2**20, (torch.cuda.max_memory_allocated() - before) / 2**20
+        return torch.cuda.max_memory_allocated() / 2**20, (torch.cuda.max_memory_allocated() - before) / 2**20, None
     if not rss:
         with TensorMemory() as tensors:
             fn()
-        return float("nan"), tensors.peak / 2**20
+        return float("nan"), tensors.peak / 2**20, tensors.peak_phase
     peaks, done = [rss_mb()], threading.Event()
 
     def watch():
@@ -347,13 +368,14 @@ def memory(fn, tensors=True, rss=True):
         done.set()
         watcher.join()
     if not (args.tensor_memory and tensors):
-        return max(peaks + [rss_mb()]), float("nan")
+        return max(peaks + [rss_mb()]), float("nan"), None
     with TensorMemory() as tensors:  # a second run: the dispatch mode slows it, so RSS is sampled without it
         fn()
-    return max(peaks + [rss_mb()]), tensors.peak / 2**20
+    return max(peaks + [rss_mb()]), tensors.peak / 2**20, tensors.peak_phase
 
 
 def seconds(fn, repeats, warmup):
+    """The median of `repeats` timed runs of fn after `warmup` untimed ones; NaN with repeats 0 (memory only)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -363,7 +385,7 @@ def seconds(fn, repeats, warmup):
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2] if times else float("nan")
 
 
 memory_name = "peak alloc" if device == "cuda" else "peak RSS"
@@ -385,7 +407,7 @@ if args.sweep_point:
     for _ in range(args.warmup):  # allocator caches, lazy initialisations, optimiser state
         run("all", steps, keep)
     s = seconds(lambda: run("all", steps, keep), args.repeats, 0) if args.repeats else float("nan")  # 0: untimed
-    peak, step_peak = memory(lambda: run("all", steps, keep), rss=args.repeats > 0)  # untimed: tensor bytes only
+    peak, step_peak, _ = memory(lambda: run("all", steps, keep), rss=args.repeats > 0)  # untimed: tensor bytes only
     print(json.dumps(dict(ddim_steps=steps, checkpointed=keep == 0, kept=keep, seconds=s, peak_mb=peak,
                           step_mb=step_peak)))
     sys.exit(0)
@@ -410,7 +432,48 @@ def sweep_point(steps, keep, budget=0.0, repeats=1):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-if args.budget_sweep:
+if args.estimate:
+    T = args.sample_steps
+    modes = args.modes.split(",")  # sampling only if asked: each mode costs as many calls of the model as it runs
+
+    def mb(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    lora_mb = mb(params)
+    unet_mb = mb([*sd.unet.parameters(), *sd.unet.buffers()]) - lora_mb
+    vae_mb = mb([*sd.vae.parameters(), *sd.vae.buffers()])
+    text_mb = mb(t for m in parts["text_encoders"] if m is not None for t in [*m.parameters(), *m.buffers()])
+    fake.real_scalars = True
+    with fake:
+        for w in params:  # AdamW's state as a first step leaves it: two fp32 moments per LoRA weight
+            w.grad = torch.zeros_like(w)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    state_mb = mb(t for state in opt.state.values() for t in state.values())
+    kept = args.keep_activations if args.keep_activations != "auto" else "0 (auto needs the device's free memory)"
+    policy_note = " under CUDA's autocast policy" if target == "cuda" and dtype != torch.float32 else ""
+    print(f"{args.arch or args.model}{blocks}: {resolution}px, batch {args.batch_size}, {T} steps, "
+          f"{'guidance (embedded)' if sd.flux else 'CFG'} {args.guidance}, {args.dtype}; an estimate for {target}"
+          f"{policy_note}, on fake tensors; "
+          f"--keep-activations {kept}")
+    print(f"weights: UNet {unet_mb:.0f} MB, VAE {vae_mb:.0f} MB; the text encoders' {text_mb:.0f} MB are not counted "
+          f"below (they encode the prompts once; train.py frees them). LoRA rank 4 {lora_mb:.1f} MB, AdamW state "
+          f"{state_mb:.1f} MB")
+    print(f"{'mode':>11} {'backprop':>18} {'kept':>5} {'step MB':>9} {'peak in':>17} {'total GB':>9}")
+    for mode in modes:
+        keep = 0 if mode == "sample" or args.keep_activations == "auto" else int(args.keep_activations)
+        with fake, cuda_policy, TensorMemory() as mem:
+            run(mode, T, keep)
+        total = (unet_mb + vae_mb + lora_mb + state_mb + mem.peak / 2**20) / 2**10
+        results["rows"].append(dict(mode=mode, backprop=describe(mode, T), kept=keep, step_mb=mem.peak / 2**20,
+                                    peak_in=mem.peak_phase, total_gb=total))
+        print(f"{mode:>11} {describe(mode, T):>18} {keep:>5} {mem.peak / 2**20:>9.1f} {mem.peak_phase:>17} "
+              f"{total:>9.2f}")
+    results.update(weights_mb=dict(unet=unet_mb, vae=vae_mb, text_encoders=text_mb, lora=lora_mb, adamw=state_mb))
+    print("total: UNet + VAE + LoRA + AdamW + the step's peak, in GB (2^30 bytes). Not counted: the CUDA context, "
+          "cuDNN / cuBLAS workspaces, the allocator's rounding and cache (reserved above allocated), the text encoders "
+          "if they stay")
+
+elif args.budget_sweep:
     print(header)
     T = args.sample_steps
     base = seconds(lambda: run("sample", T, 0), args.repeats, args.warmup)
@@ -455,13 +518,11 @@ else:
     for mode in modes:
         keep = 0 if mode == "sample" else keep_for(mode, T)
         s = seconds(lambda: run(mode, T, keep), args.repeats, args.warmup)
-        peak, step_peak = memory(lambda: run(mode, T, keep))
+        peak, step_peak, peak_in = memory(lambda: run(mode, T, keep), rss=args.repeats > 0)  # untimed: tensors only
         base = base or s
-        name, _, n = mode.partition(":")
-        what = {"sample": "none (no_grad)", "all": f"all {T}", "rand": f"K ~ U{{1..{T}}}", "lv": f"DRaFT-LV, N={n}",
-                "drtune": f"DRTune, N={n}", "onestep": f"Direct-Align, F={n}"}.get(name, f"last {mode}")
+        what = describe(mode, T)
         results["rows"].append(dict(mode=mode, backprop=what, kept=keep, seconds=s, ratio=s / base, peak_mb=peak,
-                                    step_mb=step_peak))
+                                    step_mb=step_peak, peak_in=peak_in))
         print(f"{mode:>11} {what:>18} {keep:>5} {s:>8.3f} {s / base:>9.2f} {peak:>13.1f} {step_peak:>9.1f}")
 
 if args.json:

@@ -1,9 +1,14 @@
 """bench.py runs and prints its table, on the DDIM and the rectified-flow miniatures; memory is flat in the number of
 DDIM steps with checkpointing (measured, not timed: tensor bytes counted exactly, which needs no fresh process per
-point, unlike RSS). All run in the test process (conftest.run_here): nothing they check depends on the process's RSS."""
+point, unlike RSS). All run in the test process (conftest.run_here): nothing they check depends on the process's RSS.
+The tensor counter itself (step_memory.TensorMemory) is checked against bytes computed by hand."""
 import json
+import math
+
+import torch
 
 from conftest import run_here
+from step_memory import CudaAutocast, TensorMemory
 
 
 def bench(tmp_path, monkeypatch, *args):
@@ -43,3 +48,72 @@ def test_bench_runs_the_flow_miniatures(tmp_path, monkeypatch):
         assert [row["mode"] for row in res["rows"]] == ["sample", "all", "onestep:0.6"], model
         assert all(row["seconds"] > 0 and row["peak_mb"] > 0 for row in res["rows"]), model
         assert f"{model}: 64px, batch 1, {guidance}" in stdout and "Direct-Align, F=0.6" in stdout
+
+
+def test_tensor_memory_counts_new_storages_only():
+    # fp32, 4 bytes a number. A Linear 64 -> 32 on x (8, 64): forward makes y (8, 32) = 1024 bytes (its weight's
+    # transpose is a view, not memory); backward from a given gradient makes dW (32, 64) = 8192 and db (32,) = 128
+    lin, x, g = torch.nn.Linear(64, 32), torch.randn(8, 64), torch.randn(8, 32)
+    with TensorMemory() as mem:
+        y = lin(x)
+        assert mem.live == 8 * 32 * 4
+        y.backward(g)
+    assert mem.peak == mem.live == (8 * 32 + 32 * 64 + 32) * 4
+    with TensorMemory() as mem:  # weights are never counted: under no_grad only the output is new
+        with torch.no_grad():
+            lin(x)
+        views = x.view(64, 8).t()[2:].unsqueeze(0).transpose(1, 2)  # a chain of views: nothing new
+        x.mul_(2)  # in place: nothing new
+        assert mem.live == 0 and mem.peak == 8 * 32 * 4
+        z = views * 2  # out of place: exactly its output, (1, 64, 6)
+        assert mem.live == 64 * 6 * 4
+        del z
+        assert mem.live == 0 and mem.peak == 64 * 6 * 4  # freed, and the peak was z's
+
+
+def test_bench_measures_memory_without_timing(tmp_path, monkeypatch):
+    # --repeats 0 outside a sweep: no timed run, the tensor bytes only (it used to end in an IndexError)
+    stdout, res = bench(tmp_path, monkeypatch, "--repeats", "0", "--warmup", "0", "--sample-steps", "2", "--modes",
+                        "all", "--keep-activations", "0")
+    assert [row["mode"] for row in res["rows"]] == ["sample", "all"]
+    assert all(math.isnan(row["seconds"]) and row["step_mb"] > 0 for row in res["rows"]), res["rows"]
+
+
+def test_estimate_equals_the_real_step_to_the_byte(tmp_path, monkeypatch):
+    # the same step on fake tensors (--estimate, for this CPU) and for real (--repeats 0: counted, not timed), fp32:
+    # the same tensors, so the same bytes at every moment, and the same peak in the same phase
+    common = ["--sample-steps", "2", "--modes", "sample,all,drtune:2", "--keep-activations", "0", "--repeats", "0",
+              "--warmup", "0"]  # AdamW's state, made after the first step's peak, is not at its peak
+    _, real = bench(tmp_path, monkeypatch, *common)
+    stdout, fake = bench(tmp_path, monkeypatch, *common, "--estimate", "--estimate-device", "cpu")
+    assert [(r["mode"], r["step_mb"], r["peak_in"]) for r in fake["rows"]] == \
+        [(r["mode"], r["step_mb"], r["peak_in"]) for r in real["rows"]]
+    assert [r["peak_in"] for r in fake["rows"]] == ["decoder forward", "decoder backward", "decoder backward"]
+    assert "an estimate for cpu" in stdout and "Not counted: the CUDA context" in stdout
+
+
+def test_cuda_autocast_policy_on_the_cpu():
+    # a GroupNorm (8 groups of 32 channels) on bf16 activations x (2, 32, 8, 8), 4096 numbers, under autocast. CUDA's
+    # runs it in fp32: x's fp32 copy and the fp32 output (16384 bytes each), mean and rstd (2, 8) in fp32 (64 each),
+    # its weight's fp32 copy, saved for backward (128), and its bias's (128), freed at once. The CPU's runs it in bf16:
+    # the output (8192) and mean and rstd in bf16 (32 each)
+    norm = torch.nn.GroupNorm(8, 32).to(torch.bfloat16)
+    x = torch.randn(2, 32, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocast(), TensorMemory() as cuda:
+        y = norm(x)
+    assert y.dtype == torch.float32
+    assert (cuda.live, cuda.peak) == (2 * 16384 + 2 * 64 + 128, 2 * 16384 + 2 * 64 + 2 * 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16), TensorMemory() as cpu:
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    assert cpu.live == cpu.peak == 8192 + 2 * 32
+
+
+def test_estimate_runs_the_flow_miniatures(tmp_path, monkeypatch):
+    # the default estimate, for a GPU in bf16, through flow.flow_sample: SD3's CFG batch and FLUX's packed tokens
+    for model in ("tiny-sd3", "tiny-flux"):
+        stdout, res = bench(tmp_path, monkeypatch, "--model", model, "--estimate", "--sample-steps", "1", "--modes",
+                            "all,onestep:0.6")
+        assert [r["mode"] for r in res["rows"]] == ["all", "onestep:0.6"], model
+        assert all(r["step_mb"] > 0 and r["total_gb"] > 0 for r in res["rows"]), model
+        assert "bf16; an estimate for cuda under CUDA's autocast policy" in stdout, stdout
