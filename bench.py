@@ -459,15 +459,46 @@ if args.estimate:
           f"below (they encode the prompts once; train.py frees them). LoRA rank 4 {lora_mb:.1f} MB, AdamW state "
           f"{state_mb:.1f} MB")
     print(f"{'mode':>11} {'backprop':>18} {'kept':>5} {'step MB':>9} {'peak in':>17} {'total GB':>9}")
+    def counted(mode, steps, keep):
+        """Each phase's peak bytes in one step of `mode` with `steps` sampling steps, on fake tensors."""
+        with fake, cuda_policy, TensorMemory() as mem:
+            run(mode, steps, keep)
+        return mem.peaks
+
+    def takes(mode, steps):
+        try:
+            return mode == "sample" or backprop_of(mode, steps) is not None
+        except ValueError:
+            return False
+
+    def estimate(mode, steps, keep):
+        """Each phase's peak at `steps` sampling steps. A phase's peak is affine in the number of steps (each step adds
+        what its checkpoint keeps, or nothing; a step's own activations are the same at every step), so it is counted
+        at the two smallest step counts the mode takes (at least `keep`, so that as many steps keep activations) and
+        extended along that line: T = 20 costs what 1 + 2 steps cost (tests/test_bench.py checks it against real
+        steps)."""
+        first = next(t for t in range(max(keep, 1), steps + 1) if takes(mode, t))
+        if mode.isdigit() or mode.startswith("drtune:"):  # at T = K (N) every step has gradients, the first one's
+            first += 1                                    # input the initial noise: the line starts one step later
+        if steps <= first + 1:
+            return counted(mode, steps, keep)
+        a, b = counted(mode, first, keep), counted(mode, first + 1, keep)
+        if a.keys() != b.keys():  # a phase that only more steps have: no line to extend
+            return counted(mode, steps, keep)
+        return {name: a[name] + (steps - first) * (b[name] - a[name]) for name in a}
+
     for mode in modes:
         keep = 0 if mode == "sample" or args.keep_activations == "auto" else int(args.keep_activations)
-        with fake, cuda_policy, TensorMemory() as mem:
-            run(mode, T, keep)
-        total = (unet_mb + vae_mb + lora_mb + state_mb + mem.peak / 2**20) / 2**10
-        results["rows"].append(dict(mode=mode, backprop=describe(mode, T), kept=keep, step_mb=mem.peak / 2**20,
-                                    peak_in=mem.peak_phase, total_gb=total))
-        print(f"{mode:>11} {describe(mode, T):>18} {keep:>5} {mem.peak / 2**20:>9.1f} {mem.peak_phase:>17} "
-              f"{total:>9.2f}")
+        what = describe(mode, T)
+        if mode == "rand" or "," in mode:  # a random K: the worst draw, the largest K
+            what, mode = what + ", at its largest", "all" if mode == "rand" else mode.split(",")[1]
+        peaks = estimate(mode, T, keep)
+        peak_in = max(peaks, key=peaks.get)
+        peak = peaks[peak_in]
+        total = (unet_mb + vae_mb + lora_mb + state_mb + peak / 2**20) / 2**10
+        results["rows"].append(dict(mode=mode, backprop=what, kept=keep, step_mb=peak / 2**20, peak_in=peak_in,
+                                    total_gb=total, phases_mb={name: v / 2**20 for name, v in peaks.items()}))
+        print(f"{mode:>11} {what:>18} {keep:>5} {peak / 2**20:>9.1f} {peak_in:>17} {total:>9.2f}")
     results.update(weights_mb=dict(unet=unet_mb, vae=vae_mb, text_encoders=text_mb, lora=lora_mb, adamw=state_mb))
     print("total: UNet + VAE + LoRA + AdamW + the step's peak, in GB (2^30 bytes). Not counted: the CUDA context, "
           "cuDNN / cuBLAS workspaces, the allocator's rounding and cache (reserved above allocated), the text encoders "

@@ -56,6 +56,7 @@ class TensorMemory(TorchDispatchMode):
         super().__init__()
         self.live = self.peak = 0
         self.phase = self.peak_phase = None  # what the step was doing (phase()), and what it did at the peak
+        self.peaks = {}  # phase -> the most bytes live during it
         self.counted = set()  # id() of the storages counted and still alive
         self.before = {}  # id() -> weak reference, of the storages alive when counting began
 
@@ -84,8 +85,10 @@ class TensorMemory(TorchDispatchMode):
             self.counted.add(id(s))
             self.live += s.nbytes()
             weakref.finalize(s, self._free, id(s), s.nbytes())  # fires when the storage dies
-        if self.live > self.peak:
-            self.peak, self.peak_phase = self.live, self.phase
+        if self.live > self.peaks.get(self.phase, -1):
+            self.peaks[self.phase] = self.live
+            if self.live > self.peak:
+                self.peak, self.peak_phase = self.live, self.phase
         return out
 
     def _existed(self, s):
