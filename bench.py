@@ -350,11 +350,11 @@ def memory(fn, tensors=True, rss=True):
         torch.cuda.reset_peak_memory_stats()
         fn()
         sync()
-        return torch.cuda.max_memory_allocated() / 2**20, (torch.cuda.max_memory_allocated() - before) / 2**20, None
+        return torch.cuda.max_memory_allocated() / 2**20, (torch.cuda.max_memory_allocated() - before) / 2**20, None, {}
     if not rss:
         with TensorMemory() as tensors:
             fn()
-        return float("nan"), tensors.peak / 2**20, tensors.peak_phase
+        return float("nan"), tensors.peak / 2**20, tensors.peak_phase, mb_by_phase(tensors.peaks)
     peaks, done = [rss_mb()], threading.Event()
 
     def watch():
@@ -368,10 +368,14 @@ def memory(fn, tensors=True, rss=True):
         done.set()
         watcher.join()
     if not (args.tensor_memory and tensors):
-        return max(peaks + [rss_mb()]), float("nan"), None
+        return max(peaks + [rss_mb()]), float("nan"), None, {}
     with TensorMemory() as tensors:  # a second run: the dispatch mode slows it, so RSS is sampled without it
         fn()
-    return max(peaks + [rss_mb()]), tensors.peak / 2**20, tensors.peak_phase
+    return max(peaks + [rss_mb()]), tensors.peak / 2**20, tensors.peak_phase, mb_by_phase(tensors.peaks)
+
+
+def mb_by_phase(peaks):
+    return {name: v / 2**20 for name, v in peaks.items()}
 
 
 def seconds(fn, repeats, warmup):
@@ -407,7 +411,7 @@ if args.sweep_point:
     for _ in range(args.warmup):  # allocator caches, lazy initialisations, optimiser state
         run("all", steps, keep)
     s = seconds(lambda: run("all", steps, keep), args.repeats, 0) if args.repeats else float("nan")  # 0: untimed
-    peak, step_peak, _ = memory(lambda: run("all", steps, keep), rss=args.repeats > 0)  # untimed: tensor bytes only
+    peak, step_peak, _, _ = memory(lambda: run("all", steps, keep), rss=args.repeats > 0)  # untimed: tensor bytes only
     print(json.dumps(dict(ddim_steps=steps, checkpointed=keep == 0, kept=keep, seconds=s, peak_mb=peak,
                           step_mb=step_peak)))
     sys.exit(0)
@@ -475,11 +479,15 @@ if args.estimate:
         """Each phase's peak at `steps` sampling steps. A phase's peak is affine in the number of steps (each step adds
         what its checkpoint keeps, or nothing; a step's own activations are the same at every step), so it is counted
         at the two smallest step counts the mode takes (at least `keep`, so that as many steps keep activations) and
-        extended along that line: T = 20 costs what 1 + 2 steps cost (tests/test_bench.py checks it against real
-        steps)."""
+        extended along that line: T = 20 costs what 3 + 4 steps cost (tests/test_bench.py checks every phase against
+        real steps)."""
         first = next(t for t in range(max(keep, 1), steps + 1) if takes(mode, t))
-        if mode.isdigit() or mode.startswith("drtune:"):  # at T = K (N) every step has gradients, the first one's
-            first += 1                                    # input the initial noise: the line starts one step later
+        # with gradients the line starts where each kind of step the mode has is there, the last (its gradient from
+        # the decoder), the window's first and one between: a window that reaches the chain's first step (T = K,
+        # DRTune's N) gives it the initial noise, which needs no gradient. Measured on tiny: all 2 -> 3 steps adds 85
+        # KB to the chain's backward, every step after 1 KB (a latent)
+        if mode != "sample":
+            first += 2 if mode == "all" or mode.startswith("drtune:") else 1
         if steps <= first + 1:
             return counted(mode, steps, keep)
         a, b = counted(mode, first, keep), counted(mode, first + 1, keep)
@@ -497,7 +505,7 @@ if args.estimate:
         peak = peaks[peak_in]
         total = (unet_mb + vae_mb + lora_mb + state_mb + peak / 2**20) / 2**10
         results["rows"].append(dict(mode=mode, backprop=what, kept=keep, step_mb=peak / 2**20, peak_in=peak_in,
-                                    total_gb=total, phases_mb={name: v / 2**20 for name, v in peaks.items()}))
+                                    total_gb=total, phases_mb=mb_by_phase(peaks)))
         print(f"{mode:>11} {what:>18} {keep:>5} {peak / 2**20:>9.1f} {peak_in:>17} {total:>9.2f}")
     results.update(weights_mb=dict(unet=unet_mb, vae=vae_mb, text_encoders=text_mb, lora=lora_mb, adamw=state_mb))
     print("total: UNet + VAE + LoRA + AdamW + the step's peak, in GB (2^30 bytes). Not counted: the CUDA context, "
@@ -549,11 +557,11 @@ else:
     for mode in modes:
         keep = 0 if mode == "sample" else keep_for(mode, T)
         s = seconds(lambda: run(mode, T, keep), args.repeats, args.warmup)
-        peak, step_peak, peak_in = memory(lambda: run(mode, T, keep), rss=args.repeats > 0)  # untimed: tensors only
+        peak, step_peak, peak_in, phases = memory(lambda: run(mode, T, keep), rss=args.repeats > 0)  # untimed: tensors
         base = base or s
         what = describe(mode, T)
         results["rows"].append(dict(mode=mode, backprop=what, kept=keep, seconds=s, ratio=s / base, peak_mb=peak,
-                                    step_mb=step_peak, peak_in=peak_in))
+                                    step_mb=step_peak, peak_in=peak_in, phases_mb=phases))
         print(f"{mode:>11} {what:>18} {keep:>5} {s:>8.3f} {s / base:>9.2f} {peak:>13.1f} {step_peak:>9.1f}")
 
 if args.json:
