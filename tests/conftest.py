@@ -9,6 +9,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, one thread each (two threads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # per process on two cores runs up to 10x slower); subprocesses too
+    import torch
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from model import load_sd  # noqa: E402
 
