@@ -72,6 +72,8 @@ p.add_argument("--guidance", type=float, default=None, help="CFG scale (one batc
 p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
 p.add_argument("--modes", default="sample,all,1,rand,lv:2,drtune:2,onestep:0.6", help="comma list: sample, all, "
                "K, rand (K ~ U{1..T}), lv:N, drtune:N, onestep:F (one call with grad on the sample re-noised to F)")
+p.add_argument("--cfg-in-turn", action="store_true", help="a recomputed step's backward takes CFG's two halves one "
+               "after the other (sampler.halves_in_turn): less memory, one more batched call per step")
 p.add_argument("--keep-activations", default="auto", help="the last n grad steps keep their activations (faster, "
                "more memory); auto = as many as fit --memory-budget (as train.py); 0 = recompute every step")
 p.add_argument("--memory-budget", type=float, default=0, help="GB for --keep-activations auto; 0 = train.py's "
@@ -293,7 +295,8 @@ def run(mode, steps, keep_activations):
         return
     backprop = backprop_of(mode, steps)
     with autocast:
-        latents = sample_chain(sd, cond, uncond, noise, steps, args.guidance, 0.0, backprop, rng, keep_activations)
+        latents = sample_chain(sd, cond, uncond, noise, steps, args.guidance, 0.0, backprop, rng, keep_activations,
+                               args.cfg_in_turn)
         latents.register_hook(lambda grad: phase("chain backward"))  # the decoder's backward is done
         phase("decoder forward")
         images = decode(sd, latents)

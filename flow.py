@@ -22,12 +22,12 @@ import functools
 
 import torch
 
-from sampler import (backprop_window, checkpoint, drtune_steps, guidance_context, is_mode, noise_like, onestep_level,
-                     saved_bytes, step_logprob)
+from sampler import (backprop_window, checkpoint, drtune_steps, guidance_context, halves_in_turn, is_mode, noise_like,
+                     onestep_level, saved_bytes, step_logprob)
 
 
 def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0.0, backprop="all", generator=None,
-                keep_activations=0):
+                keep_activations=0, cfg_in_turn=False):
     """Run the rectified-flow sampler from noise `latents` (B, 16, h, w) with the conditioning `cond`, `uncond`
     (B, L + 1, D) from encode_prompts (the last row: the pooled CLIP vector). SD3's sampler, written out: under
     `torch.no_grad()` it matches diffusers' StableDiffusion3Pipeline (FlowMatchEulerDiscreteScheduler) to fp32
@@ -55,6 +55,7 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0
     ("onestep", F), Direct-Align / SRPO (Shen et al. 2025): the whole chain under no_grad, the finished sample x0
     re-noised with known noise z to s = F, x_s = (1 - s) x0 + s z, and one transformer call with gradients: the result
     is its clean prediction x_s - s v, one backward per sample, reaching the noisy early times where layout is made.
+    cfg_in_turn: as ddim_sample's (SD3's CFG halves backpropagated one after the other; FLUX has one call, no halves).
     """
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
@@ -69,8 +70,14 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0
         c_x, c_v, std = coefs[i]
         return c_x * x + c_v * v + std * z if noise_level > 0 else x + c_v * v  # ODE: c_x = 1, c_v = s' - s
 
-    def step(x, i, z, context):  # one step s_i -> s_{i+1}: the transformer, then the update
-        return update(x, flow_output(sd, x, ts[i], context, guidance), i, z)
+    def transformer(x, t, context, in_turn=False):  # the guided velocity; in_turn: CFG's halves' backward one by one
+        if in_turn and guidance > 1.0 and not _is_flux(sd) and torch.is_grad_enabled():
+            return halves_in_turn(lambda x, context, g: flow_output(sd, x, t, context, g), x, context, guidance,
+                                  trainable)
+        return flow_output(sd, x, t, context, guidance)
+
+    def step(x, i, z, context, in_turn=False):  # one step s_i -> s_{i+1}: the transformer, then the update
+        return update(x, transformer(x, ts[i], context, in_turn), i, z)
 
     def noise(like):  # drawn in step order, once: a recomputed step reuses its own
         return noise_like(like, generator) if noise_level > 0 else None
@@ -82,14 +89,14 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0
         kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
         for i, t in enumerate(ts):
             z = noise(x)
-            transformer = functools.partial(flow_output, sd, t=t, context=context, guidance=guidance)
             if i in kept:
-                v = transformer(x.detach())
-            elif i in trained:
-                v = checkpoint([transformer], x.detach(), trainable)  # sg(x_s): gradient to the LoRA weights only
+                v = transformer(x.detach(), t, context)
+            elif i in trained:  # sg(x_s): gradient to the LoRA weights only
+                v = checkpoint([functools.partial(transformer, t=t, context=context, in_turn=cfg_in_turn)], x.detach(),
+                               trainable)
             else:
                 with torch.no_grad():
-                    v = transformer(x)  # a constant: the chain's gradient passes this step by c_x alone
+                    v = transformer(x, t, context)  # a constant: the chain's gradient passes this step by c_x alone
             x = update(x, v, i, z)  # x itself, not detached: the gradient's path to the earlier steps
         return x
     with torch.no_grad():  # the steps before the truncation window build no graph at all
@@ -106,10 +113,10 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0
         s = onestep_level(backprop, generator)
         x = (1 - s) * x + s * noise_like(x, generator)  # x_s, the noise z known (drawn here)
         t = torch.tensor(1000 * s, dtype=torch.float32)  # the transformer's clock, as the scheduler's timesteps
-        window = [lambda x: x - s * flow_output(sd, x, t, context, guidance)]
+        window = [lambda x, in_turn=False: x - s * transformer(x, t, context, in_turn)]
     recompute = len(window) - min(keep_activations, len(window))
     if recompute:  # checkpointed: only the latents entering each step are kept for backward
-        x = checkpoint(window[:recompute], x, trainable)
+        x = checkpoint([functools.partial(fn, in_turn=cfg_in_turn) for fn in window[:recompute]], x, trainable)
     for fn in window[recompute:]:  # plain autograd: activations kept, no recomputation
         x = fn(x)
     return x

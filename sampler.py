@@ -82,6 +82,51 @@ class _Recompute(torch.autograd.Function):
 
 
 
+def halves_in_turn(call, x, context, guidance, weights=()):
+    """call(x, context, guidance), a model's classifier-free guided output out_u + guidance * (out_c - out_u) from one
+    batched call on context = [uncond; cond] (2B, L, D), whose backward takes the two halves one after the other.
+
+    The output is linear in the halves, so its gradient is (1 - guidance) * grad through out_u plus guidance * grad
+    through out_c: backward recomputes out_u = call(x, uncond, 1) with gradients, backpropagates it, frees it, then
+    out_c. It holds one half's activations (a batch of B) at a time instead of both (2B): about half of one model
+    call's, which is the peak of a checkpointed chain's backward. The cost: the batched call runs once more, without
+    gradients (forward). Gradients flow to x and to `weights` (as checkpoint's)."""
+    return _HalvesInTurn.apply(call, x, context, guidance, *weights)
+
+
+class _HalvesInTurn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call, x, context, guidance, *weights):
+        ctx.call, ctx.guidance, ctx.weights = call, guidance, weights
+        ctx.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+        ctx.save_for_backward(x, context)
+        with torch.no_grad():
+            return call(x, context, guidance)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, context = ctx.saved_tensors
+        x = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        weights = [w for w, need in zip(ctx.weights, ctx.needs_input_grad[4:]) if need]
+        total, grad_x = [None] * len(weights), None
+        half = len(context) // 2
+        for part, scale in ((context[:half], 1 - ctx.guidance), (context[half:], ctx.guidance)):
+            with torch.enable_grad(), contextlib.ExitStack() as stack:
+                for device_type, dtype in ctx.autocast:  # as the forward ran
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype))
+                out = ctx.call(x, part, 1.0)  # one half, unguided: (B, C, h, w)
+            inputs = ([x] if x.requires_grad else []) + weights
+            grads = torch.autograd.grad(out, inputs, grad * scale, allow_unused=True)
+            if x.requires_grad:
+                g, *grads = grads
+                grad_x = g if grad_x is None else grad_x + g
+            for j, g in enumerate(grads):
+                if g is not None:
+                    total[j] = g if total[j] is None else total[j].add_(g)
+        total = iter(total)
+        return None, grad_x, None, None, *(next(total) if need else None for need in ctx.needs_input_grad[4:])
+
+
 # -----------------------------------------------------------------------------
 # the DDIM sampler
 
@@ -206,7 +251,7 @@ def drtune_steps(n, steps, generator=None):
 
 
 def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, backprop="all", generator=None,
-                keep_activations=0):
+                keep_activations=0, cfg_in_turn=False):
     """Run the DDIM chain from noise `latents` (B, 4, h, w) with the conditioning `cond`, `uncond` (B, L, D) from
     encode_prompts (SDXL's carries its pooled projection as one more row: the same calls serve every model).
 
@@ -233,6 +278,8 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     (no recomputation in backward, but memory grows by one step's activations, step_activation_bytes, per step); 0 =
     flat memory. Why the last ones: every truncation window (random K, DRaFT-K) ends with them, so each kept step
     saves its recomputation in every trajectory; and backward reaches them first, so their memory is freed first.
+    cfg_in_turn: a recomputed step's backward takes CFG's two halves one after the other (halves_in_turn): about
+    half the peak of the chain's backward, for one more batched UNet call without gradients per step.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -245,8 +292,14 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
         mean, sigma = ddim_transition(sd, out, x, t, steps, eta)  # linear in x and out: the graph keeps no tensor
         return mean + sigma * z if eta > 0 else mean
 
-    def step(x, t, z, context):  # one denoising step: the UNet, then the update
-        return update(x, guided_output(sd, x, t, context, guidance), t, z)
+    def unet(x, t, context, in_turn=False):  # the guided UNet output; in_turn: CFG's halves' backward one by one
+        if in_turn and guidance > 1.0 and torch.is_grad_enabled():
+            return halves_in_turn(lambda x, context, g: guided_output(sd, x, t, context, g), x, context, guidance,
+                                  trainable)
+        return guided_output(sd, x, t, context, guidance)
+
+    def step(x, t, z, context, in_turn=False):  # one denoising step: the UNet, then the update
+        return update(x, unet(x, t, context, in_turn), t, z)
 
     def noise(like):  # drawn in step order, once: a recomputed step reuses its own
         return noise_like(like, generator) if eta > 0 else None
@@ -259,14 +312,14 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
         kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
         for i, t in enumerate(ts):
             z = noise(x)
-            unet = functools.partial(guided_output, sd, t=t, context=context, guidance=guidance)
             if i in kept:
-                out = unet(x.detach())
-            elif i in trained:
-                out = checkpoint([unet], x.detach(), trainable)  # sg(x_t): gradient to the LoRA weights only
+                out = unet(x.detach(), t, context)
+            elif i in trained:  # sg(x_t): gradient to the LoRA weights only
+                out = checkpoint([functools.partial(unet, t=t, context=context, in_turn=cfg_in_turn)], x.detach(),
+                                 trainable)
             else:
                 with torch.no_grad():
-                    out = unet(x)  # a constant: the chain's gradient passes this step by c_x alone
+                    out = unet(x, t, context)  # a constant: the chain's gradient passes this step by c_x alone
             x = update(x, out, t, z)  # x itself, not detached: the gradient's path to the earlier steps
         return x
     with torch.no_grad():  # the steps before the truncation window build no graph at all
@@ -284,11 +337,11 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
         t = torch.tensor(round(onestep_level(backprop, generator) * (sched.config.num_train_timesteps - 1)))
         a_t = float(sched.alphas_cumprod[t])
         x = a_t ** 0.5 * x + (1 - a_t) ** 0.5 * noise_like(x, generator)  # x_t, the noise z known (drawn here)
-        window = [lambda x: _eps_and_x0(sched.config.prediction_type, guided_output(sd, x, t, context, guidance), x,
-                                        a_t)[1]]
+        window = [lambda x, in_turn=False: _eps_and_x0(sched.config.prediction_type, unet(x, t, context, in_turn), x,
+                                                       a_t)[1]]
     recompute = len(window) - min(keep_activations, len(window))
     if recompute:  # checkpointed: only the latents entering each step are kept for backward
-        x = checkpoint(window[:recompute], x, trainable)
+        x = checkpoint([functools.partial(fn, in_turn=cfg_in_turn) for fn in window[:recompute]], x, trainable)
     for fn in window[recompute:]:  # plain autograd: activations kept, no recomputation
         x = fn(x)
     return x

@@ -196,3 +196,17 @@ def test_ddpo_py_on_a_flow_model_is_flow_grpo_and_resumes_exactly(tmp_path, mode
     assert cfg["eta"] == 0.7 and whole[0]["ratio_max_dev"][0] < 1e-5
     status, stderr = refused("ddpo.py", *args, "--eta", 0, "--out", tmp_path / "zero")
     assert status == 2 and "--eta must be > 0" in stderr
+
+
+@pytest.mark.parametrize("backprop", ["all", ("drtune", 2), ("onestep", 0.5)])
+def test_cfg_halves_in_turn_give_the_same_gradient(tiny_sd3, backprop):
+    """cfg_in_turn on SD3 (sampler.halves_in_turn, as test_grad checks on DDIM): the same samples, the same gradients
+    to rounding."""
+    params, x = lora(tiny_sd3), noise(tiny_sd3)
+    cond, uncond = conditioning(tiny_sd3)
+    runs = [flow_sample(tiny_sd3, cond, uncond, x, STEPS, 5.0, 0.7, backprop, torch.Generator().manual_seed(2),
+                        cfg_in_turn=in_turn) for in_turn in (False, True)]
+    assert torch.equal(*runs)
+    (a, b) = (torch.autograd.grad(latents.square().mean(), params) for latents in runs)
+    for u, v in zip(b, a):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4 * v.abs().max().item())
