@@ -74,6 +74,8 @@ p.add_argument("--backprop", default=None, help="gradient through: all steps | K
 p.add_argument("--keep-activations", default="auto", help="the last N steps with gradients keep their UNet "
                "activations instead of recomputing them in backward: faster, more memory; auto = as many as fit "
                "--memory-budget, measured on the first step; 0 = recompute all (flat memory)")
+p.add_argument("--cfg-in-turn", action="store_true", help="a recomputed step's backward takes CFG's two halves one "
+               "after the other: about half the peak of the chain's backward, for one more batched call per step")
 p.add_argument("--memory-budget", type=float, default=0, help="GB (2^30 bytes) a step may use at its peak (CUDA: "
                "allocated; CPU: the process's RSS), spent by --keep-activations auto; 0 = 90%% of the GPU memory "
                "free to this run, half the RAM on a CPU")
@@ -176,7 +178,7 @@ def checkpoint_run(done):  # after `done` optimisation steps; called on every ra
 def sample(cond, noise, generator, backprop):  # noise (B, C, h, w) -> images (B, 3, H, W) in [0, 1]
     with autocast:
         latents = sample_chain(sd, cond, uncond.expand(len(cond), -1, -1), noise.to(device), args.sample_steps,
-                               args.guidance, args.eta, backprop, generator, keep or 0)
+                               args.guidance, args.eta, backprop, generator, keep or 0, args.cfg_in_turn)
         return decode(sd, latents)
 
 
@@ -258,7 +260,8 @@ for step in pbar:
         if args.memory_budget and peak > budget:
             pbar.close()
             die(f"--memory-budget {args.memory_budget:g} GB is below what a step needs with every step recomputed "
-                f"({peak / 2**30:.2f} GB, measured on the first step): raise it, or lower --batch-size or --resolution")
+                f"({peak / 2**30:.2f} GB, measured on the first step): raise it, or lower --batch-size or --resolution"
+                + ("" if args.cfg_in_turn or args.guidance <= 1 else ", or add --cfg-in-turn"))
         with autocast:
             keep, per_step = activations_to_keep(sd, cond_all[idx], uncond.expand(len(idx), -1, -1), noise.to(device),
                                                  args.sample_steps, args.guidance, args.eta, backprop, peak, budget)

@@ -113,6 +113,18 @@ def test_a_mix_of_rewards_logs_each(tmp_path):
         assert x["reward_incompress"] == pytest.approx(-x["reward_compress"], rel=1e-6)
 
 
+def test_cfg_in_turn_changes_no_number(tmp_path):
+    # the same samples and rewards, gradients to rounding (tests/test_grad.py compares them tensor by tensor)
+    for name, extra in (("batched", []), ("in_turn", ["--cfg-in-turn"])):
+        run_here("train.py", "--out", tmp_path / name, "--steps", 2, "--eval-every", 0, *QUICK, *extra)
+    a, b = metrics(tmp_path / "batched"), metrics(tmp_path / "in_turn")
+    assert a[0]["reward_mean"] == b[0]["reward_mean"]  # the first step's samples: the same weights, the same forward
+    for x, y in zip(a, b):
+        assert x["reward_mean"] == pytest.approx(y["reward_mean"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    assert json.loads((tmp_path / "in_turn" / "config.json").read_text())["cfg_in_turn"] is True
+
+
 def test_draft_lv_run(tmp_path):
     run_here("train.py", "--out", tmp_path, "--steps", 2, "--backprop", "lv:2", *QUICK)
     assert len(metrics(tmp_path)) == 2 and all(x["grad_norm"] > 0 for x in metrics(tmp_path))
