@@ -7,10 +7,11 @@
    StableDiffusionPipeline and flow_sample against StableDiffusion3Pipeline, same weights and initial noise;
    LoRA gradients through the checkpointed chain (sampler.checkpoint: recomputed in backward) against the same chain
    keeping every activation (plain autograd), and against the CPU's. Tolerances are CUDA's rounding (TF32 off).
-2. SD 1.5 at 512 px and SDXL at 1024 px (random weights, bf16, CFG 7.5, batch 1, 20 steps, every step recomputed):
-   bench.py's mode table on the GPU, seconds per training step against sampling and torch.cuda.max_memory_allocated
-   above the weights, beside what bench.py --estimate counted for the same step on a CPU (docs/estimates/*.json, made by
-   the commands in docs/speed-and-memory.md): the estimate leaves out kernel workspaces and the allocator's rounding.
+2. SD 1.5 at 512 px and SDXL at 1024 px (random weights, bf16, CFG 7.5, batch 1, every step recomputed): bench.py's
+   mode table on the GPU at 20 steps, seconds per training step against sampling and torch.cuda.max_memory_allocated
+   above the weights; then full backprop with --cfg-in-turn at 2 steps, its measured peak beside what bench.py
+   --estimate counted for the same step on a CPU (docs/estimates/*.json, made by the commands in
+   docs/speed-and-memory.md): the estimate leaves out kernel workspaces and the allocator's rounding.
 
 Nothing in tests/ depends on this script; the README's GPU figures come from its output, with the device's name.
 """
@@ -24,7 +25,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-BENCH = {"sd15": ("512", "sd15-512.json"), "sdxl": ("1024", "sdxl-1024.json")}
+BENCH = {"sd15": ("512", "sd15-512-in-turn.json"), "sdxl": ("1024", "sdxl-1024-in-turn.json")}
 MODES = "all,1,drtune:2"  # full backprop, K = 1, DRTune: the README's estimate table
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,35 +115,41 @@ for model in ("tiny", "tiny-sd3"):
 # -----------------------------------------------------------------------------
 # 2. the real architectures: measured beside the estimate
 
+def bench(arch, resolution, *flags):
+    """bench.py's mode table on this GPU: its rows (seconds per step, ratio to sampling, step_mb: max_memory_allocated
+    above what was allocated before the step), or the error's last lines."""
+    out = os.path.join(ROOT, f".gpu_check_{arch}.json")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--arch", arch, "--resolution", resolution,
+                           "--dtype", "bf16", "--keep-activations", "0", "--warmup", "1", "--json", out, *flags],
+                          cwd=ROOT, capture_output=True, text=True)
+    print(proc.stdout, proc.stderr[-2000:] if proc.returncode else "", flush=True)
+    if proc.returncode:
+        return dict(error=proc.stderr[-2000:])
+    with open(out) as f:
+        rows = json.load(f)["rows"]
+    os.remove(out)
+    return rows
+
+
 if not args.skip_bench:
     for arch, (resolution, estimate_file) in BENCH.items():
-        out = os.path.join(ROOT, f".gpu_check_{arch}.json")
         start = time.time()
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--arch", arch, "--resolution",
-                               resolution, "--dtype", "bf16", "--sample-steps", "20", "--modes", MODES,
-                               "--keep-activations", "0", "--repeats", "2", "--warmup", "1", "--json", out],
-                              cwd=ROOT, capture_output=True, text=True)
-        print(proc.stdout, proc.stderr[-2000:] if proc.returncode else "", flush=True)
-        if proc.returncode:
-            results["bench"][arch] = dict(error=proc.stderr[-2000:])
-            continue
-        with open(out) as f:
-            measured = json.load(f)
-        os.remove(out)
+        # 20 steps, CFG batched: seconds against sampling, the measured peak
+        batched = bench(arch, resolution, "--sample-steps", "20", "--modes", MODES, "--repeats", "2")
+        # 2 steps, CFG's halves in turn: the measured peak beside the estimate of the same step
+        in_turn = bench(arch, resolution, "--sample-steps", "2", "--modes", "all", "--cfg-in-turn", "--repeats", "1")
+        results["bench"][arch] = dict(resolution=int(resolution), batched=batched, in_turn=in_turn)
         estimate_path = os.path.join(ROOT, "docs", "estimates", estimate_file)
-        estimated = {}
-        if os.path.isfile(estimate_path):
+        if isinstance(in_turn, list) and os.path.isfile(estimate_path):
             with open(estimate_path) as f:
-                estimated = {row["mode"]: row for row in json.load(f)["rows"]}
-        rows = []
-        print(f"{arch} at {resolution} px on {results['device']} ({time.time() - start:.0f} s):")
-        print(f"{'mode':>10} {'s/step':>8} {'x sample':>9} {'measured MB':>12} {'estimate MB':>12} {'ratio':>6}")
-        for row in measured["rows"]:
-            est_mb = estimated[row["mode"]]["step_mb"] if row["mode"] in estimated else float("nan")
-            rows.append(dict(row, estimate_mb=est_mb))
-            print(f"{row['mode']:>10} {row['seconds']:>8.3f} {row['ratio']:>9.2f} {row['step_mb']:>12.1f} "
-                  f"{est_mb:>12.1f} {row['step_mb'] / est_mb:>6.2f}")
-        results["bench"][arch] = dict(resolution=int(resolution), model_mb=measured["config"]["model_mb"], rows=rows)
+                estimate = {row["mode"]: row for row in json.load(f)["rows"]}
+            for row in in_turn:
+                if row["mode"] in estimate:
+                    row["estimate_mb"] = estimate[row["mode"]]["step_mb"]
+                    print(f"{arch} {resolution} px, --cfg-in-turn, 2 steps, {row['mode']}: measured {row['step_mb']:.1f} "
+                          f"MB, estimated {row['estimate_mb']:.1f} MB ({row['step_mb'] / row['estimate_mb']:.2f}x); "
+                          f"{row['seconds']:.3f} s/step", flush=True)
+        print(f"{arch}: {time.time() - start:.0f} s", flush=True)
 
 with open(args.json, "w") as f:
     json.dump(results, f, indent=2)

@@ -465,8 +465,10 @@ def decode(sd, latents):
     """Latents (B, 4, h, w) (SD3: (B, 16, h, w), scaled and shifted back) -> images (B, 3, H, W) in [0, 1]. With grad
     enabled the VAE decoder is checkpointed stage by stage (its mid block, each ResNet block and upsampler of its up
     blocks, the output head), so backward holds one stage's activations at a time: at full resolution the decoder's are
-    the largest in the whole model (SD 1.5's architecture, 256 px: a step's peak 1914 MB with whole up blocks as stages,
-    1735 MB with their ResNet blocks)."""
+    the largest in the whole model (SD 1.5's architecture, 256 px, fp32: a step's peak 877 MB with whole up blocks as
+    stages, 698 MB with their ResNet blocks). Each stage is an autograd node of its own, so its saved input is freed as
+    soon as its backward is done (SD 1.5, 512 px, bf16 on a GPU, by bench.py --estimate: the decoder's backward 1398
+    -> 1203 MB)."""
     z = latents / sd.vae.config.scaling_factor
     if getattr(sd.vae.config, "shift_factor", None):
         z = z + sd.vae.config.shift_factor
