@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from grid import image_grid
 from flow import flow_context, flow_output, flow_rollout, flow_sample, flow_transition
-from lora import TARGET_SETS
+from lora import INITS, TARGET_SETS
 from model import DEFAULT_MODEL, decode, encode_prompts, free_text_encoders, native_resolution
 from rewards import REWARDS
 from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_batch_fits, check_numbers, check_out, die,
@@ -117,6 +117,8 @@ p.add_argument("--group-size", type=int, default=1, help="images per prompt in a
 p.add_argument("--stat-buffer", type=int, default=16, help="running advantages: rewards kept per prompt, and "
                "needed before its own statistics are used (DDPO: 16)")
 p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (alpha = rank; DDPO: 4)")
+p.add_argument("--lora-init", default="kaiming", choices=INITS, help="the LoRA down matrices' init: kaiming "
+               "(nn.Linear's, as train.py) or gaussian (N(0, 1/rank^2): PEFT's, TRL's and DDPO's)")
 p.add_argument("--lora-targets", default="attn", help=f"layers that get adapters: {', '.join(TARGET_SETS)} "
                "(the attention projections, DDPO's; the ResNet blocks' convolutions) or module names, joined with '+'")
 p.add_argument("--sample-steps", "--ddim-steps", type=int, default=20, help="denoising steps per sample (DDPO: 50; "
@@ -176,7 +178,7 @@ per_image = (args.sample_steps + 1) * 4 * torch.Size(shape).numel() + 4 * 3 * re
 check_batch_fits(f"--samples-per-step {args.samples_per_step}", args.samples_per_step // world * per_image,
                  device_type, "lower --samples-per-step")
 torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
-params = inject_adapters(sd.unet, args.lora_rank, targets)  # the only trainable weights, kept in fp32
+params = inject_adapters(sd.unet, args.lora_rank, targets, args.lora_init)  # the only trainable weights, in fp32
 opt = torch.optim.AdamW(params, lr=args.lr)
 autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)

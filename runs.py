@@ -339,11 +339,11 @@ def lora_targets(text):
         die(f"--lora-targets {e}")
 
 
-def inject_adapters(unet, rank, targets):
+def inject_adapters(unet, rank, targets, init="kaiming"):
     """inject_lora with the LoRA weights in fp32 (whatever the frozen model's dtype); a target that names no layer of
     this model: one line, exit 2. Returns the trainable parameters."""
     try:
-        return inject_lora(unet, rank=rank, targets=targets, dtype=torch.float32)
+        return inject_lora(unet, rank=rank, targets=targets, dtype=torch.float32, init=init)
     except ValueError as e:
         die(f"--lora-targets {e}")
 
