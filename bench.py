@@ -466,6 +466,7 @@ if args.estimate:
           f"below (they encode the prompts once; train.py frees them). LoRA rank 4 {lora_mb:.1f} MB, AdamW state "
           f"{state_mb:.1f} MB")
     print(f"{'mode':>11} {'backprop':>18} {'kept':>5} {'step MB':>9} {'peak in':>17} {'total GB':>9}")
+
     def counted(mode, steps, keep):
         """Each phase's peak bytes in one step of `mode` with `steps` sampling steps, on fake tensors."""
         with fake, cuda_policy, TensorMemory() as mem:

@@ -115,6 +115,7 @@ for model in ("tiny", "tiny-sd3"):
 # -----------------------------------------------------------------------------
 # 2. the real architectures: measured beside the estimate
 
+
 def bench(arch, resolution, *flags):
     """bench.py's mode table on this GPU: its rows (seconds per step, ratio to sampling, step_mb: max_memory_allocated
     above what was allocated before the step), or the error's last lines."""
@@ -146,8 +147,8 @@ if not args.skip_bench:
             for row in in_turn:
                 if row["mode"] in estimate:
                     row["estimate_mb"] = estimate[row["mode"]]["step_mb"]
-                    print(f"{arch} {resolution} px, --cfg-in-turn, 2 steps, {row['mode']}: measured {row['step_mb']:.1f} "
-                          f"MB, estimated {row['estimate_mb']:.1f} MB ({row['step_mb'] / row['estimate_mb']:.2f}x); "
+                    print(f"{arch} {resolution} px, --cfg-in-turn, 2 steps, {row['mode']}: measured "
+                          f"{row['step_mb']:.1f} MB, estimated {row['estimate_mb']:.1f} MB ({row['step_mb'] / row['estimate_mb']:.2f}x); "
                           f"{row['seconds']:.3f} s/step", flush=True)
         print(f"{arch}: {time.time() - start:.0f} s", flush=True)
 

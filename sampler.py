@@ -81,7 +81,6 @@ class _Recompute(torch.autograd.Function):
         return None, grad, *(next(total) if need else None for need in ctx.needs_input_grad[2:])
 
 
-
 def halves_in_turn(call, x, context, guidance, weights=()):
     """call(x, context, guidance), a model's classifier-free guided output out_u + guidance * (out_c - out_u) from one
     batched call on context = [uncond; cond] (2B, L, D), whose backward takes the two halves one after the other.
