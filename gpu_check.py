@@ -147,8 +147,9 @@ if not args.skip_bench:
             for row in in_turn:
                 if row["mode"] in estimate:
                     row["estimate_mb"] = estimate[row["mode"]]["step_mb"]
+                    ratio = row["step_mb"] / row["estimate_mb"]
                     print(f"{arch} {resolution} px, --cfg-in-turn, 2 steps, {row['mode']}: measured "
-                          f"{row['step_mb']:.1f} MB, estimated {row['estimate_mb']:.1f} MB ({row['step_mb'] / row['estimate_mb']:.2f}x); "
+                          f"{row['step_mb']:.1f} MB, estimated {row['estimate_mb']:.1f} MB ({ratio:.2f}x); "
                           f"{row['seconds']:.3f} s/step", flush=True)
         print(f"{arch}: {time.time() - start:.0f} s", flush=True)
 

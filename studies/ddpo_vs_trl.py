@@ -2,8 +2,8 @@
 seeds, the same settings, judged alike: the held-out real JPEG size of 64 samples in a stock diffusers pipeline
 (../shared/peers/trl/jpeg_eval.py, the harness's own judge; our LoRA loaded with load_lora_weights).
 
-    python studies/ddpo_vs_trl.py --trl-python /tmp/trl/bin/python    # runs what is missing, one line per run (one
-                                                                        # driver at a time: TRL's harness takes 2 threads)
+    python studies/ddpo_vs_trl.py --trl-python /tmp/trl/bin/python    # runs what is missing, one line per run
+                                                                        # (one at a time: TRL's harness takes 2 threads)
     python studies/ddpo_vs_trl.py --report                              # the table, from the results file
 
 Settings (the issue's): 20 DDIM steps, eta 1, CFG 7.5, rounds of 32 images, 8 images per optimisation step, lr 3e-3,
