@@ -31,7 +31,6 @@ Under torchrun each process samples and trains on its share of every round; grad
 """
 import argparse
 import os
-import resource
 import sys
 import time
 
@@ -45,8 +44,8 @@ from model import DEFAULT_MODEL, decode, encode_prompts, free_text_encoders, nat
 from rewards import REWARDS
 from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_batch_fits, check_numbers, check_out, die,
                   gather, info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
-                  machine_defaults, plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts,
-                  sampling_defaults, save_checkpoint, start_processes, write_config)
+                  machine_defaults, peak_memory, plot_rewards, read_metrics, refuse_overwrite, reset_peak_memory,
+                  resume_args, run_prompts, sampling_defaults, save_checkpoint, start_processes, write_config)
 from sampler import ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output, step_logprob
 
 # -----------------------------------------------------------------------------
@@ -254,8 +253,7 @@ pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=f"ddpo
             disable=not master)
 for step in pbar:
     t0 = time.time()
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device_type)  # peak_mem_mb: this round's own
 
     # 1. sample: the round's prompts (groups of --group-size) and noise, drawn globally; this rank keeps its rows
     idx = torch.randint(len(prompts), (args.samples_per_step // args.group_size,), generator=rng)
@@ -318,8 +316,7 @@ for step in pbar:
         ratio_dev.append(epoch_dev)
         losses.append(gather(torch.tensor(epoch_losses, device=device)).mean().item())  # over every rank's
 
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = peak_memory(device_type) / 2**20
     log = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                loss=sum(losses) / len(losses), loss_per_epoch=losses, ratio_max_dev=ratio_dev,
                clip_fraction=sum(clipped) / len(clipped), grad_norm=sum(norms) / len(norms),

@@ -496,9 +496,23 @@ def parse_keep(text):
     return int(text)
 
 
+def reset_peak_memory(device_type):
+    """Start peak_memory's count afresh (each training step does): on CUDA the allocator's peak; on Linux, writing 5
+    to /proc/self/clear_refs sets the process's peak resident set size (VmHWM, and ru_maxrss with it) to what it
+    holds now. Where that file is missing or not writable, a CPU's peak counts from the process's start."""
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory(device_type):
-    """The bytes --memory-budget counts: on CUDA the allocator's peak since torch.cuda.reset_peak_memory_stats(), on
-    a CPU the process's peak resident set size since it started (Linux reports ru_maxrss in KiB)."""
+    """The bytes --memory-budget counts: on CUDA the allocator's peak, on a CPU the process's peak resident set size
+    (Linux reports ru_maxrss in KiB), each since reset_peak_memory."""
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -35,8 +35,8 @@ from rewards import REWARDS, without_gradient
 from runs import (DTYPES, StopOnSignal, activations_to_keep, agree, average_gradients, check_batch_fits, check_numbers,
                   check_out, die, gather, info, inject_adapters, is_out_of_memory, load_checkpoint,
                   load_model_and_reward, log_metrics, lora_targets, machine_defaults, memory_budget, parse_keep,
-                  peak_memory, plot_rewards, read_metrics, refuse_overwrite, resume_args, run_prompts, sampling_defaults,
-                  save_checkpoint, start_processes, start_snapshot, undo_start, write_config)
+                  peak_memory, plot_rewards, read_metrics, refuse_overwrite, reset_peak_memory, resume_args, run_prompts,
+                  sampling_defaults, save_checkpoint, start_processes, start_snapshot, undo_start, write_config)
 from sampler import ddim_sample, parse_backprop, steps_with_gradient
 
 # -----------------------------------------------------------------------------
@@ -75,9 +75,10 @@ p.add_argument("--keep-activations", default="auto", help="the last N steps with
                "activations instead of recomputing them in backward: faster, more memory; auto = as many as fit "
                "--memory-budget, measured on the first step; 0 = recompute all (flat memory)")
 p.add_argument("--cfg-in-turn", action="store_true", help="a recomputed step's backward takes CFG's two halves one "
-               "after the other: about half the peak of the chain's backward, for one more batched call per step")
+               "after the other: about half the peak of the chain's backward, for one more batched call per step "
+               "(turned on by itself when a step recomputing every step is over --memory-budget)")
 p.add_argument("--memory-budget", type=float, default=0, help="GB (2^30 bytes) a step may use at its peak (CUDA: "
-               "allocated; CPU: the process's RSS), spent by --keep-activations auto; 0 = 90%% of the GPU memory "
+               "allocated; CPU: the process's RSS, each step's own), spent by --keep-activations auto; 0 = 90%% of the GPU memory "
                "free to this run, half the RAM on a CPU")
 p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
 p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision of the frozen model and "
@@ -219,8 +220,7 @@ pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=args.r
             disable=not master)
 for step in pbar:
     t0 = time.time()
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device_type)  # the budget's measure, this step's alone
     rewards, components = [], {}
     try:
         for micro in range(args.grad_accum):
@@ -249,7 +249,7 @@ for step in pbar:
     scaler.update()  # fp16: a non-finite step also lowers the loss scale
     opt.zero_grad(set_to_none=True)
     skipped, skipped_in_a_row = skipped + (not finite), 0 if finite else skipped_in_a_row + 1
-    peak = peak_memory(device_type)  # CUDA: allocated, this step; CPU: RSS, this process so far
+    peak = peak_memory(device_type)  # this step's: CUDA allocated, CPU resident
     spread = rewards.std().item() if len(rewards) > 1 else float("nan")  # one image has none (logged as null)
     log = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=spread, loss=-rewards.mean().item(),
                grad_norm=grad_norm.item(), seconds=time.time() - t0, peak_mem_mb=peak / 2**20, kept_steps=keep or 0,
@@ -257,19 +257,29 @@ for step in pbar:
     if keep is None:  # --keep-activations auto: this step recomputed every step, at the least memory a step needs;
         # the budget's rest buys kept steps, each costing one step's activations, measured on this micro-batch
         budget = memory_budget(args.memory_budget, device_type)
-        if args.memory_budget and peak > budget:
+        over = args.memory_budget and peak > budget
+        if over and not args.cfg_in_turn and args.guidance > 1 and not sd.flux:  # the next lever, then measure again
+            args.cfg_in_turn = config["cfg_in_turn"] = True
+            write_config(args.out, config)
+            info(f"--memory-budget {args.memory_budget:g} GB: a step recomputing every step peaked at "
+                 f"{peak / 2**30:.2f} GB; from the next step on CFG's halves backpropagate in turn (--cfg-in-turn: "
+                 "the same gradients, one more UNet call per step), then kept steps are chosen")
+        elif over:
             pbar.close()
             die(f"--memory-budget {args.memory_budget:g} GB is below what a step needs with every step recomputed "
-                f"({peak / 2**30:.2f} GB, measured on the first step): raise it, or lower --batch-size or --resolution"
-                + ("" if args.cfg_in_turn or args.guidance <= 1 else ", or add --cfg-in-turn"))
-        with autocast:
-            keep, per_step = activations_to_keep(sd, cond_all[idx], uncond.expand(len(idx), -1, -1), noise.to(device),
-                                                 args.sample_steps, args.guidance, args.eta, backprop, peak, budget)
-        most = steps_with_gradient(backprop, args.sample_steps)
-        info(f"--keep-activations auto: {keep} of {most} steps keep their activations ({per_step / 2**20:.1f} MB "
-             f"each); recomputing all, a step peaked at {peak / 2**30:.2f} GB, budget {budget / 2**30:.2f} GB")
-        write_config(args.out, dict(config, kept_steps=keep, activation_mb_per_step=per_step / 2**20,
-                                    peak_gb_recomputing_all=peak / 2**30, memory_budget_gb=budget / 2**30))
+                + ("and CFG's halves in turn " if args.cfg_in_turn else "")
+                + f"({peak / 2**30:.2f} GB, measured on step {step + 1}): raise it, or lower --batch-size or "
+                "--resolution")
+        else:
+            with autocast:
+                keep, per_step = activations_to_keep(sd, cond_all[idx], uncond.expand(len(idx), -1, -1),
+                                                     noise.to(device), args.sample_steps, args.guidance, args.eta,
+                                                     backprop, peak, budget)
+            most = steps_with_gradient(backprop, args.sample_steps)
+            info(f"--keep-activations auto: {keep} of {most} steps keep their activations ({per_step / 2**20:.1f} "
+                 f"MB each); recomputing all, a step peaked at {peak / 2**30:.2f} GB, budget {budget / 2**30:.2f} GB")
+            write_config(args.out, dict(config, kept_steps=keep, activation_mb_per_step=per_step / 2**20,
+                                        peak_gb_recomputing_all=peak / 2**30, memory_budget_gb=budget / 2**30))
     if len(components) > 1:
         log.update({f"reward_{name}": gather(torch.cat(v)).mean().item() for name, v in components.items()})
     done = step + 1

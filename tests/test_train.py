@@ -127,7 +127,7 @@ def test_cfg_in_turn_changes_no_number(tmp_path):
 
 def test_draft_lv_run(tmp_path):
     run_here("train.py", "--out", tmp_path, "--steps", 2, "--backprop", "lv:2", *QUICK)
-    assert len(metrics(tmp_path)) == 2 and all(x["grad_norm"] > 0 for x in metrics(tmp_path))
+    assert len(metrics(tmp_path)) == 1  # step 1, logged; step 2 stopped the run before its line and all(x["grad_norm"] > 0 for x in metrics(tmp_path))
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
@@ -437,10 +437,30 @@ def test_a_memory_budget_is_kept_and_changes_no_number(tmp_path):
 
 
 def test_a_budget_below_what_a_step_needs_is_one_line(tmp_path):
+    """Over the budget on the first step, the run turns --cfg-in-turn on and measures again; over it still, it stops
+    in one line (the tiny model's peak is its VAE decoder's backward, which CFG's halves do not touch)."""
     proc = run_here("train.py", "--out", tmp_path, "--model", "tiny", "--batch-size", 2, "--ddim-steps", 2, "--eval-n",
-                    1, "--steps", 2, "--memory-budget", 0.05, check=False)
+                    1, "--steps", 3, "--memory-budget", 0.05, check=False)
+    assert "from the next step on CFG's halves backpropagate in turn" in proc.stdout
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
-        "error: --memory-budget 0.05 GB is below what a step needs with every step recomputed"), proc.stderr
+        "error: --memory-budget 0.05 GB is below what a step needs with every step recomputed and CFG's halves in "
+        "turn"), proc.stderr
+    assert len(metrics(tmp_path)) == 1  # step 1, logged; step 2 stopped the run before its line
+
+
+def test_a_step_over_the_budget_turns_cfg_halves_in_turn_on_then_keeps_steps(tmp_path, monkeypatch):
+    """The decision path, with the measured peak replaced (a model whose chain, not its decoder, holds the peak is
+    too large for the suite): 3 GB over a 2 GB budget on step 1, 1 GB after. CFG's halves go in turn from step 2 on,
+    the config says so (a resumed run keeps it), and after step 2 the budget's rest buys kept steps."""
+    import runs
+    peaks = iter([3 * 2**30] + [2**30] * 3)
+    monkeypatch.setattr(runs, "peak_memory", lambda device_type: next(peaks))
+    proc = run_here("train.py", "--out", tmp_path, "--model", "tiny", "--batch-size", 1, "--ddim-steps", 3,
+                    "--eval-n", 1, "--steps", 3, "--memory-budget", 2)
+    assert "from the next step on CFG's halves backpropagate in turn" in proc.stdout
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["cfg_in_turn"] is True and cfg["kept_steps"] == 3 and cfg["peak_gb_recomputing_all"] == 1.0
+    assert [x["kept_steps"] for x in metrics(tmp_path)] == [0, 0, 3]
 
 
 def test_loading_a_model_says_nothing_about_accelerate(monkeypatch):
