@@ -33,6 +33,7 @@ from sampler import checkpoint
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SHAPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes")  # load_sd("shapes")
+SHAPES_FLOW_DIR = SHAPES_DIR + "-flow"  # load_sd("shapes-flow"): its rectified-flow sibling (SD3's recipe)
 
 
 @dataclass
@@ -75,8 +76,8 @@ class ModelLoadError(RuntimeError):
 
 def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """Load a model: a hub id or a local diffusers-format directory of one of SUPPORTED (the kind read from its
-    model_index.json), "tiny" / "tiny-xl" (random weights, built offline) or "shapes" (the coloured-shapes model
-    trained by shapes.py, in models/shapes); or "tiny-sd3" / "tiny-flux", offline SD3 / FLUX.1-dev miniatures.
+    model_index.json), "tiny" / "tiny-xl" (random weights, built offline), "shapes" (the coloured-shapes model
+    trained by shapes.py, in models/shapes) or "shapes-flow" (its SD3-style rectified-flow sibling); or "tiny-sd3" / "tiny-flux", offline SD3 / FLUX.1-dev miniatures.
     SD3 and FLUX are rectified-flow models (`sd.flow`): flow.flow_sample samples them.
 
     All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is a DDIMScheduler but for SD3's
@@ -89,10 +90,12 @@ def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
         sd = _build_tiny_sd3()
     elif model == "tiny-flux":
         sd = _build_tiny_flux()
-    elif model == "shapes":
-        if not os.path.isfile(os.path.join(SHAPES_DIR, "unet", "config.json")):
-            raise ModelLoadError(f"no shapes model in {SHAPES_DIR}: train it with python shapes.py --train")
-        sd = _from_pretrained(SHAPES_DIR, dtype)
+    elif model in ("shapes", "shapes-flow"):
+        folder, sub, how = ((SHAPES_DIR, "unet", "--train") if model == "shapes"
+                            else (SHAPES_FLOW_DIR, "transformer", "--train --flow"))
+        if not os.path.isfile(os.path.join(folder, sub, "config.json")):
+            raise ModelLoadError(f"no {model} model in {folder}: train it with python shapes.py {how}")
+        sd = _from_pretrained(folder, dtype)
     else:
         sd = _from_pretrained(model, dtype)
     upcast_vae = sd.text_encoder_2 is not None and sd.vae.config.get("force_upcast") and dtype == torch.float16

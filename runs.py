@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from flow import flow_step_activation_bytes
 from lora import inject_lora, parse_targets, save_lora
-from model import (DEFAULT_MODEL, SHAPES_DIR, ModelLoadError, latent_shape, load_sd, native_resolution,
+from model import (DEFAULT_MODEL, SHAPES_DIR, SHAPES_FLOW_DIR, ModelLoadError, latent_shape, load_sd, native_resolution,
                    pixel_multiple)
 from rewards import RewardLoadError, check_prompts, load_reward, parse_reward_spec
 from sampler import step_activation_bytes, steps_with_gradient
@@ -79,10 +79,16 @@ def check_numbers(args, at_least_1=(), at_least_0=(), above_0=(), finite=()):
                 die(f"--{name.replace('_', '-')} must be {kind}{bound}, got {value}")
 
 
+def is_shapes(model):
+    """--model names one of the shapes models ("shapes", "shapes-flow" or their directories)."""
+    return model in ("shapes", "shapes-flow") or os.path.realpath(model) in map(os.path.realpath,
+                                                                                (SHAPES_DIR, SHAPES_FLOW_DIR))
+
+
 def warn_unknown_words(model, prompts):
-    """The shapes model knows its grammar's words only ("three red circles"): say up front which words of the prompts
-    it has never seen, since it draws them without a word of complaint (an orange square for "a cat")."""
-    if model != "shapes" and os.path.realpath(model) != os.path.realpath(SHAPES_DIR):
+    """The shapes models know their grammar's words only ("three red circles"): say up front which words of the
+    prompts they have never seen, since they draw them without a word of complaint (an orange square for "a cat")."""
+    if not is_shapes(model):
         return
     from shapes import COLOURS, SHAPES, unknown_words
     words = unknown_words(prompts)
@@ -269,7 +275,7 @@ def machine_defaults(args):
         args.model = DEFAULT_MODEL if device_type == "cuda" else "shapes"
         if device_type == "cpu":
             info("no CUDA GPU: using --model shapes (coloured shapes, 64 px); full-size SD would take hours here")
-    prompt_set = os.path.join(PROMPTS, "shapes" if args.model == "shapes" else "count" if "count" in names
+    prompt_set = os.path.join(PROMPTS, "shapes" if is_shapes(args.model) else "count" if "count" in names
                               else "animals")
     args.prompts = args.prompts or prompt_set + ".txt"
     args.eval_prompts = args.eval_prompts or prompt_set + "-eval.txt"

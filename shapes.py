@@ -10,6 +10,8 @@
     python shapes.py --eval --lora out/shapes-count/lora.safetensors   # describe()'s verdict on base vs LoRA samples
     python shapes.py --train                             # the model in models/shapes, from scratch (~1 hour, 2 cores)
     python shapes.py --train --counter-only              # only its counter, anew (~15 min)
+    python shapes.py --train --flow                      # the rectified-flow sibling in models/shapes-flow (~1 hour)
+    python shapes.py --eval --model shapes-flow          # describe()'s verdict on it
 
 Captions come from a small grammar: a count (one to four, as words), a colour and a shape, e.g. "a blue square",
 "four yellow triangles". An image holds `count` non-overlapping shapes of that colour and shape, of random size and
@@ -25,8 +27,12 @@ miniature: the same diffusers / transformers classes (AutoencoderKL 64 px <-> 16
 tokens, UNet2DConditionModel, DDIMScheduler on SD's noise schedule), trained from scratch on rendered images. A small
 CNN counter, trained on rendered images and on the model's own samples counted by describe() (as real reward models
 learn from people's labels of generated images), is the learned reward `shapes-count` (served by rewards.py).
+Its sibling `load_sd("shapes-flow")` (train_flow below, shipped in models/shapes-flow) is an SD3 in miniature on the
+same VAE and renders: SD3Transformer2DModel (an MMDiT), two CLIPTextModelWithProjection and a T5EncoderModel over the
+grammar's words, trained by rectified flow, sampled by flow.py (or diffusers' StableDiffusion3Pipeline).
 
-References: DDPM, Ho et al. 2020 (arXiv:2006.11239); classifier-free guidance, Ho & Salimans 2022
+References: DDPM, Ho et al. 2020 (arXiv:2006.11239); rectified flow and SD3, Liu et al. 2022 (arXiv:2209.03003),
+Esser et al. 2024 (arXiv:2403.03206); classifier-free guidance, Ho & Salimans 2022
 (arXiv:2207.12598); latent diffusion, Rombach et al. 2022 (arXiv:2112.10752); connected-component labelling by label propagation with pointer jumping (Shiloach & Vishkin 1982);
 byte-pair encoding, Sennrich et al. 2016 (arXiv:1508.07909), as CLIP's tokenizer uses it (Radford et al. 2021).
 """
@@ -604,14 +610,16 @@ def save_model(out, vae, unet, text_encoder, tokenizer):
 @torch.no_grad()
 def draw(sd, captions, noise, steps, guidance, batch=64):
     """Images (n, 3, H, W) float in [0, 1]: captions[i] sampled from noise[i] (n, 4, h, w), `batch` at a time, with
-    DDIM and classifier-free guidance."""
+    DDIM (shapes-flow: the Euler ODE of its velocity) and classifier-free guidance."""
+    from flow import flow_sample
     from model import decode, encode_prompts
     from sampler import ddim_sample
+    sample = flow_sample if sd.flow else ddim_sample
     images = []
     for i in range(0, len(captions), batch):
         cond = encode_prompts(sd, captions[i:i + batch])
         uncond = encode_prompts(sd, [""]).expand(len(cond), -1, -1)
-        images.append(decode(sd, ddim_sample(sd, cond, uncond, noise[i:i + batch], steps, guidance)).float())
+        images.append(decode(sd, sample(sd, cond, uncond, noise[i:i + batch], steps, guidance)).float())
     return torch.cat(images)
 
 
@@ -687,6 +695,132 @@ def train_and_save_counter(out, steps, n_samples, seed, state_dir, fresh, checks
 
 
 # -----------------------------------------------------------------------------
+# the rectified-flow model (python shapes.py --train --flow): SD3's recipe in miniature, on the same world
+
+FLOW_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes-flow")
+FLOW_TEXT_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=MAX_TOKENS, projection_dim=32)  # CLIP-L's and CLIP-G's stand-ins
+T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+FLOW_CONFIG = dict(  # an MMDiT: 16x16x4 latents in 2x2 patches (64 image tokens) beside 8 CLIP + 8 T5 text tokens
+    patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=16, num_attention_heads=6,
+    joint_attention_dim=T5_CONFIG["d_model"], caption_projection_dim=96, qk_norm="rms_norm",  # SD3.5's QK norm
+    pooled_projection_dim=2 * FLOW_TEXT_CONFIG["projection_dim"], pos_embed_max_size=16)
+FLOW_SHIFT = 1.0  # SD3's timestep shift (3.0 at 1024 px) grows with the latent's size; 16x16x4 latents need none
+
+
+def build_t5_tokenizer(directory):
+    """A T5-style tokenizer for the grammar, saved in `directory` (T5TokenizerFast.from_pretrained reads it back):
+    a Unigram model in which each word of the grammar is one piece ("▁three", "▁red", "▁circles"), single characters
+    the fallback, T5's ids (<pad> 0, </s> 1, <unk> 2) and </s> after every caption; MAX_TOKENS long, padded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w for c in all_captions() for w in c.split()})
+    pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)] + [("\u2581" + w, 0.0) for w in words]
+              + [(c, -5.0) for c in CHARS])  # a word's piece scores above its letters: it is always taken whole
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()  # a space becomes "▁", the start of a word, as in T5
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        model_max_length=MAX_TOKENS)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def train_flow_text_to_image(latents, captions, tokenizer, t5_tokenizer, steps, batch, generator, state_dir):
+    """SD3's parts from scratch and together: the MMDiT, two CLIP text encoders with projections and a T5 encoder,
+    trained by rectified flow (SD3, Esser et al. 2024, Eq. 1-3): x_s = (1 - s) x0 + s eps, the transformer regresses
+    the velocity eps - x0 at timestep 1000 s, s drawn logit-normal (their best, rf/lognorm(0, 1): sigmoid of a standard
+    normal, most draws mid-path where the velocity is hardest to tell). The conditioning is model.encode_prompts' for
+    SD3, so what is trained reads prompts as StableDiffusion3Pipeline feeds them; captions drop to "" as for the UNet.
+    Returns EMA copies (transformer, text_encoder, text_encoder_2, text_encoder_3)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from model import SD, encode_prompts
+    torch.manual_seed(0)
+    clip = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **FLOW_TEXT_CONFIG)
+    transformer = SD3Transformer2DModel(sample_size=latents.shape[-1], **FLOW_CONFIG)
+    encoders = [CLIPTextModelWithProjection(clip), CLIPTextModelWithProjection(clip),
+                T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), pad_token_id=0, eos_token_id=1,
+                                        decoder_start_token_id=0, **T5_CONFIG))]
+    models = torch.nn.ModuleList([transformer, *encoders])
+    models.extend(copy.deepcopy(m) for m in list(models))
+    ema = models[4:].requires_grad_(False)
+    sd = SD(unet=transformer, vae=None, text_encoder=encoders[0], tokenizer=tokenizer, scheduler=None,
+            text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=encoders[2], tokenizer_3=t5_tokenizer,
+            max_sequence_length=MAX_TOKENS)
+
+    def loss(step):
+        i = torch.randint(len(latents), (batch,), generator=generator)
+        drop = (torch.rand(batch, generator=generator) < CAPTION_DROPOUT).tolist()
+        x0 = latents[i]  # (B, 4, 16, 16)
+        context = encode_prompts(sd, ["" if d else captions[j] for j, d in zip(i.tolist(), drop)])  # (B, 17, 64)
+        noise = torch.randn(x0.shape, generator=generator)
+        s = torch.sigmoid(torch.randn(batch, generator=generator)).view(-1, 1, 1, 1)  # logit-normal (0, 1)
+        x_s = (1 - s) * x0 + s * noise  # the straight path from data to noise
+        v = transformer(x_s, context[:, :-1], context[:, -1, :FLOW_CONFIG["pooled_projection_dim"]],
+                        s.flatten() * 1000).sample
+        return (v - (noise - x0)).square().mean()
+
+    def update_ema(step):
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), models[:4].parameters()):
+                e.lerp_(p, 1 - decay)
+
+    _optimise("flow", models, steps, 1e-3, loss, generator, state_dir, after_step=update_ema)
+    return list(ema)
+
+
+def save_flow_model(out, vae, transformer, encoders, tokenizer, t5_tokenizer):
+    """A diffusers StableDiffusion3Pipeline directory (model.load_sd reads it; so does the stock pipeline, given
+    max_sequence_length=8), fp16 safetensors. The VAE is the UNet model's with SD3's shift (0: its latents are scaled
+    only)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    vae = copy.deepcopy(vae)
+    vae.register_to_config(shift_factor=0.0)
+    for name, module in (("vae", vae), ("transformer", transformer), ("text_encoder", encoders[0]),
+                         ("text_encoder_2", encoders[1]), ("text_encoder_3", encoders[2])):
+        module.to(torch.float16).save_pretrained(os.path.join(out, name))
+        module.to(torch.float32)
+    for name, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer), ("tokenizer_3", t5_tokenizer)):
+        tok.save_pretrained(os.path.join(out, name))
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT).save_pretrained(
+        os.path.join(out, "scheduler"))
+    index = dict(_class_name="StableDiffusion3Pipeline", vae=["diffusers", "AutoencoderKL"],
+                 transformer=["diffusers", "SD3Transformer2DModel"],
+                 text_encoder=["transformers", "CLIPTextModelWithProjection"],
+                 tokenizer=["transformers", "CLIPTokenizer"],
+                 text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                 tokenizer_2=["transformers", "CLIPTokenizer"], text_encoder_3=["transformers", "T5EncoderModel"],
+                 tokenizer_3=["transformers", "T5TokenizerFast"],
+                 scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"], image_encoder=[None, None],
+                 feature_extractor=[None, None])
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def train_flow(out=FLOW_DIR, steps=8000, pool=40000, seed=0, vae_from=MODEL_DIR):
+    """The flow model: the shapes model's VAE (models/shapes, frozen: the same latents, so the two models differ in
+    the denoiser and its objective only), the same pool of encoded renders (the same seed), then the transformer and
+    text encoders; checkpoints in out/.train, so an interrupted run picks up where it stopped."""
+    from diffusers import AutoencoderKL
+    state_dir = os.path.join(out, ".train")
+    os.makedirs(state_dir, exist_ok=True)
+    t0 = time.time()
+    vae = AutoencoderKL.from_pretrained(os.path.join(vae_from, "vae"), torch_dtype=torch.float32).eval()
+    latents, captions = encode_pool(vae, pool, torch.Generator().manual_seed(seed + 2))
+    print(f"pool of {pool} encoded renders: {time.time() - t0:.0f} s")
+    tokenizer = build_tokenizer(os.path.join(state_dir, "tokenizer"))
+    t5_tokenizer = build_t5_tokenizer(os.path.join(state_dir, "tokenizer_3"))
+    transformer, *encoders = train_flow_text_to_image(latents, captions, tokenizer, t5_tokenizer, steps, 64,
+                                                      torch.Generator().manual_seed(seed + 3), state_dir)
+    save_flow_model(out, vae, transformer, encoders, tokenizer, t5_tokenizer)
+    print(f"saved to {out} after {(time.time() - t0) / 60:.1f} minutes")
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 SHOW_CAPTIONS = ["a red circle", "two green squares", "three blue triangles", "four yellow circles",
@@ -718,14 +852,15 @@ def eval_table(model, lora, prompts, n, steps, guidance, seed, grid):
     if lora:
         load_lora(sd.unet, lora)
         rows.append(("LoRA", *evaluate(sd, prompts, n, steps, guidance, seed, reward_fn=reward_fn)))
-    print(f"{n} samples over {len(prompts)} prompts, {steps} DDIM steps, guidance {guidance}, read by describe():")
+    steps_of = f"{steps} {'Euler (flow ODE)' if sd.flow else 'DDIM'} steps"
+    print(f"{n} samples over {len(prompts)} prompts, {steps_of}, guidance {guidance}, read by describe():")
     print(f"{'':6}{'count':>8}{'colour':>8}{'shape':>8}{'all':>8}{'shapes-count reward':>21}")
     for name, r, _ in rows:
         print(f"{name:6}{r['count']:8.3f}{r['colour']:8.3f}{r['shape']:8.3f}{r['all']:8.3f}{r['reward']:21.3f}")
     if grid:
         labels = [f"{name}: {prompts[i % len(prompts)]}" for name, _, _ in rows for i in range(16)]  # cycled
         image_grid(torch.cat([images[:16] for _, _, images in rows]), nrow=16, labels=labels,
-                   title=f"{model}, {steps} DDIM steps, guidance {guidance}: base above" + (
+                   title=f"{model}, {steps_of}, guidance {guidance}: base above" + (
                        f", LoRA {lora} below (same noise)" if lora else "")).save(grid)
         print(f"wrote {grid}")
 
@@ -740,7 +875,7 @@ if __name__ == "__main__":
                    "--lora, on --prompts")
     p.add_argument("--out", default=None, help="--show: the grid PNG (shapes_grid.png); --train: the model directory")
     p.add_argument("--seed", type=int, default=0, help="the first seed --show renders; --eval's noise seed")
-    p.add_argument("--model", default="shapes", help="--eval: 'shapes' or a diffusers directory")
+    p.add_argument("--model", default="shapes", help="--eval: 'shapes', 'shapes-flow' or a diffusers directory")
     p.add_argument("--lora", default=None, help="--eval: a LoRA file from train.py, compared with the base model")
     p.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts",
                    "shapes-eval.txt"), help="--eval: prompts, cycled")
@@ -754,9 +889,13 @@ if __name__ == "__main__":
     p.add_argument("--counter-samples", type=int, default=1536, help="--train: the model's own samples the counter "
                    "learns from, beside renders")
     p.add_argument("--counter-only", action="store_true", help="--train: keep --out's model, train its counter anew")
+    p.add_argument("--flow", action="store_true", help="--train: the rectified-flow model (SD3's recipe) into "
+                   "models/shapes-flow instead, on the shapes model's VAE; --unet-steps counts its steps")
     args = p.parse_args()
     if args.show:
         show(args.out or "shapes_grid.png", args.seed)
+    elif args.train and args.flow:
+        train_flow(args.out or FLOW_DIR, args.unet_steps)
     elif args.train:
         train(args.out or MODEL_DIR, args.vae_steps, args.unet_steps, args.counter_steps,
               counter_samples=args.counter_samples, counter_only=args.counter_only)

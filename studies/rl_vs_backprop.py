@@ -1,10 +1,13 @@
 """Reward backprop (train.py, AlignProp) against reinforcement learning (ddpo.py, DDPO) at equal reward queries, on
-the shapes model: the claim this method exists for, measured.
+the shapes model: the claim this method exists for, measured. With --model shapes-flow the same study on the
+rectified-flow sibling, where RL is Flow-GRPO's (ddpo.py: group-relative advantages on the flow SDE).
 
     python studies/rl_vs_backprop.py --task compress --seeds 0 --budget 256   # one seed, one task (~10 min, 2 cores)
     python studies/rl_vs_backprop.py                           # both tasks x both methods x 3 seeds, then the report
     python studies/rl_vs_backprop.py --sweep --task compress   # the tuning sweep (seed 0) behind the settings in RUNS
     python studies/rl_vs_backprop.py --report                  # plots in docs/ and the table, from what is measured
+    python studies/rl_vs_backprop.py --model shapes-flow --sweep   # the flow model: its own sweeps, then
+    python studies/rl_vs_backprop.py --model shapes-flow           # each method's best setting in them, compared
 
 Tasks (TASKS): each method trains on what it can use and both are judged by the same exact measure.
   compress  backprop trains on `compress` (the differentiable JPEG-size estimate), RL on `jpeg` (Pillow's real size);
@@ -15,7 +18,8 @@ Tasks (TASKS): each method trains on what it can use and both are judged by the 
 Every run goes through the scripts' own command lines, in stages: train to Q reward queries (--steps), judge the
 LoRA (JUDGE_N samples of the 12 held-out prompts, fixed seeds, DDIM eta 0, guidance 7.5, the runs' DDIM_STEPS),
 --resume to the next Q. Each judged stage is a line of studies/rl-vs-backprop-results.jsonl (committed, so that
---report redraws the plots and tables of docs/rl-vs-backprop.md from a clean clone), so a stopped experiment
+--report redraws the plots and tables of docs/rl-vs-backprop.md from a clean clone; a row without "model" is the
+shapes model's), so a stopped experiment
 continues where it was: finished stages are skipped, an unfinished run resumes from its checkpoint in
 out/rl-vs-backprop/ (or starts again where that is gone: runs are deterministic in their seed). Minutes are
 training time (metrics.jsonl `seconds`), judging excluded. Start afresh: delete the results file and
@@ -47,8 +51,9 @@ TASKS = {  # task -> (metric judged, higher is better?, {method: training reward
     "compress": ("jpeg_kb", False, {"backprop": "compress", "rl": "jpeg"}),
     "count": ("count", True, {"backprop": "shapes-count", "rl": "shapes-count-exact"}),
 }
-COMMON = ["--model", "shapes", "--ddim-steps", str(DDIM_STEPS), "--guidance", "7.5", "--lora-rank", "4",
-          "--eval-every", "0", "--eval-n", "4"]  # same model, sampler, LoRA rank and prompts for both methods
+MODELS = ("shapes", "shapes-flow")  # the DDIM model and its rectified-flow sibling (shapes.py)
+COMMON = ["--ddim-steps", str(DDIM_STEPS), "--guidance", "7.5", "--lora-rank", "4", "--eval-every", "0",
+          "--eval-n", "4"]  # same model, sampler, LoRA rank and prompts for both methods
 BACKPROP = ["--keep-activations", "0"]  # train.py: every step recomputed (flat memory), as the committed results were
 # measured; its default since, auto, keeps activations up to a memory budget: fewer minutes, more peak memory
 # The settings compared: each method's best in its sweep below (README: "Reward backprop against RL").
@@ -77,6 +82,20 @@ SWEEPS = {
                                                                   "--clip-range", "1e-2", "--batch-size", "8",
                                                                   "--grad-accum", "1"]},
 }
+# On the flow model RL is Flow-GRPO's: group-relative advantages (groups of 8: 4 prompts a round) on the flow SDE
+# (ddpo.py's default noise level there, 0.7), swept over the same five kinds of change; backprop's sweep is as above.
+# The compared runs there take each method's best sweep setting (tuned()), as RUNS records it for the DDIM model.
+GROUP = ["--samples-per-step", "32", "--advantage", "group", "--group-size", "8"]
+FLOW_SWEEPS = {
+    "backprop": SWEEPS["backprop"],
+    "rl": {"Flow-GRPO's lr 3e-4, clip 1e-4": [*GROUP, "--lr", "3e-4", "--clip-range", "1e-4"],
+           "lr 3e-3, clip 1e-2": [*GROUP, "--lr", "3e-3", "--clip-range", "1e-2"],
+           "lr 1e-2, clip 1e-2": [*GROUP, "--lr", "1e-2", "--clip-range", "1e-2"],
+           "lr 3e-3, clip 1e-2, groups of 4": ["--samples-per-step", "32", "--advantage", "group", "--group-size",
+                                               "4", "--lr", "3e-3", "--clip-range", "1e-2"],
+           "lr 3e-3, clip 1e-2, 8 images per optimisation step": [*GROUP, "--lr", "3e-3", "--clip-range", "1e-2",
+                                                                  "--batch-size", "8", "--grad-accum", "1"]},
+}
 
 
 def images_per_step(method, flags):
@@ -90,20 +109,19 @@ def images_per_step(method, flags):
 # the judge: one set of held-out samples, read two ways
 
 
-_judge_sd = None
+_judge_sd = {}
 
 
 @torch.no_grad()
-def judge(lora):
-    """Held-out samples of the shapes model (with the LoRA file, if any): real JPEG kB and describe()'s accuracies."""
-    global _judge_sd
+def judge(lora, model):
+    """Held-out samples of `model` (with the LoRA file, if any): real JPEG kB and describe()'s accuracies."""
     from lora import load_lora
     from model import load_sd
     from rewards import real_jpeg_kilobytes
     from shapes import evaluate
-    if _judge_sd is None:
-        _judge_sd = load_sd("shapes")
-    sd = _judge_sd
+    if model not in _judge_sd:
+        _judge_sd[model] = load_sd(model)
+    sd = _judge_sd[model]
     if lora:
         load_lora(sd.unet, lora)  # replaces the previous stage's adapters
     else:
@@ -120,11 +138,12 @@ def judge(lora):
 # runs, in stages
 
 
-def results():
+def results(model):
+    """The recorded rows of `model` (a row without "model": the shapes model's, recorded before the flow model)."""
     if not os.path.isfile(RESULTS):
         return []
     with open(RESULTS) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if r.get("model", "shapes") == model]
 
 
 def record(row):
@@ -132,23 +151,24 @@ def record(row):
         f.write(json.dumps(row) + "\n")
 
 
-def base_row(task):
-    done = [r for r in results() if r["task"] == task and r["queries"] == 0]
+def base_row(task, model):
+    done = [r for r in results(model) if r["task"] == task and r["queries"] == 0]
     if done:
         return done[0]
-    row = dict(task=task, method="base", setting="base", seed=None, queries=0, minutes=0.0, peak_mem_mb=None,
-               **judge(None))
+    row = dict(model=model, task=task, method="base", setting="base", seed=None, queries=0, minutes=0.0,
+               peak_mem_mb=None, **judge(None, model))
     record(row)
     return row
 
 
-def run_stages(task, method, setting, flags, seed, stages):
-    """Train one run to each of `stages` reward queries in turn, judging after each; skips what is recorded."""
+def run_stages(task, method, setting, flags, seed, stages, model, **note):
+    """Train one run to each of `stages` reward queries in turn, judging after each; skips what is recorded. `note`:
+    more fields for the rows (the sweep setting a compared run was tuned to)."""
     script = "train.py" if method == "backprop" else "ddpo.py"
     name = "".join(c if c.isalnum() or c in ".-" else "_" for c in setting)
-    out = os.path.join(OUT, task, method, name, f"seed{seed}")
+    out = os.path.join(OUT, *(["flow"] if model == "shapes-flow" else []), task, method, name, f"seed{seed}")
     per_step = images_per_step(method, flags)
-    have = {r["queries"] for r in results() if (r["task"], r["method"], r["setting"], r["seed"]) ==
+    have = {r["queries"] for r in results(model) if (r["task"], r["method"], r["setting"], r["seed"]) ==
             (task, method, setting, seed)}
     for queries in stages:
         if queries % per_step or queries in have:
@@ -158,7 +178,8 @@ def run_stages(task, method, setting, flags, seed, stages):
             cmd = [script, "--resume", out, "--steps", str(steps)]
         else:
             cmd = [script, "--out", out, "--reward", TASKS[task][2][method], "--seed", str(seed), "--steps",
-                   str(steps), "--save-every", str(max(1, 32 // per_step)), *COMMON, *flags]  # a kill loses <= 32
+                   str(steps), "--save-every", str(max(1, 32 // per_step)), "--model", model, *COMMON,
+                   *flags]  # a kill loses <= 32 queries
             if method == "backprop":
                 cmd += BACKPROP
         print(f"[{task} {method} {setting} seed {seed}] to {queries} queries: python {' '.join(cmd)}", flush=True)
@@ -170,8 +191,8 @@ def run_stages(task, method, setting, flags, seed, stages):
         with open(os.path.join(out, "metrics.jsonl")) as f:
             m = [json.loads(line) for line in f]
         t1 = time.time()
-        scores = judge(os.path.join(out, "lora.safetensors"))
-        row = dict(task=task, method=method, setting=setting, seed=seed, queries=queries,
+        scores = judge(os.path.join(out, "lora.safetensors"), model)
+        row = dict(model=model, task=task, method=method, setting=setting, seed=seed, queries=queries, **note,
                    minutes=sum(x["seconds"] for x in m) / 60, peak_mem_mb=max(x["peak_mem_mb"] for x in m),
                    train_reward=m[-1]["reward_mean"], **scores,
                    wall_minutes=dict(run=(t1 - t0) / 60, judge=(time.time() - t1) / 60))  # the study's own cost
@@ -286,11 +307,24 @@ def mean_curve(per_seed):
     return out
 
 
-def report():
+def tuned(task, method, model):
+    """(setting, flags): the best of `model`'s sweep for this task and method, by the judged metric at SWEEP_BUDGET
+    queries (seed 0); None before the sweep has run."""
+    metric, higher, _ = TASKS[task]
+    swept = [r for r in results(model) if (r["task"], r["method"], r["queries"]) == (task, method, SWEEP_BUDGET)
+             and r["setting"] != "main"]
+    if not swept:
+        return None
+    best = (max if higher else min)(swept, key=lambda r: r[metric])["setting"]
+    return best, FLOW_SWEEPS[method][best]
+
+
+def report(model):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = results()
+    rows = results(model)
+    flow = model == "shapes-flow"
     os.makedirs(DOCS, exist_ok=True)
     for task, (metric, higher, _) in TASKS.items():
         seeds = {m: c for m in ("backprop", "rl") if (c := curves(rows, task, m, "main"))}
@@ -299,7 +333,8 @@ def report():
             continue
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
         for method, colour in (("backprop", "tab:blue"), ("rl", "tab:orange")):
-            label = {"backprop": "reward backprop (train.py)", "rl": "RL (ddpo.py)"}[method]
+            label = {"backprop": "reward backprop (train.py)",
+                     "rl": "RL (ddpo.py, Flow-GRPO's advantages)" if flow else "RL (ddpo.py)"}[method]
             n_seeds = len(seeds[method])
             q, minutes, mean, lo, hi = zip(*main[method])
             for ax, x in zip(axes, (q, minutes)):
@@ -317,13 +352,13 @@ def report():
         axes[0].set_xscale("symlog", base=2, linthresh=8)  # the first stages (8, 16, ...) and the last (1024) alike
         axes[0].set_xticks([0, 8, 32, 128, 512, 1024], ["0", "8", "32", "128", "512", "1024"])
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{task}: reward backprop vs RL on the shapes model (band: lowest to highest seed; dotted: "
-                     "each seed)")
+        fig.suptitle(f"{task}: reward backprop vs RL on the {'rectified-flow ' if flow else ''}shapes model (band: "
+                     "lowest to highest seed; dotted: each seed)")
         fig.tight_layout()
-        fig.savefig(os.path.join(DOCS, f"rl-vs-backprop-{task}.png"))
+        fig.savefig(os.path.join(DOCS, f"rl-vs-backprop-{'flow-' if flow else ''}{task}.png"))
         plt.close(fig)
         rl_final = main["rl"][-1][2]
-        print(f"\n{task}: judged by {metric} ({'higher' if higher else 'lower'} is better); RL's final value "
+        print(f"\n{model}, {task}: judged by {metric} ({'higher' if higher else 'lower'} is better); RL's final value "
               f"{rl_final:.4f} at {main['rl'][-1][0]} queries; seeds: " +
               ", ".join(f"{m} {sorted(seeds[m])}" for m in seeds))
         print("| method | queries (all seeds) | final value (each seed) | colour | shape | queries to reach RL's final "
@@ -345,7 +380,7 @@ def report():
         swept = [r for r in rows if r["task"] == task and r["setting"] != "main" and r["queries"] == SWEEP_BUDGET]
         if swept:
             cols = list(dict.fromkeys([metric, "count", "colour", "shape"]))  # count judged: one column
-            print(f"\nsweep, {task}, seed 0, {SWEEP_BUDGET} queries:")
+            print(f"\nsweep, {model}, {task}, seed 0, {SWEEP_BUDGET} queries:")
             print(f"| method | setting | {' | '.join(cols)} | minutes |")
             print("|---" * (len(cols) + 3) + "|")
             for r in sorted(swept, key=lambda r: (r["method"], r["setting"])):
@@ -354,6 +389,8 @@ def report():
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=MODELS, default="shapes", help="the DDIM shapes model or its rectified-flow "
+                   "sibling (default %(default)s)")
     p.add_argument("--task", choices=list(TASKS), default=None, help="one task (default: both)")
     p.add_argument("--method", choices=["backprop", "rl"], default=None, help="one method (default: both); two "
                    "processes, one per method, each with OMP_NUM_THREADS=1, use 2 cores better than one with 2 threads")
@@ -371,16 +408,23 @@ if __name__ == "__main__":
     if args.gradients:
         gradients()
         sys.exit()
+    flow = args.model == "shapes-flow"
     if not args.report:
         for task in tasks:
-            base_row(task)
+            base_row(task, args.model)
             if args.sweep:
                 for method in methods:
-                    for setting, flags in SWEEPS[method].items():
-                        run_stages(task, method, setting, flags, 0, [SWEEP_BUDGET])
-            else:
+                    for setting, flags in (FLOW_SWEEPS if flow else SWEEPS)[method].items():
+                        run_stages(task, method, setting, flags, 0, [SWEEP_BUDGET], args.model)
+                continue
+            for method in methods:
+                note, flags = {}, RUNS[(task, method)]
+                if flow:
+                    if tuned(task, method, args.model) is None:
+                        sys.exit(f"no sweep on {args.model} for {task} {method} yet: run --sweep first")
+                    setting, flags = tuned(task, method, args.model)
+                    note = dict(tuned=setting)
                 for seed in (int(s) for s in args.seeds.split(",")):
-                    for method in methods:
-                        run_stages(task, method, "main", RUNS[(task, method)], seed,
-                                   [q for q in STAGES if q <= args.budget])
-    report()
+                    run_stages(task, method, "main", flags, seed, [q for q in STAGES if q <= args.budget],
+                               args.model, **note)
+    report(args.model)
