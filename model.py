@@ -77,7 +77,8 @@ class ModelLoadError(RuntimeError):
 def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """Load a model: a hub id or a local diffusers-format directory of one of SUPPORTED (the kind read from its
     model_index.json), "tiny" / "tiny-xl" (random weights, built offline), "shapes" (the coloured-shapes model
-    trained by shapes.py, in models/shapes) or "shapes-flow" (its SD3-style rectified-flow sibling); or "tiny-sd3" / "tiny-flux", offline SD3 / FLUX.1-dev miniatures.
+    trained by shapes.py, in models/shapes) or "shapes-flow" (its SD3-style rectified-flow sibling); or "tiny-sd3" /
+    "tiny-flux", offline SD3 / FLUX.1-dev miniatures.
     SD3 and FLUX are rectified-flow models (`sd.flow`): flow.flow_sample samples them.
 
     All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is a DDIMScheduler but for SD3's

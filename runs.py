@@ -37,8 +37,8 @@ import torch.distributed as dist
 
 from flow import flow_step_activation_bytes
 from lora import inject_lora, parse_targets, save_lora
-from model import (DEFAULT_MODEL, SHAPES_DIR, SHAPES_FLOW_DIR, ModelLoadError, latent_shape, load_sd, native_resolution,
-                   pixel_multiple)
+from model import (DEFAULT_MODEL, SHAPES_DIR, SHAPES_FLOW_DIR, ModelLoadError, latent_shape, load_sd,
+                   native_resolution, pixel_multiple)
 from rewards import RewardLoadError, check_prompts, load_reward, parse_reward_spec
 from sampler import step_activation_bytes, steps_with_gradient
 

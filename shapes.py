@@ -453,6 +453,15 @@ def _optimise(name, modules, steps, lr, loss_fn, generator, state_dir, after_ste
             os.replace(path + ".tmp", path)
 
 
+def _update_ema(ema, live, step):
+    """ema's parameters move towards live's after optimisation step `step`; the decay warms up to EMA_DECAY, so that
+    the random initial weights fade fast."""
+    decay = min(EMA_DECAY, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), live.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
 def train_vae(steps, batch, generator, state_dir, n_scale=512):
     """An AutoencoderKL for rendered images: L1 + MSE reconstruction and a small KL term (as SD's, which keeps the
     latents near N(0, I) in scale but lets them carry detail). Returns it with scaling_factor set to 1 / the std of
@@ -514,13 +523,8 @@ def train_text_to_image(latents, captions, tokenizer, steps, batch, generator, s
         eps = unet(x_t, t, text_encoder(tokens)[0]).sample
         return (eps - noise).square().mean()
 
-    def update_ema(step):  # the decay warms up, so that the random initial weights fade fast
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), models[:2].parameters()):
-                e.lerp_(p, 1 - decay)
-
-    _optimise("unet", models, steps, 1e-3, loss, generator, state_dir, after_step=update_ema)
+    _optimise("unet", models, steps, 1e-3, loss, generator, state_dir,
+              after_step=functools.partial(_update_ema, ema, models[:2]))
     return ema[0], ema[1]
 
 
@@ -763,13 +767,8 @@ def train_flow_text_to_image(latents, captions, tokenizer, t5_tokenizer, steps, 
                         s.flatten() * 1000).sample
         return (v - (noise - x0)).square().mean()
 
-    def update_ema(step):
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), models[:4].parameters()):
-                e.lerp_(p, 1 - decay)
-
-    _optimise("flow", models, steps, 1e-3, loss, generator, state_dir, after_step=update_ema)
+    _optimise("flow", models, steps, 1e-3, loss, generator, state_dir,
+              after_step=functools.partial(_update_ema, ema, models[:4]))
     return list(ema)
 
 

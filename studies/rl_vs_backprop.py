@@ -420,9 +420,10 @@ if __name__ == "__main__":
             for method in methods:
                 note, flags = {}, RUNS[(task, method)]
                 if flow:
-                    if tuned(task, method, args.model) is None:
+                    best = tuned(task, method, args.model)
+                    if best is None:
                         sys.exit(f"no sweep on {args.model} for {task} {method} yet: run --sweep first")
-                    setting, flags = tuned(task, method, args.model)
+                    setting, flags = best
                     note = dict(tuned=setting)
                 for seed in (int(s) for s in args.seeds.split(",")):
                     run_stages(task, method, "main", flags, seed, [q for q in STAGES if q <= args.budget],
