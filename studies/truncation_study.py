@@ -3,7 +3,9 @@
     python studies/truncation_study.py            # every setting, two at a time (~50 min on 2 cores), then the table
     python studies/truncation_study.py --only drtune:4/attn+conv   # one setting (10 CPU minutes + judging)
     python studies/truncation_study.py --levers   # then the other levers in LEVERS, on the grid's findings
-    python studies/truncation_study.py --report   # the table, from studies/truncation-study-results.jsonl
+    python studies/truncation_study.py --onestep  # the last lever: a one-step x0 reward from early, 3 seeds (~45 min)
+    python studies/truncation_study.py --onestep --model shapes-flow   # the same on the rectified-flow sibling
+    python studies/truncation_study.py --report   # the tables, from studies/truncation-study-results.jsonl
 
 Every run is `train.py --model shapes --reward shapes-count` (reward backprop on the learned counter, the defaults
 otherwise) with one --backprop mode and one --lora-targets set, for the same budget of CPU time: BUDGET_MINUTES of one
@@ -20,7 +22,11 @@ Modes (sampler.py): all = full backprop (AlignProp); 1 = the last step only (DRa
 (AlignProp's randomised truncation); drtune:N = DRTune (Wu et al. 2024, arXiv:2405.00760): every step passes the
 gradient on through DDIM's linear term, N evenly spaced steps train the UNet. Targets (lora.py): attn = the attention
 projections (the default for Stable Diffusion), attn+conv = also the ResNet blocks' 3x3 convolutions, the layers that
-work at every resolution, where layout is decided.
+work at every resolution, where layout is decided. onestep:lo,hi = Direct-Align / SRPO's one-step reward (Shen et al.
+2025, arXiv:2509.06942): the chain without gradients, the sample re-noised to a level drawn in lo..hi, one call with
+gradients and its clean prediction scored: with lo,hi early in the chain (ONESTEP) the gradient reaches the noisy
+times where the layout, and so the count, is decided. --model shapes-flow runs on the rectified-flow sibling (its
+rows carry "model"; a row without it is the DDIM model's).
 """
 import argparse
 import concurrent.futures
@@ -49,7 +55,11 @@ LEVERS = [  # (name, mode, targets, more train.py flags): runs once the grid was
     ("lr 3e-4", "drtune:4", "attn", ["--lr", "3e-4"]),  # DRTune's training reward fell at lr 1e-3: too fast?
     ("guidance 3 in training", "all", "attn", ["--guidance", "3"]),  # a weaker prompt pull while training
 ]
-COMMON = ["--model", "shapes", "--reward", "shapes-count", "--ddim-steps", str(DDIM_STEPS), "--steps", "100000",
+# The one-step lever (--onestep): the noise level drawn per trajectory in the chain's first half, where the counter's
+# gradient can still add or remove a shape; three seeds, since one seed's spread on this budget is ~4 points
+ONESTEP_MODE, ONESTEP_TARGETS, ONESTEP_SEEDS = "onestep:0.5,0.9", "attn", (0, 1, 2)
+MODELS = ("shapes", "shapes-flow")  # the DDIM model and its rectified-flow sibling (shapes.py)
+COMMON = ["--reward", "shapes-count", "--ddim-steps", str(DDIM_STEPS), "--steps", "100000",
           "--save-every", "5", "--eval-every", "0", "--eval-n", "4",  # --steps: the budget stops the run, not this
           "--keep-activations", "0"]  # every step recomputed, as the committed results were measured: train.py's
 # default since, auto, keeps activations where memory allows, which buys the modes with more steps with gradients
@@ -58,11 +68,13 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")  # o
 lock = threading.Lock()
 
 
-def results():
+def results(model):
+    """The judged rows of one model (a row without "model" is the DDIM shapes model's)."""
     if not os.path.isfile(RESULTS):
         return []
     with open(RESULTS) as f:
-        return [json.loads(line) for line in f]
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if r.get("model", "shapes") == model]
 
 
 def record(row):
@@ -77,25 +89,27 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def judge_in_child(lora):
+def judge_in_child(lora, model):
     """Run --judge in a fresh one-thread process (so that a judge never slows a training run's clock) -> its row."""
-    proc = subprocess.run([sys.executable, __file__, "--judge", lora or "base"], cwd=ROOT, env=ENV,
+    proc = subprocess.run([sys.executable, __file__, "--judge", lora or "base", "--model", model], cwd=ROOT, env=ENV,
                           capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"judging {lora} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(mode, targets, lever="", extra=()):
+def run(model, mode, targets, lever="", extra=()):
     """Train one setting for BUDGET_MINUTES of CPU (resuming a stopped run with the time it had used), judge it."""
     name = f"{mode}/{targets}" + (f"/{lever}" if lever else "")
-    out = os.path.join(OUT, "".join(c if c.isalnum() else "_" for c in name))
+    folder = "".join(c if c.isalnum() else "_" for c in name)
+    out = os.path.join(OUT, *(["flow"] if model == "shapes-flow" else []), folder)
     spent_file = os.path.join(out, "cpu_seconds")
     spent = float(open(spent_file).read()) if os.path.isfile(spent_file) else 0.0
     if os.path.isfile(os.path.join(out, "checkpoint.pt")):
         cmd = ["train.py", "--resume", out]
     else:
-        cmd = ["train.py", "--out", out, *COMMON, "--backprop", mode, "--lora-targets", targets, *extra]
+        cmd = ["train.py", "--out", out, "--model", model, *COMMON, "--backprop", mode, "--lora-targets", targets,
+               *extra]
     print(f"[{name}] python {' '.join(cmd)} ({spent / 60:.1f} CPU minutes spent before)", flush=True)
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
@@ -118,17 +132,18 @@ def run(mode, targets, lever="", extra=()):
         raise RuntimeError(f"[{name}] train.py failed ({proc.returncode}):\n{err[-2000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         m = [json.loads(line) for line in f]
-    row = dict(mode=mode, targets=targets, lever=lever, steps=len(m), images=m[-1]["images_seen"],
+    row = dict(**({"model": model} if model != "shapes" else {}), mode=mode, targets=targets, lever=lever,
+               steps=len(m), images=m[-1]["images_seen"],
                cpu_minutes=(spent + used) / 60,
                train_reward_first=sum(x["reward_mean"] for x in m[:10]) / len(m[:10]),
                train_reward_last=sum(x["reward_mean"] for x in m[-10:]) / len(m[-10:]),
-               **judge_in_child(os.path.join(out, "lora.safetensors")), wall_minutes=(time.time() - t0) / 60)
+               **judge_in_child(os.path.join(out, "lora.safetensors"), model), wall_minutes=(time.time() - t0) / 60)
     record(row)
     print(f"[{name}] {row['steps']} steps: count {row['count']:.3f} colour {row['colour']:.3f} shape "
           f"{row['shape']:.3f}, counter agrees {row['agreement']:.3f}", flush=True)
 
 
-def judge(lora):
+def judge(lora, model):
     """describe()'s accuracies of held-out samples (with the LoRA, or of the base model), the counter's reward on
     them, and the fraction where the counter's rounded count equals describe()'s."""
     import torch
@@ -136,7 +151,7 @@ def judge(lora):
     from model import load_sd
     from rewards import load_shapes_count
     from shapes import describe, evaluate
-    sd = load_sd("shapes")
+    sd = load_sd(model)  # sd.unet: the UNet, or on the flow model its transformer
     if lora != "base":
         load_lora(sd.unet, lora)
     reward = load_shapes_count("cpu", torch.float32)
@@ -150,11 +165,14 @@ def judge(lora):
     return dict(scores, agreement=(counted == read).float().mean().item())
 
 
-def report():
-    rows = results()
+def report(model):
+    rows = results(model)
+    if not rows:
+        return
     base = [r for r in rows if r["mode"] == "base"]
-    print(f"shapes model, reward backprop on shapes-count, {BUDGET_MINUTES} CPU minutes per run; judged by describe() "
-          f"on {JUDGE_N} held-out samples ({DDIM_STEPS} DDIM steps, guidance {JUDGE_GUIDANCE}):")
+    sampler = "Euler" if model == "shapes-flow" else "DDIM"
+    print(f"{model} model, reward backprop on shapes-count, {BUDGET_MINUTES} CPU minutes per run; judged by describe() "
+          f"on {JUDGE_N} held-out samples ({DDIM_STEPS} {sampler} steps, guidance {JUDGE_GUIDANCE}):")
     print("| backprop | LoRA on | other | steps | training reward, first -> last 10 steps | count | colour | shape | "
           "all | counter's reward | counter agrees |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -162,32 +180,49 @@ def report():
         trained = f"{r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f}" if r["steps"] else ""
         print(f"| {r['mode']} | {r['targets']} | {r.get('lever', '')} | {r['steps']} | {trained} | {r['count']:.3f} | "
               f"{r['colour']:.3f} | {r['shape']:.3f} | {r['all']:.3f} | {r['reward']:.3f} | {r['agreement']:.3f} |")
+    seeds = {}  # a setting run on several seeds (the grid's row is seed 0; a lever "seed N" reruns it): their mean
+    for r in rows:
+        if r["mode"] != "base" and (r.get("lever", "") == "" or r["lever"].startswith("seed ")):
+            seeds.setdefault((r["mode"], r["targets"]), []).append(r)
+    for (mode, targets), rs in seeds.items():
+        if len(rs) > 1:
+            counts = [r["count"] for r in rs]
+            print(f"{mode} on {targets}, {len(rs)} seeds: count {sum(counts) / len(counts):.3f} "
+                  f"({min(counts):.3f} to {max(counts):.3f}), all {sum(r['all'] for r in rs) / len(rs):.3f}")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=MODELS, default="shapes", help="the DDIM shapes model or its rectified-flow "
+                   "sibling (default %(default)s)")
     p.add_argument("--only", default=None, help="one setting, MODE/TARGETS (e.g. drtune:4/attn+conv)")
     p.add_argument("--levers", action="store_true", help="run the LEVERS instead of the grid")
+    p.add_argument("--onestep", action="store_true", help=f"run {ONESTEP_MODE} on {ONESTEP_TARGETS}, seeds "
+                   f"{ONESTEP_SEEDS}, instead of the grid")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one core each")
-    p.add_argument("--report", action="store_true", help="only print the table")
+    p.add_argument("--report", action="store_true", help="only print the tables")
     p.add_argument("--judge", default=None, help=argparse.SUPPRESS)  # a LoRA file or "base": one judged row, in a child
     args = p.parse_args()
     if args.judge:
         import torch
         torch.set_num_threads(1)
-        print(json.dumps(judge(args.judge)))
+        print(json.dumps(judge(args.judge, args.model)))
         sys.exit()
     if not args.report:
         os.makedirs(OUT, exist_ok=True)
-        done = {(r["mode"], r["targets"], r.get("lever", "")) for r in results()}
+        done = {(r["mode"], r["targets"], r.get("lever", "")) for r in results(args.model)}
         if ("base", "-", "") not in done:
-            record(dict(mode="base", targets="-", steps=0, images=0, cpu_minutes=0.0, **judge_in_child(None)))
-        if args.levers:
+            record(dict(**({"model": args.model} if args.model != "shapes" else {}), mode="base", targets="-", steps=0,
+                        images=0, cpu_minutes=0.0, **judge_in_child(None, args.model)))
+        if args.onestep:
+            settings = [(ONESTEP_MODE, ONESTEP_TARGETS, f"seed {s}", ["--seed", str(s)]) for s in ONESTEP_SEEDS]
+        elif args.levers:
             settings = [(m, t, name, extra) for name, m, t, extra in LEVERS]
         else:
             grid = [tuple(args.only.split("/", 1))] if args.only else [(m, t) for t in TARGETS for m in MODES]
             settings = [(m, t, "", ()) for m, t in grid]
         with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-            for future in [pool.submit(run, *s) for s in settings if s[:3] not in done]:
+            for future in [pool.submit(run, args.model, *s) for s in settings if s[:3] not in done]:
                 future.result()
-    report()
+    for model in MODELS:
+        report(model)
