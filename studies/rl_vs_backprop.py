@@ -387,6 +387,32 @@ def report(model):
                 print(f"| {r['method']} | {r['setting']} | {' | '.join(f'{r[c]:.3f}' for c in cols)} | "
                       f"{r['minutes']:.1f} |")
 
+
+def side_by_side():
+    """One table of both models: per task, RL's final value, the queries backprop took to reach it, their ratio."""
+    lines = []
+    for model in MODELS:
+        rows = results(model)
+        for task, (metric, higher, _) in TASKS.items():
+            main = {m: mean_curve(c) for m in ("backprop", "rl") if (c := curves(rows, task, m, "main"))}
+            if len(main) < 2:
+                continue
+            base = next(r[metric] for r in rows if r["task"] == task and r["queries"] == 0)
+            (rl_q, _, rl_final, _, _), (bp_q, _, bp_final, _, _) = main["rl"][-1], main["backprop"][-1]
+            reach = first_reaching([(q, m, v) for q, m, v, _, _ in main["backprop"]], rl_final, higher)
+            rl_gained = (rl_final > base) if higher else (rl_final < base)
+            ratio = ("- (RL ends no better than the base)" if not rl_gained else
+                     f"{rl_q / reach[0]:.0f}x fewer" if reach else "not reached")
+            lines.append(f"| {model} | {task} ({metric}) | {base:.3f} | {rl_final:.3f} at {rl_q} | {bp_final:.3f} at "
+                         f"{bp_q} | {reach[0] if reach else '-'} | {ratio} |")
+    if lines:
+        print("\nboth models, mean of the seeds (base -> each method's final judged value):")
+        print("| model | task | base | RL's final (queries) | backprop's final (queries) | backprop's queries to "
+              "reach RL's final | backprop's queries against RL's |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=MODELS, default="shapes", help="the DDIM shapes model or its rectified-flow "
@@ -429,3 +455,4 @@ if __name__ == "__main__":
                     run_stages(task, method, "main", flags, seed, [q for q in STAGES if q <= args.budget],
                                args.model, **note)
     report(args.model)
+    side_by_side()
