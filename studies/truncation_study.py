@@ -3,20 +3,20 @@
     python studies/truncation_study.py            # every setting, two at a time (~50 min on 2 cores), then the table
     python studies/truncation_study.py --only drtune:4/attn+conv   # one setting (10 CPU minutes + judging)
     python studies/truncation_study.py --levers   # then the other levers in LEVERS, on the grid's findings
-    python studies/truncation_study.py --onestep  # the last lever: a one-step x0 reward from early, 3 seeds (~45 min)
+    python studies/truncation_study.py --onestep  # the last lever: a one-step x0 reward from early, 3 seeds (~40 min)
     python studies/truncation_study.py --onestep --model shapes-flow   # the same on the rectified-flow sibling
     python studies/truncation_study.py --report   # the tables, from studies/truncation-study-results.jsonl
 
-Every run is `train.py --model shapes --reward shapes-count` (reward backprop on the learned counter, the defaults
-otherwise) with one --backprop mode and one --lora-targets set, for the same budget of CPU time: BUDGET_MINUTES of one
-core (the training process's own user + system time, read from /proc, so that runs sharing the machine with each
-other or with anything else get the same compute). When the budget is spent the run gets SIGTERM, finishes its step
-and saves (train.py's own signal handling). Its LoRA is then judged by describe() on the held-out prompts (JUDGE_N
-samples, fixed seeds, the runs' DDIM steps): count, colour and shape accuracy; the counter's reward on the same
-images; and how often the counter's rounded count agrees with describe()'s - a counter fooled by the run's images
-(reward hacking) shows there first. Each judged run is a line of studies/truncation-study-results.jsonl (committed:
-docs/shapes.md's table is --report's output). A stopped study continues: judged runs are skipped, a run in progress
-resumes from its last checkpoint with the CPU time it had used (out/truncation-study/<setting>/cpu_seconds).
+Every run is `train.py --model shapes --reward shapes-count` (or --model shapes-flow; reward backprop on the learned
+counter, the defaults otherwise) with one --backprop mode and one --lora-targets set, for the same budget of CPU time:
+BUDGET_MINUTES of one core (the training process's own user + system time, read from /proc, so that runs sharing the
+machine with each other or with anything else get the same compute). When the budget is spent the run gets SIGTERM,
+finishes its step and saves (train.py's own signal handling). Its LoRA is then judged by describe() on the held-out
+prompts (JUDGE_N samples, fixed seeds, the runs' DDIM steps): count, colour and shape accuracy; the counter's reward on
+the same images; and how often the counter's rounded count agrees with describe()'s - a counter fooled by the run's
+images (reward hacking) shows there first. Each judged run is a line of studies/truncation-study-results.jsonl
+(committed: docs/shapes.md's table is --report's output). A stopped study continues: judged runs are skipped, a run in
+progress resumes from its last checkpoint with the CPU time it had used (out/truncation-study/<setting>/cpu_seconds).
 
 Modes (sampler.py): all = full backprop (AlignProp); 1 = the last step only (DRaFT-1); 1,T = K drawn per trajectory
 (AlignProp's randomised truncation); drtune:N = DRTune (Wu et al. 2024, arXiv:2405.00760): every step passes the
@@ -56,7 +56,7 @@ LEVERS = [  # (name, mode, targets, more train.py flags): runs once the grid was
     ("guidance 3 in training", "all", "attn", ["--guidance", "3"]),  # a weaker prompt pull while training
 ]
 # The one-step lever (--onestep): the noise level drawn per trajectory in the chain's first half, where the counter's
-# gradient can still add or remove a shape; three seeds, since one seed's spread on this budget is ~4 points
+# gradient can still add or remove a shape; three seeds, since one setting's runs spread 5-6 points on this budget
 ONESTEP_MODE, ONESTEP_TARGETS, ONESTEP_SEEDS = "onestep:0.5,0.9", "attn", (0, 1, 2)
 MODELS = ("shapes", "shapes-flow")  # the DDIM model and its rectified-flow sibling (shapes.py)
 COMMON = ["--reward", "shapes-count", "--ddim-steps", str(DDIM_STEPS), "--steps", "100000",
@@ -75,6 +75,11 @@ def results(model):
     with open(RESULTS) as f:
         rows = [json.loads(line) for line in f]
     return [r for r in rows if r.get("model", "shapes") == model]
+
+
+def tagged(model):
+    """The "model" field of a row: absent for the DDIM shapes model (every row before the flow model had none)."""
+    return {"model": model} if model != "shapes" else {}
 
 
 def record(row):
@@ -132,7 +137,7 @@ def run(model, mode, targets, lever="", extra=()):
         raise RuntimeError(f"[{name}] train.py failed ({proc.returncode}):\n{err[-2000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         m = [json.loads(line) for line in f]
-    row = dict(**({"model": model} if model != "shapes" else {}), mode=mode, targets=targets, lever=lever,
+    row = dict(**tagged(model), mode=mode, targets=targets, lever=lever,
                steps=len(m), images=m[-1]["images_seen"],
                cpu_minutes=(spent + used) / 60,
                train_reward_first=sum(x["reward_mean"] for x in m[:10]) / len(m[:10]),
@@ -212,8 +217,8 @@ if __name__ == "__main__":
         os.makedirs(OUT, exist_ok=True)
         done = {(r["mode"], r["targets"], r.get("lever", "")) for r in results(args.model)}
         if ("base", "-", "") not in done:
-            record(dict(**({"model": args.model} if args.model != "shapes" else {}), mode="base", targets="-", steps=0,
-                        images=0, cpu_minutes=0.0, **judge_in_child(None, args.model)))
+            record(dict(**tagged(args.model), mode="base", targets="-", steps=0, images=0, cpu_minutes=0.0,
+                        **judge_in_child(None, args.model)))
         if args.onestep:
             settings = [(ONESTEP_MODE, ONESTEP_TARGETS, f"seed {s}", ["--seed", str(s)]) for s in ONESTEP_SEEDS]
         elif args.levers:
