@@ -92,11 +92,11 @@ def sampler_parity(model):
 def lora_gradients(model, device, keep):
     """LoRA gradients of a reward through all 6 steps of the chain and the decoder."""
     sd = load_sd(model, device)
-    torch.manual_seed(0)
     params = inject_lora(sd.unet, rank=2)
+    generator = torch.Generator().manual_seed(0)  # drawn on the CPU: the same LoRA weights on either device
     with torch.no_grad():
         for w in params:  # non-zero up matrices, so that every LoRA tensor gets a gradient
-            w.normal_(0, 0.05)
+            w.copy_(torch.randn(w.shape, generator=generator) * 0.05)
     cond, uncond = encode_prompts(sd, PROMPTS), encode_prompts(sd, [""] * len(PROMPTS))
     sample = flow_sample if sd.flow else ddim_sample
     latents = sample(sd, cond, uncond, noise(sd).to(device), 6, 5.0, 0.0, "all", None, keep)

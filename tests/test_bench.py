@@ -113,6 +113,27 @@ def test_cuda_autocast_policy_on_the_cpu():
     assert cpu.live == cpu.peak == 8192 + 2 * 32
 
 
+def test_cuda_autocast_policy_holds_in_the_recomputation_in_backward():
+    # a checkpointed stage recomputes its forward inside backward, under the forward's autocast (sampler.checkpoint):
+    # CUDA's runs its GroupNorm in fp32 both times. A mode's handler runs with the mode off, so without CudaAutocast
+    # running backward itself the recomputation was the CPU's, in bf16 (SD 1.5's estimate at 512 px missed 641 MB of
+    # the 1844 MB an H200 measured in the decoder's backward)
+    from sampler import checkpoint
+    norm, conv = torch.nn.GroupNorm(8, 32).to(torch.bfloat16), torch.nn.Conv2d(32, 32, 1).to(torch.bfloat16)
+    dtypes = []
+    norm.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+    weights = [w.requires_grad_() for w in conv.parameters()]
+    x = torch.randn(2, 32, 8, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocast(), TensorMemory() as cuda:
+        checkpoint([lambda t: conv(norm(t))], x, weights).float().sum().backward()
+    assert dtypes == [torch.float32, torch.float32]  # the forward, then its recomputation in backward
+    assert all(w.grad is not None for w in weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16), TensorMemory() as cpu:
+        checkpoint([lambda t: conv(norm(t))], x, weights).float().sum().backward()
+    # the recomputation's fp32 copy of x and fp32 output (16384 bytes each) where the CPU's holds a bf16 output (8192)
+    assert cuda.peak - cpu.peak >= 2 * 16384 - 8192
+
+
 def test_fake_step_keeps_fake_what_fake_tensor_mode_runs_inside_an_op():
     """A bf16 Linear on the CPU goes through addmm's decomposition, which makes fp32 copies with empty_strided (no
     tensor argument): FakeStep once ran that for real, and every activation after it (SD 1.5's estimate at 512 px
