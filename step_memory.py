@@ -17,6 +17,7 @@ CPU) is not, nor what an allocator rounds up or keeps cached.
 """
 import functools
 import gc
+import inspect
 import weakref
 
 import torch
@@ -170,8 +171,8 @@ class CudaAutocast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.backward:
-            return self._backward(*args, **kwargs)
+        if func in (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad):
+            return self._run_backward(func, *args, **kwargs)
         name = getattr(func, "__name__", None)
         if name in CUDA_POLICY and torch.is_autocast_enabled("cpu"):
             if name in CUDA_FP32_OUTPUT:
@@ -182,21 +183,34 @@ class CudaAutocast(TorchFunctionMode):
                 args, kwargs = tree_map(lambda t: t.to(dtype) if _is_float(t) else t, (args, kwargs))
         return func(*args, **kwargs)
 
-    def _backward(self, loss, gradient=None, retain_graph=None, create_graph=False, inputs=None):
-        """loss.backward(), with this mode on. A mode's handler runs with the mode off, and so would everything that
-        backward runs: the recomputations of checkpointed stages (sampler.checkpoint), which run forward ops under
-        autocast as the first forward did (measured on an H200: SD 1.5, 512 px, --cfg-in-turn, without this the
-        estimate missed the fp32 GroupNorm copies of the VAE decoder's recomputed stages, 1203 MB against 1844 MB
-        measured). So the engine is called here, as Tensor.backward's body calls it past its own override check."""
-        if gradient is None:
-            if loss.numel() != 1:
-                raise RuntimeError("grad can be implicitly created only for scalar outputs")
-            gradient = torch.ones_like(loss)
-        inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    def _run_backward(self, func, *args, **kwargs):
+        """loss.backward(), torch.autograd.backward or .grad, run with this mode on. A mode's handler runs with the
+        mode off, and so would everything that backward runs: the recomputations of checkpointed stages
+        (sampler.checkpoint, sampler.halves_in_turn), which run forward ops under autocast as the first forward did
+        (measured on an H200: SD 1.5, 512 px, --cfg-in-turn, the estimate missed the fp32 GroupNorm copies of the
+        VAE decoder's recomputed stages, 1203 MB against 1844 MB measured in its backward). So the autograd engine is
+        called here, as those functions' bodies call it past their override check."""
+        kw = inspect.signature(func).bind(*args, **kwargs)
+        kw.apply_defaults()
+        kw = kw.arguments
+        if kw.get("is_grads_batched") or kw.get("materialize_grads"):
+            raise NotImplementedError("CudaAutocast: is_grads_batched, materialize_grads")
+        outputs = kw.get("self", kw.get("tensors", kw.get("outputs")))
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+        grads = kw.get("gradient", kw.get("grad_tensors", kw.get("grad_outputs")))
+        grads = [None] * len(outputs) if grads is None else [grads] if isinstance(grads, torch.Tensor) else grads
+        grads = tuple(torch.ones_like(out) if g is None and out.numel() == 1 else g for out, g in zip(outputs, grads))
+        if any(g is None for g in grads):
+            raise RuntimeError("grad can be implicitly created only for scalar outputs")
+        inputs = kw.get("inputs") or ()
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        retain_graph = kw["create_graph"] if kw["retain_graph"] is None else kw["retain_graph"]
+        is_grad = func is torch.autograd.grad
         with self:
-            torch.autograd.graph._engine_run_backward((loss,), (gradient,), create_graph if retain_graph is None
-                                                      else retain_graph, create_graph, inputs,
-                                                      allow_unreachable=True, accumulate_grad=True)
+            result = torch.autograd.graph._engine_run_backward(
+                outputs, grads, retain_graph, kw["create_graph"], inputs,
+                bool(kw["allow_unused"]) if is_grad else True, accumulate_grad=not is_grad)
+        return result if is_grad else None
 
 
 def _is_float(t):

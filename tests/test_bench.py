@@ -128,6 +128,10 @@ def test_cuda_autocast_policy_holds_in_the_recomputation_in_backward():
         checkpoint([lambda t: conv(norm(t))], x, weights).float().sum().backward()
     assert dtypes == [torch.float32, torch.float32]  # the forward, then its recomputation in backward
     assert all(w.grad is not None for w in weights)
+    dtypes.clear()  # nested: the inner stage is recomputed inside the outer's torch.autograd.grad (as the halves of
+    with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocast():  # --cfg-in-turn are inside a chain step's)
+        checkpoint([lambda t: checkpoint([lambda u: conv(norm(u))], t, weights)], x, weights).float().sum().backward()
+    assert dtypes == [torch.float32] * 3  # the forward, the outer recomputation, the inner one
     with torch.autocast("cpu", dtype=torch.bfloat16), TensorMemory() as cpu:
         checkpoint([lambda t: conv(norm(t))], x, weights).float().sum().backward()
     # the recomputation's fp32 copy of x and fp32 output (16384 bytes each) where the CPU's holds a bf16 output (8192)
