@@ -16,7 +16,6 @@ sampler.checkpoint when gradients are on, so that its large activations are held
 References: latent diffusion, Rombach et al. 2022 (arXiv:2112.10752); SDXL, Podell et al. 2023 (arXiv:2307.01952);
 SD3, Esser et al. 2024 (arXiv:2403.03206); FLUX.1, Black Forest Labs 2024.
 """
-import contextlib
 import copy
 import functools
 import json
@@ -477,17 +476,19 @@ def decode(sd, latents):
     if getattr(sd.vae.config, "shift_factor", None):
         z = z + sd.vae.config.shift_factor
     z = z.to(sd.vae.dtype)
-    # an fp32 VAE in a half-precision run is an SDXL VAE kept in fp32 (load_sd): autocast would halve it again
-    fp32 = torch.autocast(z.device.type, enabled=False) if sd.vae.dtype == torch.float32 else contextlib.nullcontext()
+    # the VAE runs in its own dtype with autocast off, as diffusers' pipelines run it: under autocast a bf16 VAE would
+    # run its GroupNorms in fp32 (CUDA's policy) and hold fp32 copies of full-resolution activations, and an fp32 VAE
+    # in a half-precision run (an SDXL VAE that load_sd keeps in fp32) would be halved again
+    native = torch.autocast(z.device.type, enabled=False)
     if not torch.is_grad_enabled():
-        with fp32:
+        with native:
             return (sd.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
     vae, dec = sd.vae, sd.vae.decoder  # diffusers' AutoencoderKL.decode, written out as a sequence of stages
     stages = [lambda z: dec.mid_block(dec.conv_in(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)),
               *(stage for block in dec.up_blocks for stage in _up_block_stages(block)),
               lambda x: dec.conv_out(dec.conv_act(dec.conv_norm_out(x))).float()]
     weights, x = [p for p in vae.parameters() if p.requires_grad], z
-    with fp32:
+    with native:
         for stage in stages:  # a node per stage: each input is freed once its stage's backward is done (the stages'
             x = checkpoint([stage], x, weights)  # inputs at full resolution are hundreds of MB: SD 1.5, 512 px: 192)
     return (x / 2 + 0.5).clamp(0, 1)

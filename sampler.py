@@ -43,6 +43,13 @@ def checkpoint(fns, x, weights=()):
     return _Recompute.apply(fns, x, *weights)
 
 
+def autocast_state():
+    """[(device, enabled, dtype)] of autocast now, on the CPU and (where there is one) CUDA: what a recomputation in
+    backward restores, so that it runs as the forward ran, also when backward is called inside or outside autocast."""
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+            for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available()]
+
+
 class _Recompute(torch.autograd.Function):
     """One autograd node for the whole sequence: forward runs under no_grad and builds no graph; the weights are
     inputs of the node, so their gradients flow through the one outer graph (correct with autograd.grad, gradient
@@ -54,7 +61,7 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fns, x, *weights):
         ctx.fns, ctx.weights = fns, weights
-        ctx.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+        ctx.autocast = autocast_state()
         inputs = []
         with torch.no_grad():
             for fn in fns:
@@ -70,8 +77,8 @@ class _Recompute(torch.autograd.Function):
         for fn, x in zip(reversed(ctx.fns), reversed(ctx.saved_tensors)):
             x = x.detach().requires_grad_()
             with torch.enable_grad(), contextlib.ExitStack() as stack:
-                for device_type, dtype in ctx.autocast:  # recompute under the forward's autocast, as it ran then
-                    stack.enter_context(torch.autocast(device_type, dtype=dtype))
+                for device_type, enabled, dtype in ctx.autocast:  # recompute under the forward's autocast, on or
+                    stack.enter_context(torch.autocast(device_type, dtype, enabled))  # off, whatever backward's is
                 out = fn(x)
             grad, *grads = torch.autograd.grad(out, [x, *weights], grad, allow_unused=True)
             for j, g in enumerate(grads):  # summed in place: no new buffers per step
@@ -97,7 +104,7 @@ class _HalvesInTurn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, x, context, guidance, *weights):
         ctx.call, ctx.guidance, ctx.weights = call, guidance, weights
-        ctx.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+        ctx.autocast = autocast_state()
         ctx.save_for_backward(x, context)
         with torch.no_grad():
             return call(x, context, guidance)
@@ -111,8 +118,8 @@ class _HalvesInTurn(torch.autograd.Function):
         half = len(context) // 2
         for part, scale in ((context[:half], 1 - ctx.guidance), (context[half:], ctx.guidance)):
             with torch.enable_grad(), contextlib.ExitStack() as stack:
-                for device_type, dtype in ctx.autocast:  # as the forward ran
-                    stack.enter_context(torch.autocast(device_type, dtype=dtype))
+                for device_type, enabled, dtype in ctx.autocast:  # as the forward ran
+                    stack.enter_context(torch.autocast(device_type, dtype, enabled))
                 out = ctx.call(x, part, 1.0)  # one half, unguided: (B, C, h, w)
             inputs = ([x] if x.requires_grad else []) + weights
             grads = torch.autograd.grad(out, inputs, grad * scale, allow_unused=True)

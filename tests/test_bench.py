@@ -138,6 +138,21 @@ def test_cuda_autocast_policy_holds_in_the_recomputation_in_backward():
     assert cuda.peak - cpu.peak >= 2 * 16384 - 8192
 
 
+def test_decode_runs_a_half_precision_vae_in_its_own_dtype():
+    # train.py on a GPU runs under autocast; the VAE decodes in its own dtype with autocast off, as diffusers' pipelines
+    # run it: its GroupNorms in bf16, forward and recomputation alike, where CUDA's policy would hold fp32 copies of
+    # full-resolution activations (SD 1.5 at 512 px, --cfg-in-turn: the step's peak 1779 -> 1203 MB by the estimate).
+    # backward is called inside autocast here: the recomputation restores the forward's autocast, off
+    from model import decode, latent_shape, load_sd, native_resolution
+    sd = load_sd("tiny", "cpu", torch.bfloat16)
+    dtypes = []
+    sd.vae.decoder.conv_norm_out.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+    latents = torch.randn(1, *latent_shape(sd, native_resolution(sd)), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocast():
+        decode(sd, latents).mean().backward()
+    assert dtypes == [torch.bfloat16, torch.bfloat16] and latents.grad is not None
+
+
 def test_fake_step_keeps_fake_what_fake_tensor_mode_runs_inside_an_op():
     """A bf16 Linear on the CPU goes through addmm's decomposition, which makes fp32 copies with empty_strided (no
     tensor argument): FakeStep once ran that for real, and every activation after it (SD 1.5's estimate at 512 px
