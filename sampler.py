@@ -45,9 +45,19 @@ def checkpoint(fns, x, weights=()):
 
 def autocast_state():
     """[(device, enabled, dtype)] of autocast now, on the CPU and (where there is one) CUDA: what a recomputation in
-    backward restores, so that it runs as the forward ran, also when backward is called inside or outside autocast."""
+    backward restores (autocast_as), so that it runs as the forward ran, also when backward is called inside or
+    outside autocast."""
     return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
             for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available()]
+
+
+@contextlib.contextmanager
+def autocast_as(state):
+    """Autocast on or off on each device as `state` (autocast_state()) records it."""
+    with contextlib.ExitStack() as stack:
+        for device_type, enabled, dtype in state:
+            stack.enter_context(torch.autocast(device_type, dtype, enabled))
+        yield
 
 
 class _Recompute(torch.autograd.Function):
@@ -76,9 +86,7 @@ class _Recompute(torch.autograd.Function):
         total = [None] * len(weights)
         for fn, x in zip(reversed(ctx.fns), reversed(ctx.saved_tensors)):
             x = x.detach().requires_grad_()
-            with torch.enable_grad(), contextlib.ExitStack() as stack:
-                for device_type, enabled, dtype in ctx.autocast:  # recompute under the forward's autocast, on or
-                    stack.enter_context(torch.autocast(device_type, dtype, enabled))  # off, whatever backward's is
+            with torch.enable_grad(), autocast_as(ctx.autocast):  # as the forward ran, whatever backward's is
                 out = fn(x)
             grad, *grads = torch.autograd.grad(out, [x, *weights], grad, allow_unused=True)
             for j, g in enumerate(grads):  # summed in place: no new buffers per step
@@ -117,9 +125,7 @@ class _HalvesInTurn(torch.autograd.Function):
         total, grad_x = [None] * len(weights), None
         half = len(context) // 2
         for part, scale in ((context[:half], 1 - ctx.guidance), (context[half:], ctx.guidance)):
-            with torch.enable_grad(), contextlib.ExitStack() as stack:
-                for device_type, enabled, dtype in ctx.autocast:  # as the forward ran
-                    stack.enter_context(torch.autocast(device_type, dtype, enabled))
+            with torch.enable_grad(), autocast_as(ctx.autocast):  # as the forward ran
                 out = ctx.call(x, part, 1.0)  # one half, unguided: (B, C, h, w)
             inputs = ([x] if x.requires_grad else []) + weights
             grads = torch.autograd.grad(out, inputs, grad * scale, allow_unused=True)
