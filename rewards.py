@@ -144,7 +144,7 @@ def real_jpeg_kilobytes(images, quality=JPEG_QUALITY):
 
 
 def load_shapes_count(device, dtype):
-    from shapes import COUNTER_WEIGHTS, load_counter_reward
+    from shapes.world import COUNTER_WEIGHTS, load_counter_reward
     if not os.path.isfile(COUNTER_WEIGHTS):
         raise RewardLoadError(f"no counter weights at {COUNTER_WEIGHTS}: they ship with the repository, or train them "
                               "with python shapes.py --train")
@@ -152,7 +152,7 @@ def load_shapes_count(device, dtype):
 
 
 def load_shapes_count_exact(device, dtype):
-    from shapes import shapes_count_exact
+    from shapes.world import shapes_count_exact
     return shapes_count_exact
 
 
@@ -246,7 +246,7 @@ def check_prompts(spec, prompts):
         if "count" in names:
             parse_count(prompt)  # reward_models.py: the count and noun a prompt asks for
         if names & set(SHAPES_REWARDS):
-            from shapes import parse_caption
+            from shapes.world import parse_caption
             parse_caption(prompt)
 
 

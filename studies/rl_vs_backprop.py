@@ -118,7 +118,7 @@ def judge(lora, model):
     from lora import load_lora
     from model import load_sd
     from rewards import real_jpeg_kilobytes
-    from shapes import evaluate
+    from shapes.world import evaluate
     if model not in _judge_sd:
         _judge_sd[model] = load_sd(model)
     sd = _judge_sd[model]

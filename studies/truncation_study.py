@@ -155,7 +155,7 @@ def judge(lora, model):
     from lora import load_lora
     from model import load_sd
     from rewards import load_shapes_count
-    from shapes import describe, evaluate
+    from shapes.world import describe, evaluate
     sd = load_sd(model)  # sd.unet: the UNet, or on the flow model its transformer
     if lora != "base":
         load_lora(sd.unet, lora)

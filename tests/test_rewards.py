@@ -146,7 +146,7 @@ def test_jpeg_is_minus_pillows_real_size_and_has_no_gradient():
 
 
 def test_shapes_count_exact_reads_describe():
-    from shapes import caption, render
+    from shapes.world import caption, render
     images = torch.stack([render(n, "red", "circle", seed=n) for n in (1, 2, 3)]).float() / 255  # uint8 -> [0, 1]
     prompts = [caption(1, "red", "circle"), caption(3, "red", "circle"), caption(1, "red", "circle")]
     assert load_reward("shapes-count-exact")(images, prompts).tolist() == [0.0, -1.0, -2.0]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
-from shapes import (BACKGROUND, BORDER, COLOURS, COUNT_WORDS, MAX_TOKENS, MIN_AREA, SHAPES, _components, all_captions,
+from shapes.world import (BACKGROUND, BORDER, COLOURS, COUNT_WORDS, MAX_TOKENS, MIN_AREA, SHAPES, _components, all_captions,
                     build_tokenizer, caption, describe, parse_caption, render, sample_batch, score, split_captions,
                     unknown_words)
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import shapes
+from shapes import world as shapes
 from conftest import run_here
 from flow import flow_sample
 from model import decode, encode_prompts, latent_shape, load_sd

@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
-import shapes
+from shapes import world as shapes
 from conftest import run_here
 from model import decode, encode_prompts, latent_shape, load_sd, vae_scale_factor
 from rewards import load_reward
 from sampler import ddim_sample
-from shapes import ShapesCount
+from shapes.world import ShapesCount
 
 
 @pytest.fixture(scope="module")

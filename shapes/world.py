@@ -280,7 +280,8 @@ def score(descriptions, captions):
 # the count rewards: describe()'s exact count, and a learned counter with a gradient (rewards.py serves both, as
 # shapes-count-exact and shapes-count)
 
-COUNTER_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes", "counter.safetensors")
+COUNTER_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes",
+                               "counter.safetensors")
 
 
 class ShapeCounter(torch.nn.Module):
@@ -398,7 +399,7 @@ def _merge(word, pair):
 # -----------------------------------------------------------------------------
 # the model (trained by python shapes.py --train)
 
-MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes")
+MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
 VAE_CONFIG = dict(  # three blocks: 64 px images <-> 16x16x4 latents (SD's VAE has four: 8x smaller latents)
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
@@ -701,7 +702,7 @@ def train_and_save_counter(out, steps, n_samples, seed, state_dir, fresh, checks
 # -----------------------------------------------------------------------------
 # the rectified-flow model (python shapes.py --train --flow): SD3's recipe in miniature, on the same world
 
-FLOW_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes-flow")
+FLOW_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-flow")
 FLOW_TEXT_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         max_position_embeddings=MAX_TOKENS, projection_dim=32)  # CLIP-L's and CLIP-G's stand-ins
 T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
@@ -876,8 +877,8 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0, help="the first seed --show renders; --eval's noise seed")
     p.add_argument("--model", default="shapes", help="--eval: 'shapes', 'shapes-flow' or a diffusers directory")
     p.add_argument("--lora", default=None, help="--eval: a LoRA file from train.py, compared with the base model")
-    p.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts",
-                   "shapes-eval.txt"), help="--eval: prompts, cycled")
+    p.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   "prompts", "shapes-eval.txt"), help="--eval: prompts, cycled")
     p.add_argument("--n", type=int, default=256, help="--eval: samples per model")
     p.add_argument("--ddim-steps", type=int, default=20, help="--eval: denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="--eval: classifier-free guidance scale")
