@@ -1,5 +1,5 @@
-"""bench.py runs and prints its table, on the DDIM and the rectified-flow miniatures; memory is flat in the number of
-DDIM steps with checkpointing (measured, not timed: tensor bytes counted exactly, which needs no fresh process per
+"""tools/bench.py runs and prints its table, on the DDIM and the rectified-flow miniatures; memory is flat in the number
+of DDIM steps with checkpointing (measured, not timed: tensor bytes counted exactly, which needs no fresh process per
 point, unlike RSS). All run in the test process (conftest.run_here): nothing they check depends on the process's RSS.
 The tensor counter itself (step_memory.TensorMemory) is checked against bytes computed by hand."""
 import json
@@ -8,13 +8,13 @@ import math
 import torch
 
 from conftest import run_here
-from step_memory import CudaAutocast, FakeStep, TensorMemory
+from tools.step_memory import CudaAutocast, FakeStep, TensorMemory
 
 
 def bench(tmp_path, monkeypatch, *args):
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # already "set": bench.py does not re-execute itself
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # already "set": bench does not re-execute itself
     out = tmp_path / "bench.json"
-    proc = run_here("bench.py", *args, "--json", out)
+    proc = run_here("tools/bench.py", *args, "--json", out)
     return proc.stdout, json.loads(out.read_text())
 
 

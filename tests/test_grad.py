@@ -183,7 +183,7 @@ def test_cfg_halves_in_turn_give_the_same_gradient_with_less_memory(tiny, backpr
     The same samples (the forward is unchanged), the same gradients to rounding (the halves run as two calls of B
     instead of one of 2B), and less memory in the chain's backward: measured on the tiny model at 64 px, peak
     tensor bytes of the backward from the latents alone (no decoder, whose backward is larger here)."""
-    from step_memory import TensorMemory
+    from tools.step_memory import TensorMemory
     params, x, cond, uncond = setup(tiny)
     runs = {}
     for in_turn in (False, True):

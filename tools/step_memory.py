@@ -1,6 +1,6 @@
 """What a training step holds in memory: its tensors' bytes counted exactly as they are made and freed (TensorMemory),
 on a CPU, where there is no allocator to ask; and the same count with no weights and no GPU, on fake tensors
-(FakeStep), under CUDA's autocast policy for a GPU's figure (CudaAutocast): bench.py --estimate.
+(FakeStep), under CUDA's autocast policy for a GPU's figure (CudaAutocast): python -m tools.bench --estimate.
 
     with TensorMemory() as mem:                   # every storage alive now (weights, inputs, optimiser state) is not
         loss = step()                             # the step's; an output of an op is counted once, on its first

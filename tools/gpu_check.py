@@ -1,17 +1,17 @@
 """The GPU check: what the CPU test suite cannot tell, in one call on one CUDA GPU (under 8 minutes on an H200).
 
-    python gpu_check.py                      # prints each check, writes gpu_check.json
-    python gpu_check.py --skip-bench         # the parity and gradient checks only (a minute)
+    python -m tools.gpu_check                # from the repository root: prints each check, writes gpu_check.json
+    python -m tools.gpu_check --skip-bench   # the parity and gradient checks only (a minute)
 
 1. Parity on CUDA, fp32, on the offline miniatures (random weights, real classes): ddim_sample against diffusers'
    StableDiffusionPipeline and flow_sample against StableDiffusion3Pipeline, same weights and initial noise;
    LoRA gradients through the checkpointed chain (sampler.checkpoint: recomputed in backward) against the same chain
    keeping every activation (plain autograd), and against the CPU's. Tolerances are CUDA's rounding (TF32 off).
-2. SD 1.5 at 512 px and SDXL at 1024 px (random weights, bf16, CFG 7.5, batch 1, every step recomputed): bench.py's
-   mode table on the GPU at 20 steps, seconds per training step against sampling and torch.cuda.max_memory_allocated
-   above the weights; then full backprop with --cfg-in-turn at 2 steps, its measured peak beside what bench.py
-   --estimate counted for the same step on a CPU (docs/estimates/*.json, made by the commands in
-   docs/speed-and-memory.md): the estimate leaves out kernel workspaces and the allocator's rounding.
+2. SD 1.5 at 512 px and SDXL at 1024 px (random weights, bf16, CFG 7.5, batch 1, every step recomputed): the mode
+   table of tools/bench.py on the GPU at 20 steps, seconds per training step against sampling and
+   torch.cuda.max_memory_allocated above the weights; then full backprop with --cfg-in-turn at 2 steps, its measured
+   peak beside what tools/bench.py --estimate counted for the same step on a CPU (docs/estimates/*.json, made by the
+   commands in docs/speed-and-memory.md): the estimate leaves out kernel workspaces and the allocator's rounding.
 
 Nothing in tests/ depends on this script; the README's GPU figures come from its output, with the device's name.
 """
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's
 BENCH = {"sd15": ("512", "sd15-512-in-turn.json"), "sdxl": ("1024", "sdxl-1024-in-turn.json")}
 MODES = "all,1,drtune:2"  # full backprop, K = 1, DRTune: the README's estimate table
 
@@ -33,9 +33,8 @@ p.add_argument("--skip-bench", action="store_true", help="the parity and gradien
 p.add_argument("--json", default="gpu_check.json", help="where the results go")
 args = p.parse_args()
 if not torch.cuda.is_available():
-    sys.exit("gpu_check.py needs a CUDA GPU (the CPU's checks are the test suite: python -m pytest -q tests)")
+    sys.exit("tools/gpu_check.py needs a CUDA GPU (the CPU's checks are the test suite: python -m pytest -q tests)")
 
-sys.path.insert(0, ROOT)
 from lora import inject_lora  # noqa: E402  (after the check: a clear message first)
 from model import decode, encode_prompts, latent_shape, load_sd, native_resolution  # noqa: E402
 from sampler import ddim_sample  # noqa: E402
@@ -101,7 +100,7 @@ def lora_gradients(model, device, keep):
     sample = flow_sample if sd.flow else ddim_sample
     latents = sample(sd, cond, uncond, noise(sd).to(device), 6, 5.0, 0.0, "all", None, keep)
     images = decode(sd, latents)
-    loss = -(images[..., 1:] - images[..., :-1]).abs().mean()  # bench.py's smooth reward
+    loss = -(images[..., 1:] - images[..., :-1]).abs().mean()  # tools/bench.py's smooth reward
     return torch.cat([g.flatten().cpu() for g in torch.autograd.grad(loss, params)])
 
 
@@ -117,10 +116,10 @@ for model in ("tiny", "tiny-sd3"):
 
 
 def bench(arch, resolution, *flags):
-    """bench.py's mode table on this GPU: its rows (seconds per step, ratio to sampling, step_mb: max_memory_allocated
-    above what was allocated before the step), or the error's last lines."""
+    """tools/bench.py's mode table on this GPU: its rows (seconds per step, ratio to sampling, step_mb:
+    max_memory_allocated above what was allocated before the step), or the error's last lines."""
     out = os.path.join(ROOT, f".gpu_check_{arch}.json")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--arch", arch, "--resolution", resolution,
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "--arch", arch, "--resolution", resolution,
                            "--dtype", "bf16", "--keep-activations", "0", "--warmup", "1", "--json", out, *flags],
                           cwd=ROOT, capture_output=True, text=True)
     print(proc.stdout, proc.stderr[-2000:] if proc.returncode else "", flush=True)

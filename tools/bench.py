@@ -1,15 +1,16 @@
 """Benchmark: what one AlignProp training step costs against plain sampling, in seconds and peak memory.
 
-    python bench.py                                     # the tiny model on a CPU, well under a minute
-    python bench.py --arch sd15 --resolution 512        # Stable Diffusion 1.5's architecture, random weights (GPU)
-    python bench.py --arch sdxl                         # SDXL's, at its native 1024 px (GPU)
-    python bench.py --arch sd35m --resolution 1024      # SD 3.5 Medium's rectified-flow transformer (GPU)
-    python bench.py --arch flux --resolution 1024       # FLUX.1-dev's (GPU; 24 GB of weights in bf16)
-    python bench.py --model tiny-sd3                    # the SD3 / FLUX miniatures (tiny-flux), CPU, seconds
-    python bench.py --steps-sweep 10,25,50              # peak memory against DDIM steps, with and without checkpointing
-    python bench.py --budget-sweep 0.8,1.0 --resolution 256   # --keep-activations auto under each memory budget (GB)
-    python bench.py --model path/to/diffusers/dir       # anything load_sd accepts
-    python bench.py --estimate --arch sdxl --sample-steps 2 --modes all   # will it fit a GPU? fake tensors, no GPU
+    python -m tools.bench                                     # the tiny model on a CPU, well under a minute
+    python -m tools.bench --arch sd15 --resolution 512        # SD 1.5's architecture, random weights (GPU)
+    python -m tools.bench --arch sdxl                         # SDXL's, at its native 1024 px (GPU)
+    python -m tools.bench --arch sd35m --resolution 1024      # SD 3.5 Medium's rectified-flow transformer (GPU)
+    python -m tools.bench --arch flux --resolution 1024       # FLUX.1-dev's (GPU; 24 GB of weights in bf16)
+    python -m tools.bench --model tiny-sd3                    # the SD3 / FLUX miniatures (tiny-flux), CPU, seconds
+    python -m tools.bench --steps-sweep 10,25,50              # peak memory against DDIM steps, with and without
+                                                              # checkpointing
+    python -m tools.bench --budget-sweep 0.8,1.0 --resolution 256   # --keep-activations auto under each budget (GB)
+    python -m tools.bench --model path/to/diffusers/dir       # anything load_sd accepts
+    python -m tools.bench --estimate --arch sdxl --sample-steps 2 --modes all   # will it fit a GPU? no GPU needed
 
 All modes run in this one process on the same batch, steps and guidance: `sample` is the sampler + decode under
 no_grad (DDIM for SD 1.x / 2.x / XL, sampler.ddim_sample; the Euler ODE for the rectified-flow models SD3 and FLUX,
@@ -30,9 +31,11 @@ transformer reads has its real shapes.
 import os
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's, where -m tools.bench runs
+
 if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc reads it at start-up: re-run this script with it set
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable] + sys.argv)
+    os.execv(sys.executable, [sys.executable, "-m", "tools.bench"] + sys.argv[1:])  # argv[0]: the file, under -m
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -45,11 +48,11 @@ import torch  # noqa: E402
 
 from flow import flow_sample  # noqa: E402
 from lora import inject_lora  # noqa: E402
+from memory import activations_to_keep, memory_budget  # noqa: E402
 from model import decode, encode_prompts, latent_shape, load_sd, native_resolution  # noqa: E402
 from rewards import load_reward  # noqa: E402
-from runs import activations_to_keep, memory_budget  # noqa: E402
 from sampler import ddim_sample, parse_backprop  # noqa: E402
-from step_memory import CudaAutocast, FakeStep, TensorMemory, phase  # noqa: E402
+from tools.step_memory import CudaAutocast, FakeStep, TensorMemory, phase  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, or a miniature: 'tiny', 'tiny-xl', "
@@ -426,14 +429,15 @@ def sweep_point(steps, keep, budget=0.0, repeats=1):
     if not repeats:
         return dict(ddim_steps=steps, checkpointed=keep == 0, kept=keep, seconds=float("nan"), peak_mb=float("nan"),
                     step_mb=memory(lambda: run("all", steps, keep), rss=False)[1])
-    child = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--resolution", str(resolution),
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model  # a directory, from ROOT too
+    child = [sys.executable, "-m", "tools.bench", "--model", model, "--resolution", str(resolution),
              "--batch-size", str(args.batch_size), "--guidance", str(args.guidance), "--dtype", args.dtype,
              "--threads", str(args.threads), "--reward", args.reward, "--warmup", str(args.warmup),
              "--repeats", str(repeats), "--memory-budget", str(budget),
              *(["--arch", args.arch] if args.arch else []), *(["--no-tensor-memory"] if not args.tensor_memory else []),
              *(["--flux-blocks", args.flux_blocks] if args.flux_blocks else []),
              *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else [])]
-    out = subprocess.run(child + ["--sweep-point", f"{steps},{keep}"], capture_output=True, text=True)
+    out = subprocess.run(child + ["--sweep-point", f"{steps},{keep}"], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         sys.exit(f"sweep point T={steps}, keep {keep}, budget {budget} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

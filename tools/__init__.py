@@ -1,0 +1,1 @@
+"""Tools beside the core, which nothing in it imports; run from the repository root: python -m tools.bench."""
