@@ -2,7 +2,7 @@
 
     image_grid(images, nrow=4, labels=prompts, title="step 50").save("grid.png")   # images (B, 3, H, W) in [0, 1]
 
-train.py, ddpo.py and sample.py write their before/after pictures with it, shapes.py its examples.
+train.py, ddpo.py and sample.py write their before/after pictures with it, the shapes package its examples.
 """
 import torch
 

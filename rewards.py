@@ -6,7 +6,7 @@
 
 This file holds what a reward is, the hand-coded rewards (a differentiable JPEG size, below) and the registry of every
 name. The learned rewards, models from the Hugging Face hub (aesthetic, hps, pickscore, clip, count), are in
-reward_models.py; the shapes model's count rewards in shapes.py, which owns that world.
+reward_models.py; the shapes model's count rewards in shapes/counter.py, in the package that owns that world.
 
   compress    minus the estimated JPEG file size in kB; `incompress` is plus. Nothing to download. The estimate is a
               hand-written, differentiable model of baseline JPEG (ITU-T T.81; the steps of Wallace 1991): RGB ->
@@ -19,10 +19,10 @@ reward_models.py; the shapes model's count rewards in shapes.py, which owns that
   aesthetic, hps, pickscore, clip, count
               learned scorers of images and prompts (reward_models.py says what each is and what it downloads).
   shapes-count  minus the count error beyond rounding for the shapes model's prompts, from a small learned counter
-              (shapes.ShapeCounter; its weights ship in models/shapes). Nothing to download.
+              (shapes.counter.ShapeCounter; its weights ship in models/shapes). Nothing to download.
   shapes-count-exact
-              minus |count - n| as shapes.describe() reads it, for the shapes model's prompts: the exact count error,
-              with no gradient (for ddpo.py); `shapes-count` is its learned, differentiable stand-in.
+              minus |count - n| as shapes.world.describe() reads it, for the shapes model's prompts: the exact count
+              error, with no gradient (for ddpo.py); `shapes-count` is its learned, differentiable stand-in.
 
 The rewards in NO_GRADIENT return values without a graph: train.py refuses them (its method needs a gradient),
 ddpo.py takes every reward. A mix "name[:weight],..." (weight 1 by default) trains on the weighted sum; weight 0
@@ -140,19 +140,19 @@ def real_jpeg_kilobytes(images, quality=JPEG_QUALITY):
 
 
 # -----------------------------------------------------------------------------
-# shapes-count and shapes-count-exact: the shapes world's own (shapes.py), served here under their names
+# shapes-count and shapes-count-exact: the shapes world's own (shapes/counter.py), served here under their names
 
 
 def load_shapes_count(device, dtype):
-    from shapes.world import COUNTER_WEIGHTS, load_counter_reward
+    from shapes.counter import COUNTER_WEIGHTS, load_counter_reward
     if not os.path.isfile(COUNTER_WEIGHTS):
         raise RewardLoadError(f"no counter weights at {COUNTER_WEIGHTS}: they ship with the repository, or train them "
-                              "with python shapes.py --train")
+                              "with python -m shapes --train")
     return frozen(load_counter_reward(COUNTER_WEIGHTS), device, dtype)
 
 
 def load_shapes_count_exact(device, dtype):
-    from shapes.world import shapes_count_exact
+    from shapes.counter import shapes_count_exact
     return shapes_count_exact
 
 
@@ -240,7 +240,7 @@ SHAPES_REWARDS = ("shapes-count", "shapes-count-exact")  # they read the count f
 def check_prompts(spec, prompts):
     """ValueError for the first prompt that a reward of `spec` cannot score: run it before training, not at the first
     step that draws the prompt. `count` needs a count in every prompt (parse_count); the shapes rewards need captions
-    of the shapes grammar (shapes.parse_caption)."""
+    of the shapes grammar (shapes.world.parse_caption)."""
     names = {name for name, _ in parse_reward_spec(spec)}
     for prompt in prompts:
         if "count" in names:

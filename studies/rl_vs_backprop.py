@@ -51,7 +51,7 @@ TASKS = {  # task -> (metric judged, higher is better?, {method: training reward
     "compress": ("jpeg_kb", False, {"backprop": "compress", "rl": "jpeg"}),
     "count": ("count", True, {"backprop": "shapes-count", "rl": "shapes-count-exact"}),
 }
-MODELS = ("shapes", "shapes-flow")  # the DDIM model and its rectified-flow sibling (shapes.py)
+MODELS = ("shapes", "shapes-flow")  # the DDIM model and its rectified-flow sibling (the shapes package)
 COMMON = ["--ddim-steps", str(DDIM_STEPS), "--guidance", "7.5", "--lora-rank", "4", "--eval-every", "0",
           "--eval-n", "4"]  # same model, sampler, LoRA rank and prompts for both methods
 BACKPROP = ["--keep-activations", "0"]  # train.py: every step recomputed (flat memory), as the committed results were
@@ -118,7 +118,7 @@ def judge(lora, model):
     from lora import load_lora
     from model import load_sd
     from rewards import real_jpeg_kilobytes
-    from shapes.world import evaluate
+    from shapes.evaluate import evaluate
     if model not in _judge_sd:
         _judge_sd[model] = load_sd(model)
     sd = _judge_sd[model]

@@ -58,7 +58,7 @@ LEVERS = [  # (name, mode, targets, more train.py flags): runs once the grid was
 # The one-step lever (--onestep): the noise level drawn per trajectory in the chain's first half, where the counter's
 # gradient can still add or remove a shape; three seeds, since one setting's runs spread 5-6 points on this budget
 ONESTEP_MODE, ONESTEP_TARGETS, ONESTEP_SEEDS = "onestep:0.5,0.9", "attn", (0, 1, 2)
-MODELS = ("shapes", "shapes-flow")  # the DDIM model and its rectified-flow sibling (shapes.py)
+MODELS = ("shapes", "shapes-flow")  # the DDIM model and its rectified-flow sibling (the shapes package)
 COMMON = ["--reward", "shapes-count", "--ddim-steps", str(DDIM_STEPS), "--steps", "100000",
           "--save-every", "5", "--eval-every", "0", "--eval-n", "4",  # --steps: the budget stops the run, not this
           "--keep-activations", "0"]  # every step recomputed, as the committed results were measured: train.py's
@@ -155,7 +155,8 @@ def judge(lora, model):
     from lora import load_lora
     from model import load_sd
     from rewards import load_shapes_count
-    from shapes.world import describe, evaluate
+    from shapes.evaluate import evaluate
+    from shapes.world import describe
     sd = load_sd(model)  # sd.unet: the UNet, or on the flow model its transformer
     if lora != "base":
         load_lora(sd.unet, lora)

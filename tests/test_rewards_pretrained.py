@@ -274,7 +274,7 @@ def test_openclip_vit_h_14_maps_onto_transformers_clip_at_full_size():
     ("4 cookies on a plate", (4, "cookie")),
     ("12 eggs", (12, "egg")),
     ("Two Hot-Air Balloons, over a city", (2, "balloon")),
-    ("a blue square", (1, "square")),  # shapes.py's captions
+    ("a blue square", (1, "square")),  # the shapes world's captions
     ("four yellow triangles", (4, "triangle")),
 ])
 def test_parse_count(prompt, expected):

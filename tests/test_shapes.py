@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
-from shapes.world import (BACKGROUND, BORDER, COLOURS, COUNT_WORDS, MAX_TOKENS, MIN_AREA, SHAPES, _components, all_captions,
-                    build_tokenizer, caption, describe, parse_caption, render, sample_batch, score, split_captions,
-                    unknown_words)
+from shapes.tokenizer import MAX_TOKENS, build_tokenizer
+from shapes.world import (BACKGROUND, BORDER, COLOURS, COUNT_WORDS, MIN_AREA, SHAPES, _components, all_captions,
+                          caption, describe, parse_caption, render, sample_batch, score, split_captions, unknown_words)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS_PER_CAPTION = 64  # 48 captions x 64 seeds = 3072 images

@@ -1,18 +1,21 @@
 """The shipped coloured-shapes model (models/shapes): it loads like any Stable Diffusion, draws the colour it is asked
 for, its learned counter has a gradient, and a short shapes-count run raises that reward. Plus the training code end
-to end on a few steps, so `python shapes.py --train` cannot rot."""
+to end on a few steps, so `python -m shapes --train` cannot rot."""
 import json
 import os
 
 import pytest
 import torch
 
-from shapes import world as shapes
 from conftest import run_here
 from model import decode, encode_prompts, latent_shape, load_sd, vae_scale_factor
 from rewards import load_reward
 from sampler import ddim_sample
-from shapes.world import ShapesCount
+from shapes.counter import ShapesCount
+from shapes.evaluate import evaluate
+from shapes.tokenizer import MAX_TOKENS
+from shapes.train_unet import MODEL_DIR, counting_batch, train
+from shapes.world import RESOLUTION, describe
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +24,17 @@ def sd():
 
 
 def test_shipped_model_loads_and_draws_the_right_colour(sd):
-    assert vae_scale_factor(sd) == 4 and latent_shape(sd, shapes.RESOLUTION) == (4, 16, 16)
-    assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(shapes.MODEL_DIR) for f in fs) < 20e6
+    assert vae_scale_factor(sd) == 4 and latent_shape(sd, RESOLUTION) == (4, 16, 16)
+    assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(MODEL_DIR) for f in fs) < 20e6
     captions = ["a red circle", "two green squares", "three blue triangles", "four yellow circles"] * 2
-    results, images = shapes.evaluate(sd, captions, n=len(captions), steps=10, batch=8)
+    results, images = evaluate(sd, captions, n=len(captions), steps=10, batch=8)
     assert images.shape == (8, 3, 64, 64)
     assert results["colour"] >= 0.75, results  # the shipped model's colour accuracy is >= 0.9 on 256 samples
 
 
 def test_counter_counts_renders_and_its_gradient_reaches_the_pixels():
     reward = load_reward("shapes-count")
-    images, counts = shapes.counting_batch(64, torch.Generator().manual_seed(0))
+    images, counts = counting_batch(64, torch.Generator().manual_seed(0))
     counter = reward.terms[0][2].counter
     assert (counter(images).round() == counts).float().mean() > 0.9
     prompts = ["three red circles"] * 4
@@ -70,16 +73,16 @@ def test_short_shapes_count_run_raises_the_counter_reward(tmp_path):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"] == "shapes"  # the default without a GPU
     before, after = (float(v) for v in proc.stdout.strip().splitlines()[-1].split(":")[1].split("after")[0].split("->"))
-    # measured -0.456 -> -0.338: only the images counted wrong send a gradient (shapes.ShapesCount), so the
+    # measured -0.456 -> -0.338: only the images counted wrong send a gradient (ShapesCount), so the
     # rise is smaller than -|c - n|'s was and the margin leaves room for other platforms' rounding
     assert after > before + 0.05, (before, after)
 
 
 def test_training_code_end_to_end_on_a_few_steps(tmp_path):
     out = str(tmp_path / "model")
-    shapes.train(out, vae_steps=2, unet_steps=2, counter_steps=2, pool=64, counter_samples=8, checks=64)
+    train(out, vae_steps=2, unet_steps=2, counter_steps=2, pool=64, counter_samples=8, checks=64)
     sd = load_sd(out)
-    assert sd.vae.config.scaling_factor > 0 and sd.tokenizer.model_max_length == shapes.MAX_TOKENS
+    assert sd.vae.config.scaling_factor > 0 and sd.tokenizer.model_max_length == MAX_TOKENS
     latents = ddim_sample(sd, encode_prompts(sd, ["a red circle"]), encode_prompts(sd, [""]),
                           torch.randn(1, *latent_shape(sd, 64)), steps=2)
     assert decode(sd, latents).shape == (1, 3, 64, 64)
@@ -88,11 +91,11 @@ def test_training_code_end_to_end_on_a_few_steps(tmp_path):
     samples_path = os.path.join(out, ".train", "counter_samples.pt")
     images, counts = torch.load(samples_path, weights_only=True)
     assert images.shape == (8, 3, 64, 64) and images.dtype == torch.uint8
-    assert counts.tolist() == [d["count"] for d in shapes.describe(images)]
+    assert counts.tolist() == [d["count"] for d in describe(images)]
     # a stopped run continues from its checkpoints: here every phase is done, so nothing is trained again
     state = torch.load(os.path.join(out, ".train", "unet.pt"), weights_only=True)
     assert state["step"] == 2
     drawn_at = os.path.getmtime(samples_path)
-    shapes.train(out, vae_steps=2, unet_steps=3, counter_steps=2, pool=64, counter_samples=8, checks=64)  # + 1 step
+    train(out, vae_steps=2, unet_steps=3, counter_steps=2, pool=64, counter_samples=8, checks=64)  # + 1 step
     assert torch.load(os.path.join(out, ".train", "unet.pt"), weights_only=True)["step"] == 3
     assert os.path.getmtime(samples_path) > drawn_at  # a new UNet: its samples are drawn again for the counter
