@@ -31,22 +31,15 @@ Under torchrun each process samples and trains on its share of every round; grad
 """
 import argparse
 import os
-import sys
 import time
 
 import torch
-from tqdm import tqdm
 
-from grid import image_grid
-from flow import flow_context, flow_output, flow_rollout, flow_sample, flow_transition
-from lora import INITS, TARGET_SETS
-from model import DEFAULT_MODEL, decode, encode_prompts, free_text_encoders, native_resolution
-from rewards import REWARDS
-from runs import (DTYPES, StopOnSignal, agree, average_gradients, check_batch_fits, check_numbers, check_out, die,
-                  gather, info, inject_adapters, load_checkpoint, load_model_and_reward, log_metrics, lora_targets,
-                  machine_defaults, peak_memory, plot_rewards, read_metrics, refuse_overwrite, reset_peak_memory,
-                  resume_args, run_prompts, sampling_defaults, save_checkpoint, start_processes, write_config)
-from sampler import ddim_rollout, ddim_sample, ddim_transition, guidance_context, guided_output, step_logprob
+from flow import flow_context, flow_output, flow_rollout, flow_transition
+from memory import peak_memory, reset_peak_memory
+from model import decode
+from runs import Run, add_run_flags, average_gradients, check_batch_fits, check_numbers, die, gather, info, parse_run_args
+from sampler import ddim_rollout, ddim_transition, guidance_context, guided_output, step_logprob
 
 # -----------------------------------------------------------------------------
 # advantages and the PPO loss: the whole of the method that is not sampling
@@ -87,24 +80,13 @@ def ppo_loss(logp, logp_old, adv, clip_range):
 
 
 # -----------------------------------------------------------------------------
-# flags
+# flags: the shared ones (runs.add_run_flags: --model, --reward, --steps, --lr, ...), then RL's own
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--reward", default="jpeg", help=f"what to maximise: {', '.join(REWARDS)}, or a weighted mix such as "
-               "jpeg,compress:0.5; a gradient is never used (default: jpeg, DDPO's compressibility)")
-p.add_argument("--model", default=None, help=f"hub id, local diffusers dir (SD 1.x, 2.x, XL, 3 / 3.5, FLUX.1), "
-               f"'shapes' (shipped, trained) or 'tiny' / 'tiny-xl' / 'tiny-sd3' / 'tiny-flux' (random weights) "
-               f"(default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
-p.add_argument("--prompts", default=None, help="training prompts, one per line (default: as train.py's)")
-p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: as train.py's)")
-p.add_argument("--steps", type=int, default=20, help="rounds of sampling + training in total (default %(default)s)")
+add_run_flags(p, reward="jpeg", steps=20, lr=3e-4, grad_accum=4, eta=None, every=5, unit="round")
 p.add_argument("--samples-per-step", type=int, default=32, help="images sampled and scored per round: the reward "
                "queries (default %(default)s; DDPO: 256 per epoch over 8 GPUs)")
-p.add_argument("--batch-size", type=int, default=4, help="images per UNet call, in sampling and training")
-p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimisation step (the defaults: 2 "
-               "optimisation steps per round and inner epoch)")
 p.add_argument("--inner-epochs", type=int, default=1, help="PPO passes over each round's samples (DDPO: 1)")
-p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (DDPO: 3e-4)")
 p.add_argument("--clip-range", type=float, default=1e-4, help="PPO's ratio clip eps (DDPO: 1e-4)")
 p.add_argument("--adv-clip-max", type=float, default=5.0, help="advantages clipped to +-this (DDPO: 5)")
 p.add_argument("--timestep-fraction", type=float, default=1.0, help="fraction of each trajectory's denoising steps "
@@ -115,156 +97,69 @@ p.add_argument("--group-size", type=int, default=1, help="images per prompt in a
                "DDPO's draw; Flow-GRPO uses 16 or more)")
 p.add_argument("--stat-buffer", type=int, default=16, help="running advantages: rewards kept per prompt, and "
                "needed before its own statistics are used (DDPO: 16)")
-p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (alpha = rank; DDPO: 4)")
-p.add_argument("--lora-init", default="kaiming", choices=INITS, help="the LoRA down matrices' init: kaiming "
-               "(nn.Linear's, as train.py) or gaussian (N(0, 1/rank^2): PEFT's, TRL's and DDPO's)")
-p.add_argument("--lora-targets", default="attn", help=f"layers that get adapters: {', '.join(TARGET_SETS)} "
-               "(the attention projections, DDPO's; the ResNet blocks' convolutions) or module names, joined with '+'")
-p.add_argument("--sample-steps", "--ddim-steps", type=int, default=20, help="denoising steps per sample (DDPO: 50; "
-               "Flow-GRPO: 10)")
-p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale in sampling and "
-               "training, as train.py's; <= 1 disables CFG (default: 7.5 SD, 7.0 SD3, 3.5 FLUX; DDPO: 5, Flow-GRPO: "
-               "4.5)")
-p.add_argument("--eta", type=float, default=None, help="sampler noise, > 0: the policy must be stochastic; DDIM's eta "
-               "(default 1, DDPO's) or on flow models the noise level of Flow-GRPO's SDE (default 0.7, its value)")
-p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
-p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="precision of the frozen model and "
-               "autocast (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32")
-p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 = no clipping (DDPO: 1)")
-p.add_argument("--seed", type=int, default=0, help="seeds the LoRA init, prompts, noise and eval images")
-p.add_argument("--out", default=None, help="output directory (default: out/ddpo-<reward>)")
-p.add_argument("--resume", default=None, help="continue the run in this directory from its last checkpoint")
-p.add_argument("--save-every", type=int, default=5, help="checkpoint every N rounds; 0 = only at the end")
-p.add_argument("--eval-every", type=int, default=5, help="eval grid every N rounds; 0 = only at start and end")
-p.add_argument("--eval-n", type=int, default=8, help="eval images (held-out prompts x fixed seeds)")
-args = resume_args(p, p.parse_args())
-
-ddp, rank, world = start_processes()  # torchrun: each process samples and trains on its rows of every round
-master = rank == 0
-device_type, device = machine_defaults(args)  # --model, --prompts, --eval-prompts and --dtype for this machine
-args.out = args.out or os.path.join("out", "ddpo-" + args.reward.replace(",", "+").replace(":", ""))
-prompts, eval_prompts = run_prompts(args)
+args = parse_run_args(p, "ddpo.py")  # --resume, every default the command leaves open (runs.settle), checks
 if args.eta == 0:
     die("--eta must be > 0: eta 0 is a deterministic sampler, which has no policy density to train")
-check_numbers(args, at_least_1=("steps", "samples_per_step", "batch_size", "grad_accum", "inner_epochs",
-                                "group_size", "stat_buffer", "lora_rank", "sample_steps", "eval_n"),
-              at_least_0=("max_grad_norm", "resolution", "save_every", "eval_every"),
-              above_0=("lr", "clip_range", "adv_clip_max", "eta", "timestep_fraction"), finite=("guidance",))
+check_numbers(args, at_least_1=("samples_per_step", "inner_epochs", "group_size", "stat_buffer"),
+              above_0=("clip_range", "adv_clip_max", "timestep_fraction"))
 if args.timestep_fraction > 1:
     die("--timestep-fraction must be in (0, 1]")
+world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes
 micro = args.batch_size * world  # images per micro-batch over all processes
 if args.samples_per_step % (micro * args.grad_accum) or args.samples_per_step % args.group_size:
     die(f"--samples-per-step {args.samples_per_step} must be a multiple of --batch-size x --grad-accum x processes "
         f"({micro * args.grad_accum}) and of --group-size ({args.group_size})")
 if args.advantage == "group" and args.group_size < 2:
     die("--advantage group needs --group-size >= 2: the advantage compares images of the same prompt")
-targets = lora_targets(args.lora_targets)
-refuse_overwrite(args.out, args.resume)
-check_out(args.out)  # a file, or a place this process may not write: one line now, not a traceback later
 
 # -----------------------------------------------------------------------------
-# setup
+# setup: the model, reward, LoRA and optimiser, the prompts encoded once (runs.Run)
 
-sd, shape, reward_fn = load_model_and_reward(args, device)  # frozen, in the run's dtype; shape (C, h, w)
-sampling_defaults(args, sd, eta_default={"ddim": 1.0, "flow": 0.7})  # --guidance, --eta by the model's family
+run = Run(args, "ddpo.py")
+sd, device = run.sd, run.device
 # The two families' pieces take the same arguments (eta: DDIM's, or the flow SDE's noise level); the loop uses these
-sample_chain, rollout, transition, model_output = ((flow_sample, flow_rollout, flow_transition, flow_output) if sd.flow
-                                                   else (ddim_sample, ddim_rollout, ddim_transition, guided_output))
-dtype = DTYPES[args.dtype]
-resolution = args.resolution or native_resolution(sd)
+rollout, transition, model_output = ((flow_rollout, flow_transition, flow_output) if sd.flow
+                                     else (ddim_rollout, ddim_transition, guided_output))
 # a round keeps every image's latents x_T .. x_0 and its decoded image, on every rank (a lower bound: no activations)
-per_image = (args.sample_steps + 1) * 4 * torch.Size(shape).numel() + 4 * 3 * resolution ** 2
+per_image = (args.sample_steps + 1) * 4 * torch.Size(run.shape).numel() + 4 * 3 * run.resolution ** 2
 check_batch_fits(f"--samples-per-step {args.samples_per_step}", args.samples_per_step // world * per_image,
-                 device_type, "lower --samples-per-step")
-torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
-params = inject_adapters(sd.unet, args.lora_rank, targets, args.lora_init)  # the only trainable weights, in fp32
-opt = torch.optim.AdamW(params, lr=args.lr)
-autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-eval_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(args.eval_n)]
-with torch.no_grad(), autocast:
-    cond_all = encode_prompts(sd, prompts)  # (N, L, D)
-    eval_cond = encode_prompts(sd, eval_prompts)
-    uncond = encode_prompts(sd, [""])  # (1, L, D)
-freed = free_text_encoders(sd)  # needed no more: SD3's and FLUX's T5-XXL alone holds 9.5 GB in bf16
-if device_type == "cuda":
-    torch.cuda.empty_cache()  # their memory back to the driver, and to this run's peak-memory budget
-eval_noise = torch.randn(args.eval_n, *shape, generator=torch.Generator().manual_seed(args.seed + 1))
-rng = torch.Generator().manual_seed(args.seed)  # prompts and initial noise of every round, the same on every rank
+                 run.device_type, "lower --samples-per-step")
 stats = RunningPromptStats(args.stat_buffer)
 n_local = args.samples_per_step // world  # this rank's images per round
-rows = slice(rank * n_local, (rank + 1) * n_local)
+rows = slice(run.rank * n_local, (run.rank + 1) * n_local)
 train_steps = max(1, round(args.timestep_fraction * args.sample_steps))  # denoising steps trained per micro-batch
-config = dict(vars(args), script="ddpo.py", world_size=world)
-if not args.resume:  # a resumed run's config.json is rewritten once its checkpoint has loaded
-    write_config(args.out, config)
-step, eval_before = 0, None
+stats.seen = run.start(state=lambda: dict(stats=stats.seen)).get("stats", {})
+info(f"{args.model}: {run.resolution}px, {len(run.params) // 2} LoRA layers, {run.device_type} {args.dtype}, "
+     f"{args.samples_per_step} images per round in {args.samples_per_step // (micro * args.grad_accum)} optimisation "
+     f"steps x {args.inner_epochs} inner epochs, {train_steps} of {args.sample_steps} denoising steps trained, "
+     f"{args.advantage} advantages, text encoders freed ({run.freed / 2**30:.2f} GB)"
+     + (f", eval reward {run.eval_before:.4f}" if run.master else ""))
 
 
 def round_generator(step, purpose):
     """Eta noise (purpose 0) and epoch e's shuffles (purpose e + 1): a function of the round alone, so a resumed run
     draws what the uninterrupted one did (hash() of a tuple of ints does not change between runs), different per
     rank."""
-    return torch.Generator().manual_seed(hash((args.seed, step, purpose, rank)) % 2**63)
+    return torch.Generator().manual_seed(hash((args.seed, step, purpose, run.rank)) % 2**63)
 
-
-def checkpoint_run(done):
-    save_checkpoint(args.out, sd.unet, params, opt, scaler, rng, step=done, eval_before=eval_before, stats=stats.seen)
-
-
-@torch.no_grad()
-def evaluate(step):  # as train.py's: the same held-out prompts, seeds and eta noise every time
-    generator = torch.Generator().manual_seed(args.seed + 2)
-    images = []
-    for i in range(0, args.eval_n, args.batch_size):
-        cond = eval_cond[i:i + args.batch_size]
-        with autocast:
-            latents = sample_chain(sd, cond, uncond.expand(len(cond), -1, -1), eval_noise[i:i + args.batch_size].to(
-                device), args.sample_steps, args.guidance, args.eta, generator=generator)
-            images.append(decode(sd, latents))
-    images = torch.cat(images)
-    title = f"ddpo.py {args.out}, step {step}: held-out prompts, fixed seeds"
-    grid = image_grid(images, nrow=min(args.eval_n, 8), labels=eval_prompts, title=title)
-    grid.save(os.path.join(args.out, "samples", f"step_{step:06d}.png"))
-    return reward_fn(images.float(), eval_prompts).mean().item()
-
-
-if args.resume:
-    ckpt = load_checkpoint(args.out, sd.unet, opt, scaler, rng, args.lr)  # this run's --lr wins
-    write_config(args.out, config)
-    step, eval_before, stats.seen = ckpt["step"], ckpt["eval_before"], ckpt["stats"]
-    info(f"resuming {args.out} at round {step}")
-else:
-    if master:
-        open(os.path.join(args.out, "metrics.jsonl"), "w").close()
-        eval_before = evaluate(0)
-    checkpoint_run(0)
-info(f"{args.model}: {resolution}px, {len(params) // 2} LoRA layers, {device_type} {args.dtype}, "
-     f"{args.samples_per_step} images per round in {args.samples_per_step // (micro * args.grad_accum)} optimisation steps x "
-     f"{args.inner_epochs} inner epochs, {train_steps} of {args.sample_steps} denoising steps trained, {args.advantage} "
-     f"advantages, text encoders freed ({freed / 2**30:.2f} GB)" + (f", eval reward {eval_before:.4f}" if master
-                                                                       else ""))
 
 # -----------------------------------------------------------------------------
 # training loop: one round = sample and score, then PPO on what was sampled
 
-signals = StopOnSignal()
-pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=f"ddpo {args.reward}", dynamic_ncols=True,
-            disable=not master)
-for step in pbar:
+for step in run.progress(f"ddpo {args.reward}"):
     t0 = time.time()
-    reset_peak_memory(device_type)  # peak_mem_mb: this round's own
+    reset_peak_memory(run.device_type)  # peak_mem_mb: this round's own
 
     # 1. sample: the round's prompts (groups of --group-size) and noise, drawn globally; this rank keeps its rows
-    idx = torch.randint(len(prompts), (args.samples_per_step // args.group_size,), generator=rng)
+    idx = torch.randint(len(run.prompts), (args.samples_per_step // args.group_size,), generator=run.rng)
     idx = idx.repeat_interleave(args.group_size)  # (N,): each prompt G times in a row
-    noise = torch.randn(args.samples_per_step, *shape, generator=rng)[rows]  # (n, C, h, w)
+    noise = torch.randn(args.samples_per_step, *run.shape, generator=run.rng)[rows]  # (n, C, h, w)
     idx_local, generator = idx[rows], round_generator(step, 0)
     xs, logps_old, images = [], [], []
     for i in range(0, n_local, args.batch_size):  # under no_grad: a rollout builds no graph
-        cond = cond_all[idx_local[i:i + args.batch_size]]
-        with autocast:
-            x, lp, ts = rollout(sd, cond, uncond.expand(len(cond), -1, -1), noise[i:i + args.batch_size].to(device),
+        cond = run.cond_all[idx_local[i:i + args.batch_size]]
+        with run.autocast:
+            x, lp, ts = rollout(sd, cond, run.uncond.expand(len(cond), -1, -1), noise[i:i + args.batch_size].to(device),
                                 args.sample_steps, args.guidance, args.eta, generator)
             with torch.no_grad():
                 images.append(decode(sd, x[-1]).float())
@@ -274,9 +169,9 @@ for step in pbar:
 
     # 2. score (the reward queries), then advantages from every rank's rewards, so that all normalise alike
     with torch.no_grad():
-        local_rewards = reward_fn(torch.cat(images), [prompts[i] for i in idx_local]).float()
+        local_rewards = run.reward_fn(torch.cat(images), [run.prompts[i] for i in idx_local]).float()
     rewards = gather(local_rewards)  # (N,)
-    names = [prompts[i] for i in idx]
+    names = [run.prompts[i] for i in idx]
     adv = group_advantages(rewards, names) if args.advantage == "group" else stats.advantages(rewards, names)
     adv = adv.clamp(-args.adv_clip_max, args.adv_clip_max)[rows].to(device)  # (n,)
 
@@ -289,64 +184,39 @@ for step in pbar:
         for start in range(0, n_local, args.batch_size * args.grad_accum):  # one optimisation step
             for mb in order[start:start + args.batch_size * args.grad_accum].split(args.batch_size):
                 trained = torch.randperm(args.sample_steps, generator=g)[:train_steps]  # which denoising steps
-                cond, uncond_mb = cond_all[idx_local[mb]], uncond.expand(len(mb), -1, -1)
+                cond, uncond_mb = run.cond_all[idx_local[mb]], run.uncond.expand(len(mb), -1, -1)
                 context = (flow_context(sd, cond, uncond_mb, args.guidance) if sd.flow  # FLUX: cond alone
                            else guidance_context(cond, uncond_mb, args.guidance, sd.unet.dtype))
                 for j in trained.tolist():
                     x_t, x_prev = xs[j, mb], xs[j + 1, mb]  # (b, C, h, w): the stored transition x_t -> x_{t-1}
-                    with autocast:
+                    with run.autocast:
                         out = model_output(sd, x_t, ts[j], context, args.guidance)
                     mean, sigma = transition(sd, out.float(), x_t.float(), ts[j], args.sample_steps, args.eta)
                     loss, ratio = ppo_loss(step_logprob(x_prev, mean, sigma), logps_old[j, mb], adv[mb],
                                            args.clip_range)
-                    scaler.scale(loss / (train_steps * args.grad_accum)).backward()  # mean over steps, micro-batches
+                    run.scaler.scale(loss / (train_steps * args.grad_accum)).backward()  # mean over steps, micro-batches
                     epoch_losses.append(loss.item())
                     clipped.append(((ratio - 1).abs() > args.clip_range).float().mean().item())
                     epoch_dev = max(epoch_dev, (ratio - 1).abs().max().item())
-            average_gradients(params)
-            scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+            average_gradients(run.params)
+            run.scaler.unscale_(run.opt)
+            norm = torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm or float("inf"))
             if bool(torch.isfinite(norm)):  # a non-finite gradient would poison AdamW's moments: skip the update
-                scaler.step(opt)
+                run.scaler.step(run.opt)
             else:
                 skipped += 1
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            run.scaler.update()
+            run.opt.zero_grad(set_to_none=True)
             norms.append(norm.item())
         ratio_dev.append(epoch_dev)
         losses.append(gather(torch.tensor(epoch_losses, device=device)).mean().item())  # over every rank's
 
-    peak = peak_memory(device_type) / 2**20
     log = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                loss=sum(losses) / len(losses), loss_per_epoch=losses, ratio_max_dev=ratio_dev,
                clip_fraction=sum(clipped) / len(clipped), grad_norm=sum(norms) / len(norms),
-               seconds=time.time() - t0, peak_mem_mb=peak, images_seen=(step + 1) * args.samples_per_step,
-               skipped=skipped)
-    if len(reward_fn.components) > 1:
-        log.update({f"reward_{name}": gather(v.float()).mean().item() for name, v in reward_fn.components.items()})
-    done = step + 1
-    evaluating = master and (done == args.steps or (args.eval_every and done % args.eval_every == 0))
-    if evaluating:
-        log["eval_reward"] = evaluate(done)
-    log_metrics(args.out, log)
-    if evaluating:
-        plot_rewards(args.out, f"ddpo.py --reward {args.reward} ({args.out})", eval_before)
-    stop = agree(signals.name, device)
-    if done == args.steps or (args.save_every and done % args.save_every == 0) or stop:
-        checkpoint_run(done)
-    pbar.set_postfix(reward=f"{log['reward_mean']:.4f}", **({"eval": f"{log['eval_reward']:.4f}"}
-                                                            if "eval_reward" in log else {}))
-    if stop:
-        pbar.close()
-        name = signals.name or "SIGTERM"
-        info(f"stopped by {name} after round {done}, checkpoint saved: continue with --resume {args.out}")
-        sys.exit(130 if name == "SIGINT" else 143)
-
-if ddp:
-    info(f"LoRA weights identical on all {world} processes (checked at every checkpoint)")
-    torch.distributed.destroy_process_group()
-if master:
-    after = read_metrics(args.out)[-1].get("eval_reward")
-    print(f"{args.reward} reward on held-out prompts: {eval_before:.4f} -> {'nan' if after is None else f'{after:.4f}'} "
-          f"after {args.steps} rounds ({args.steps * args.samples_per_step} reward queries); LoRA in "
-          f"{os.path.join(args.out, 'lora.safetensors')}")
+               seconds=time.time() - t0, peak_mem_mb=peak_memory(run.device_type) / 2**20,
+               images_seen=(step + 1) * args.samples_per_step, skipped=skipped)
+    if len(run.reward_fn.components) > 1:
+        log.update({f"reward_{name}": gather(v.float()).mean().item() for name, v in run.reward_fn.components.items()})
+    run.end_step(step + 1, log)  # the log line; eval grid, plot and checkpoint when due; a signal stops here
+run.finish(f" ({args.steps * args.samples_per_step} reward queries)")

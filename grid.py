@@ -1,6 +1,8 @@
-"""Labelled image grids: a batch of images in one PNG, each image under its prompt and the grid under a title.
+"""The pictures a run writes: labelled image grids (a batch of images in one PNG, each image under its prompt and the
+grid under a title) and the reward plot.
 
     image_grid(images, nrow=4, labels=prompts, title="step 50").save("grid.png")   # images (B, 3, H, W) in [0, 1]
+    reward_plot(metrics, "train.py --reward compress", eval_before).savefig("reward.png")   # metrics.jsonl's lines
 
 train.py, ddpo.py and sample.py write their before/after pictures with it, the shapes package its examples.
 """
@@ -44,3 +46,22 @@ def _wrap(text, font, width):
             lines.append(word)
     return lines
 
+
+
+def reward_plot(metrics, title, eval_before=None):
+    """A matplotlib figure: the training reward of every step and the held-out (eval) reward, from eval_before (at
+    step 0) on, against steps; `metrics` are metrics.jsonl's lines (dicts with step, reward_mean, eval_reward)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([x["step"] for x in metrics], [x["reward_mean"] for x in metrics], lw=1, alpha=0.6, label="training batch")
+    evals = [(0, eval_before)] * (eval_before is not None)
+    evals += [(x["step"], x["eval_reward"]) for x in metrics if x.get("eval_reward") is not None]
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out prompts, fixed seeds")
+    ax.set(xlabel="step", ylabel="reward", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -40,30 +40,21 @@ TARGET_SETS = {  # the names --lora-targets takes (joined with "+"), besides mod
 }
 
 
-INITS = ("kaiming", "gaussian")  # the down matrix's init: nn.Linear's own (microsoft/LoRA), or PEFT's "gaussian"
-
-
-def init_down(down, rank, init="kaiming"):
-    """The down matrix's random init (up starts at zero): "kaiming", nn.Linear's / nn.Conv2d's own, uniform with std
-    1 / sqrt(3 fan_in), as microsoft/LoRA; "gaussian", N(0, 1 / rank^2), PEFT's init_lora_weights="gaussian", which
-    diffusers' LoRA layers used and so DDPO's and TRL's trainers (std 0.25 at rank 4, 3.5-5x the former on SD's
-    attention): with a zero up matrix, the first updates move a layer's output in proportion to it."""
-    if init == "gaussian":
-        return nn.init.normal_(down, std=1 / rank)
-    if init != "kaiming":
-        raise ValueError(f"LoRA init {init!r}: expected one of {INITS}")
+def init_down(down):
+    """The down matrix's random init, nn.Linear's / nn.Conv2d's own (uniform, std 1 / sqrt(3 fan_in)), as
+    microsoft/LoRA; the up matrix starts at zero, so the wrapped layer starts as the base layer."""
     return nn.init.kaiming_uniform_(down, a=math.sqrt(5))
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dtype=None, init="kaiming"):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dtype=None):
         super().__init__()
         self.base = base.requires_grad_(False)  # the original layer, its Parameters untouched
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         kw = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)
         self.down = nn.Parameter(torch.empty(rank, base.in_features, **kw))
         self.up = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # zero: injection changes nothing
-        init_down(self.down, rank, init)
+        init_down(self.down)
 
     def forward(self, x):
         return self.base(x) + F.linear(F.linear(x, self.down), self.up) * self.scale
@@ -76,7 +67,7 @@ class LoRAConv2d(nn.Module):
     """y = conv(x) + scale * up(down(x)): down (rank, in, kh, kw) with the layer's stride, padding and dilation, up
     (out, rank, 1, 1) zero at injection."""
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dtype=None, init="kaiming"):
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dtype=None):
         super().__init__()
         if base.groups != 1 or base.padding_mode != "zeros":
             raise ValueError("LoRA on convolutions needs groups=1 and zero padding (as in every SD UNet convolution)")
@@ -85,7 +76,7 @@ class LoRAConv2d(nn.Module):
         kw = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)
         self.down = nn.Parameter(torch.empty(rank, base.in_channels, *base.kernel_size, **kw))
         self.up = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, **kw))  # zero: injection changes nothing
-        init_down(self.down, rank, init)
+        init_down(self.down)
 
     def forward(self, x):
         b = self.base
@@ -112,13 +103,13 @@ def lora_layers(module):
     return {name: m for name, m in module.named_modules() if isinstance(m, (LoRALinear, LoRAConv2d))}
 
 
-def inject_lora(module, rank=4, alpha=None, targets=DEFAULT_TARGETS, dtype=None, init="kaiming"):
+def inject_lora(module, rank=4, alpha=None, targets=DEFAULT_TARGETS, dtype=None):
     """Wrap every nn.Linear / nn.Conv2d whose path ends with one of `targets` (a name or a dotted path suffix) in a
     LoRALinear / LoRAConv2d; freeze everything else. A target that matches no such layer is an error, but for those of
     the text stream (TEXT_STREAM: a UNet has none) when another target matched.
 
     alpha defaults to rank (scale 1). dtype is the LoRA weights' dtype (default: the base weight's); keep them in fp32
-    when the frozen model is bf16/fp16 and training runs under autocast. init: the down matrices' (init_down).
+    when the frozen model is bf16/fp16 and training runs under autocast.
     Returns the trainable parameters as a list."""
     if lora_layers(module):
         raise ValueError("this module already has LoRA layers; inject once (or merge_lora first)")
@@ -138,7 +129,7 @@ def inject_lora(module, rank=4, alpha=None, targets=DEFAULT_TARGETS, dtype=None,
         if any(matches(name, t) for t in targets):
             parent_name, _, child = name.rpartition(".")
             wrap = next(cls for kind, cls in LORA_TYPES.items() if isinstance(m, kind))
-            setattr(module.get_submodule(parent_name), child, wrap(m, rank, alpha, dtype, init))
+            setattr(module.get_submodule(parent_name), child, wrap(m, rank, alpha, dtype))
     module._lora_config = dict(rank=rank, alpha=alpha, targets=list(targets))  # read by save_lora / load_lora
     return [p for m in lora_layers(module).values() for p in (m.down, m.up)]
 

@@ -76,8 +76,8 @@ class ModelLoadError(RuntimeError):
 def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """Load a model: a hub id or a local diffusers-format directory of one of SUPPORTED (the kind read from its
     model_index.json), "tiny" / "tiny-xl" (random weights, built offline), "shapes" (the coloured-shapes model
-    trained by shapes.py, in models/shapes) or "shapes-flow" (its SD3-style rectified-flow sibling); or "tiny-sd3" /
-    "tiny-flux", offline SD3 / FLUX.1-dev miniatures.
+    trained by python -m shapes --train, in models/shapes) or "shapes-flow" (its SD3-style rectified-flow sibling);
+    or "tiny-sd3" / "tiny-flux", offline SD3 / FLUX.1-dev miniatures.
     SD3 and FLUX are rectified-flow models (`sd.flow`): flow.flow_sample samples them.
 
     All weights are frozen (`requires_grad_(False)`) and in eval mode; the scheduler is a DDIMScheduler but for SD3's
@@ -94,7 +94,7 @@ def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
         folder, sub, how = ((SHAPES_DIR, "unet", "--train") if model == "shapes"
                             else (SHAPES_FLOW_DIR, "transformer", "--train --flow"))
         if not os.path.isfile(os.path.join(folder, sub, "config.json")):
-            raise ModelLoadError(f"no {model} model in {folder}: train it with python shapes.py {how}")
+            raise ModelLoadError(f"no {model} model in {folder}: train it with python -m shapes {how}")
         sd = _from_pretrained(folder, dtype)
     else:
         sd = _from_pretrained(model, dtype)
@@ -131,8 +131,12 @@ def _from_pretrained(model, dtype):
         folder = "transformer" if sd3 or flux else "unet"
         local = os.path.isdir(model)
         if local and not os.path.isfile(os.path.join(model, folder, "config.json")):
-            raise ModelLoadError(f"{model} is not a diffusers {SUPPORTED[kind]} directory (no {folder}/config.json); "
-                                 "make one with pipe.save_pretrained(dir), or use --model tiny")
+            what = f"a complete diffusers {SUPPORTED[kind]} directory" if index else "a diffusers model directory"
+            raise ModelLoadError(f"{model} is not {what} (no {folder}/config.json); make one with "
+                                 "pipe.save_pretrained(dir), or use --model tiny")
+        if local:
+            _check_weights(model, [folder, "vae", "text_encoder"] + ["text_encoder_2"] * (
+                kind == "StableDiffusionXLPipeline" or sd3) + [f"text_encoder_{3 if sd3 else 2}"] * (sd3 or flux))
         if "controlnet" in index or (local and os.path.isdir(os.path.join(model, "controlnet"))):
             raise ModelLoadError(f"{model} has a ControlNet; supported are text-to-image models without one")
         config = denoiser.load_config(subfolder=folder, **kw)  # refused before any weight is read
@@ -169,20 +173,36 @@ def _from_pretrained(model, dtype):
         return sd
 
     if os.path.isdir(model):
-        return load(local_only=True)
+        try:
+            return load(local_only=True)
+        except (OSError, ValueError) as e:  # a damaged file: diffusers' and transformers' errors, in a line
+            raise ModelLoadError(f"cannot load {model}: {str(e).strip().splitlines()[0]}") from None
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"no such model directory: {model} (a hub id looks like 'owner/name')")
     try:  # the Hugging Face cache first: no network needed for a model downloaded before
         return load(local_only=True)
     except OSError:
         pass
-    if not _hub_reachable():  # fail in seconds, not after a minute of retries and a long traceback
+    if not hub_reachable():  # fail in seconds, not after a minute of retries and a long traceback
         raise ModelLoadError(f"cannot download {model}: the Hugging Face hub is unreachable and the model is not in "
                              "the local cache. Pass a local diffusers directory (--model path/to/dir) or --model tiny.")
     try:
         return load(local_only=False)
     except OSError as e:
         raise ModelLoadError(f"cannot load {model} from the hub: {str(e).splitlines()[0]}") from None
+
+
+def _check_weights(model, folders):
+    """ModelLoadError naming the first part of a local model that has no config or no weights, as an interrupted
+    download or copy leaves it, before diffusers' long OSError."""
+    for folder in folders:
+        path = os.path.join(model, folder)
+        names = os.listdir(path) if os.path.isdir(path) else []
+        if "config.json" not in names:
+            raise ModelLoadError(f"{model} is incomplete: no {folder}/config.json (an interrupted download or copy?)")
+        if not any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for n in names):
+            raise ModelLoadError(f"{model} is incomplete: {folder}/ has a config but no weights (*.safetensors or "
+                                 "*.bin; an interrupted download or copy?)")
 
 
 def _model_index(model, local_only):
@@ -198,10 +218,12 @@ def _model_index(model, local_only):
         return json.load(f)
 
 
-def _hub_reachable(timeout=3.0):
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub answers within `timeout` seconds (False in offline mode): a model or reward that is
+    not in the local cache fails in seconds, not after a minute of retries."""
     from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+        return False
     url = urllib.parse.urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
@@ -447,13 +469,15 @@ def vae_scale_factor(sd):
 
 def pixel_multiple(sd):
     """What an image side must be a multiple of: the VAE's factor, times 2 for FLUX (it packs 2x2 latents into a
-    token, so h and w must be even)."""
-    return vae_scale_factor(sd) * (2 if sd.flux else 1)
+    token) and SD3's patch size (its transformer reads patch_size x patch_size latents as a token)."""
+    patch = 2 if sd.flux else sd.unet.config.patch_size if sd.flow else 1
+    return vae_scale_factor(sd) * patch
 
 
 def latent_shape(sd, resolution):
     """(C, h, w) of the latents for square images of `resolution` pixels (FLUX: unpacked, C = in_channels / 4)."""
-    assert resolution % pixel_multiple(sd) == 0, f"resolution {resolution} is not divisible by {pixel_multiple(sd)}"
+    if resolution % pixel_multiple(sd):
+        raise ValueError(f"resolution {resolution} is not divisible by {pixel_multiple(sd)}")
     c = sd.unet.config.in_channels // (4 if sd.flux else 1)
     return (c, resolution // vae_scale_factor(sd), resolution // vae_scale_factor(sd))
 
@@ -468,10 +492,8 @@ def decode(sd, latents):
     """Latents (B, 4, h, w) (SD3: (B, 16, h, w), scaled and shifted back) -> images (B, 3, H, W) in [0, 1]. With grad
     enabled the VAE decoder is checkpointed stage by stage (its mid block, each ResNet block and upsampler of its up
     blocks, the output head), so backward holds one stage's activations at a time: at full resolution the decoder's are
-    the largest in the whole model (SD 1.5's architecture, 256 px, fp32: a step's peak 877 MB with whole up blocks as
-    stages, 698 MB with their ResNet blocks). Each stage is an autograd node of its own, so its saved input is freed as
-    soon as its backward is done (SD 1.5, 512 px, bf16 on a GPU, by bench.py --estimate: the decoder's backward 1398
-    -> 1203 MB)."""
+    the largest in the whole model. Each stage is an autograd node of its own, so its saved input is freed as soon as
+    its backward is done (docs/speed-and-memory.md measures both choices)."""
     z = latents / sd.vae.config.scaling_factor
     if getattr(sd.vae.config, "shift_factor", None):
         z = z + sd.vae.config.shift_factor
@@ -489,8 +511,8 @@ def decode(sd, latents):
               lambda x: dec.conv_out(dec.conv_act(dec.conv_norm_out(x))).float()]
     weights, x = [p for p in vae.parameters() if p.requires_grad], z
     with native:
-        for stage in stages:  # a node per stage: each input is freed once its stage's backward is done (the stages'
-            x = checkpoint([stage], x, weights)  # inputs at full resolution are hundreds of MB: SD 1.5, 512 px: 192)
+        for stage in stages:  # a node per stage: each input, at full resolution, is freed once its backward is done
+            x = checkpoint([stage], x, weights)
     return (x / 2 + 0.5).clamp(0, 1)
 
 

@@ -31,13 +31,13 @@ import functools
 import math
 import os
 import re
-import socket
-import urllib.parse
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model import hub_reachable
 
 
 class RewardLoadError(Exception):
@@ -323,7 +323,6 @@ SOURCES = {  # name -> (environment variable naming a local copy, hub repo, file
     "pickscore": ("ALIGNPROP_PICKSCORE", "yuvalkirstain/PickScore_v1", None),
     "owlvit": ("ALIGNPROP_OWLVIT", "google/owlvit-base-patch32", None),
 }
-HUB_TIMEOUT = 3.0  # seconds to reach the hub before we call it unreachable
 
 
 def fetch(source, load):
@@ -351,7 +350,7 @@ def fetch(source, load):
     except OSError:  # not in the cache
         pass
     what = f"{filename} from hub repo {repo}" if filename else f"hub repo {repo}"
-    if not _hub_reachable():
+    if not hub_reachable():
         from huggingface_hub import constants
         local = f"{env}=/path/to/{filename}" if filename else f"{env} to a copy (hf download {repo} --local-dir DIR)"
         raise RewardLoadError(
@@ -362,18 +361,6 @@ def fetch(source, load):
         return get(local_only=False)
     except (OSError, ValueError) as e:
         raise RewardLoadError(f"cannot download {what}: {str(e).strip().splitlines()[0]}") from None
-
-
-def _hub_reachable():
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
-        return False
-    url = urllib.parse.urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_TIMEOUT).close()
-        return True
-    except OSError:
-        return False
 
 
 @functools.lru_cache(maxsize=None)  # once per process (so in a mix clip and aesthetic share CLIP ViT-L/14)

@@ -1,32 +1,26 @@
-"""A training run's plumbing, shared by train.py (reward backprop) and ddpo.py (reinforcement learning), so that each
-script keeps only its own loop: the run directory, checkpoints and --resume, signals, torchrun, the log and its plot.
+"""A training run, shared by train.py (reward backprop) and ddpo.py (reinforcement learning), so that each script
+shows its method and its loop and nothing else: the flags both take, the settings a command leaves open, the model,
+reward, LoRA and optimiser, the prompts encoded once, the held-out eval, the run directory (config, log, plot,
+checkpoints, --resume), signals and torchrun.
 
-    args = resume_args(parser, args)            # --resume DIR: its config.json's flags become the defaults
-    device_type, device = machine_defaults(args)   # fills --model, --prompts, --eval-prompts, --dtype
-    prompts, eval_prompts = run_prompts(args)   # read and checked; bad input ends in one line, exit 2 (die)
-    check_numbers(args, at_least_1=("steps",), above_0=("lr",))   # a flag out of range or NaN: one line, exit 2
-    targets = lora_targets(args.lora_targets)   # "attn+conv" -> layer names; a bad name: one line, exit 2
-    sd, shape, reward_fn = load_model_and_reward(args, device)
-    params = inject_adapters(sd.unet, args.lora_rank, targets)   # LoRA in fp32; no such layer: one line, exit 2
-    refuse_overwrite(out, args.resume); write_config(out, config)
-    save_checkpoint(out, unet, params, opt, scaler, rng, step=...)   # checkpoint.pt + lora.safetensors, atomically
-    state = load_checkpoint(out, unet, opt, scaler, rng, lr)   # all restored; metrics.jsonl cut to state["step"]
-    log_metrics(out, dict(step=..., reward_mean=...))   # a line of metrics.jsonl
-    plot_rewards(out, title, eval_before)       # reward.png: training and held-out reward against steps
-    keep, per_step = activations_to_keep(sd, cond, uncond, noise, steps, guidance, eta, backprop,
-                                         peak_memory("cuda"), memory_budget(gb, "cuda"))   # --keep-activations auto
+    p = argparse.ArgumentParser()
+    add_run_flags(p, reward="compress", steps=50, lr=1e-3, grad_accum=1, eta=0.0, every=10)   # the shared flags
+    p.add_argument("--backprop", ...)                    # the script's own
+    args = parse_run_args(p, "train.py")                 # --resume, every open setting (settle), checks
+    run = Run(args, "train.py")                          # model, reward, LoRA, AdamW, prompts encoded; nothing written
+    run.start()                                          # the run directory: a fresh run's step-0 eval, or the resumed
+    for step in run.progress("compress"):                # tqdm over the steps left
+        ...                                              # the script's step, with run.sd, run.opt, run.cond_all ...
+        run.end_step(step + 1, log)                      # the log line, eval grid, plot, checkpoint; a signal stops
+    run.finish()                                         # held-out reward before -> after
 
-A run directory holds config.json (the flags of the latest start), metrics.jsonl (one JSON line per step),
-checkpoint.pt (for --resume), lora.safetensors (loads in diffusers), samples/ (eval grids) and reward.png.
-
-Under torchrun (RANK in the environment) every process runs the same script on its share of each batch: rank 0 alone
-prints and writes; average_gradients averages the LoRA gradients in one all-reduce; save_checkpoint checks that
-every rank holds the same weights; agree() makes a decision that one rank took (a signal) everyone's.
+Bad input ends in one line on stderr and exit status 2 (die), before anything is written; a start that fails or is
+interrupted before its first step leaves the disk as it found it. A run directory holds config.json (the flags of the
+latest start), metrics.jsonl (a line per step), checkpoint.pt, lora.safetensors, samples/ (eval grids), reward.png.
 """
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -34,19 +28,27 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from flow import flow_step_activation_bytes
-from lora import inject_lora, parse_targets, save_lora
-from model import (DEFAULT_MODEL, SHAPES_DIR, SHAPES_FLOW_DIR, ModelLoadError, latent_shape, load_sd,
-                   native_resolution, pixel_multiple)
-from rewards import RewardLoadError, check_prompts, load_reward, parse_reward_spec
-from sampler import step_activation_bytes, steps_with_gradient
+from flow import flow_sample
+from grid import image_grid, reward_plot
+from lora import TARGET_SETS, inject_lora, parse_targets, save_lora
+from memory import device_memory
+from model import (DEFAULT_MODEL, SHAPES_DIR, SHAPES_FLOW_DIR, ModelLoadError, decode, encode_prompts,
+                   free_text_encoders, latent_shape, load_sd, native_resolution, pixel_multiple)
+from rewards import REWARDS, RewardLoadError, check_prompts, load_reward, parse_reward_spec
+from sampler import ddim_sample
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GUIDANCE = {"ddim": 7.5, "sd3": 7.0, "flux": 3.5}  # --guidance's default: AlignProp's CFG scale for SD 1.x / 2.x / XL;
+# StableDiffusion3Pipeline's CFG scale and FluxPipeline's guidance embedding (FLUX.1-dev), each pipeline's default
+SCRIPTS = {"train.py": "reward backprop", "ddpo.py": "reinforcement learning"}
+FIXED = ("model", "lora_rank", "lora_targets")  # what a resumed run cannot change: its LoRA was made for them
 
 # -----------------------------------------------------------------------------
-# processes
+# processes and messages. Under torchrun (RANK in the environment) every process runs the same script on its share of
+# each batch: rank 0 alone prints and writes, and agree() makes a decision one rank took (a signal) everyone's
 
 
 def is_master():  # rank 0 writes; read from the environment, so it holds before the process group exists
@@ -58,45 +60,11 @@ def info(*msg):
         print(*msg)
 
 
-def die(msg):
+def die(msg, status=2):
     """Bad input: one line, exit status 2, no traceback (every rank sees the same input and stops)."""
     if is_master():
         print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_numbers(args, at_least_1=(), at_least_0=(), above_0=(), finite=()):
-    """Each named flag in its range, else one line and exit 2 (die). NaN and inf never pass (argparse's type=float
-    takes "nan" and "inf", and such a value would otherwise surface as a traceback from the optimiser or the sampler);
-    `finite` names the flags that may be any finite number. A flag left at None (a default filled in later) passes."""
-    rules = ((at_least_1, lambda v: v >= 1, " >= 1"), (at_least_0, lambda v: v >= 0, " >= 0"),
-             (above_0, lambda v: v > 0, " > 0"), (finite, lambda v: True, ""))
-    for names, in_range, bound in rules:
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and not (math.isfinite(value) and in_range(value)):
-                kind = "a finite number" if isinstance(value, float) else "an integer"
-                die(f"--{name.replace('_', '-')} must be {kind}{bound}, got {value}")
-
-
-def is_shapes(model):
-    """--model names one of the shapes models ("shapes", "shapes-flow" or their directories)."""
-    return model in ("shapes", "shapes-flow") or os.path.realpath(model) in map(os.path.realpath,
-                                                                                (SHAPES_DIR, SHAPES_FLOW_DIR))
-
-
-def warn_unknown_words(model, prompts):
-    """The shapes models know their grammar's words only ("three red circles"): say up front which words of the
-    prompts they have never seen, since they draw them without a word of complaint (an orange square for "a cat")."""
-    if not is_shapes(model):
-        return
-    from shapes import COLOURS, SHAPES, unknown_words
-    words = unknown_words(prompts)
-    if words and is_master():
-        print(f"warning: the shapes model has never seen the words {', '.join(map(repr, words[:8]))}"
-              f"{' ...' if len(words) > 8 else ''}; it knows captions such as 'three red circles' (a, two, three, "
-              f"four; {', '.join(COLOURS)}; {', '.join(SHAPES)}), and draws other words as if they were not there",
-              file=sys.stderr)
+    sys.exit(status)
 
 
 def start_processes():
@@ -137,60 +105,419 @@ def agree(flag, device):
     return bool(flag)
 
 
-def _weights_in_sync(params):  # max |difference| between this rank's LoRA weights and rank 0's, over all ranks
-    flat = torch.cat([p.detach().flatten() for p in params])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
-    diff = (flat - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return diff.item()
+class StopOnSignal:
+    """The first SIGTERM / Ctrl-C sets .name and lets the current step finish and save; a second one stops at once."""
+
+    def __init__(self):
+        self.name = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+
+# -----------------------------------------------------------------------------
+# flags and settings
+
+
+def add_run_flags(p, reward, steps, lr, grad_accum, eta, every, unit="step"):
+    """The flags train.py and ddpo.py share, with the script's defaults. `unit`: what --steps counts."""
+    p.add_argument("--reward", default=reward, help=f"what to maximise: {', '.join(REWARDS)}, or a weighted mix such "
+                   "as aesthetic,compress:0.5 (default %(default)s)")
+    p.add_argument("--model", default=None, help="hub id or local diffusers dir (SD 1.x, 2.x, XL, 3 / 3.5, FLUX.1), "
+                   "'shapes' / 'shapes-flow' (shipped, trained) or 'tiny' / 'tiny-xl' / 'tiny-sd3' / 'tiny-flux' "
+                   f"(random weights) (default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
+    p.add_argument("--prompts", default=None, help="training prompts, one per line (default: prompts/shapes.txt for "
+                   "the shapes models, prompts/count.txt for a count reward, else prompts/animals.txt)")
+    p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: the -eval.txt "
+                   "beside the default --prompts)")
+    p.add_argument("--steps", type=int, default=steps, help=f"{unit}s in total (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per model call (default %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=grad_accum, help="micro-batches per optimisation step")
+    p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (default %(default)s)")
+    p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters, alpha = rank (default 4)")
+    p.add_argument("--lora-targets", default="attn", help=f"layers that get adapters: {', '.join(TARGET_SETS)} (the "
+                   "attention projections; the ResNet blocks' convolutions) or module names, joined with '+'")
+    p.add_argument("--sample-steps", "--ddim-steps", type=int, default=20, help="denoising steps per sample")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, <= 1 disables CFG; on "
+                   "FLUX.1-dev the value of its guidance embedding (default: 7.5 SD, 7.0 SD3, 3.5 FLUX)")
+    p.add_argument("--eta", type=float, default=eta, help="sampler noise: DDIM's eta (0 = deterministic, 1 = "
+                   "DDPM-like), on flow models the noise level of Flow-GRPO's SDE (0 = the Euler ODE) (default: "
+                   + ("%(default)s)" if eta is not None else "1 DDIM, 0.7 flow)"))
+    p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="precision of the frozen model and autocast "
+                   "(default: bf16 on CUDA, fp32 on a CPU); LoRA weights stay fp32")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 = no clipping")
+    p.add_argument("--seed", type=int, default=0, help="seeds the LoRA init, prompts, noise and eval images")
+    p.add_argument("--out", default=None, help="output directory (default: out/<reward>, ddpo.py out/ddpo-<reward>)")
+    p.add_argument("--resume", default=None, help="continue the run in this directory; flags given override its own")
+    p.add_argument("--save-every", type=int, default=every, help=f"checkpoint every N {unit}s; 0 = only at the end")
+    p.add_argument("--eval-every", type=int, default=every, help=f"eval grid every N {unit}s; 0 = at start and end")
+    p.add_argument("--eval-n", type=int, default=8, help="eval images (held-out prompts x fixed seeds)")
+
+
+def parse_run_args(parser, script):
+    """Parse the command line; with --resume DIR, DIR's saved flags are the defaults (this command's win, but for
+    FIXED) and --out is DIR. Then every setting left open is decided (settle) and the shared flags are checked."""
+    args = parser.parse_args()
+    done = 0
+    if args.resume:
+        cfg, done = read_run(args.resume, script)
+        given = vars(args)
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k in given})
+        args = parser.parse_args()
+        for name in FIXED:
+            if name in cfg and getattr(args, name) != cfg[name]:
+                die(f"--resume {args.resume}: the run was trained with --{name.replace('_', '-')} {cfg[name]}, this "
+                    f"command says {getattr(args, name)}; a LoRA cannot change that mid-run: start a new run (--out)")
+        args.out = args.resume
+    settle(args, script)
+    check_numbers(args, at_least_1=("steps", "batch_size", "grad_accum", "lora_rank", "sample_steps", "eval_n"),
+                  at_least_0=("eta", "guidance", "max_grad_norm", "resolution", "save_every", "eval_every"),
+                  above_0=("lr",))  # NaN and inf included: one line, exit 2
+    if args.steps < done:
+        die(f"--steps {args.steps}: the run in {args.resume} has done {done} already; give more to continue it")
+    try:
+        parse_targets(args.lora_targets)
+    except ValueError as e:
+        die(f"--lora-targets {e}")
+    if not args.resume and os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
+        die(f"{args.out} already holds a run: continue it with --resume {args.out}, or pick another --out")
+    check_out(args.out)
+    return args
+
+
+def settle(args, script, sd=None):
+    """Every setting a command line leaves open, decided here and nowhere else, top to bottom. Called once before the
+    model loads (the machine, the prompts, the output) and once after (sd: what the model's family decides)."""
+    if sd is not None:
+        family = "flux" if sd.flux else "sd3" if sd.flow else "ddim"
+        if args.guidance is None:
+            args.guidance = GUIDANCE[family]  # each pipeline's own default
+        if args.eta is None:  # ddpo.py: a policy needs noise; DDPO's eta 1, Flow-GRPO's noise level 0.7
+            args.eta = 0.7 if sd.flow else 1.0
+        return
+    try:
+        names = [name for name, _ in parse_reward_spec(args.reward)]
+    except ValueError as e:
+        die(str(e))
+    cuda = torch.cuda.is_available()
+    if args.model is None:  # full-size SD on a GPU; on a CPU the shipped shapes model (SD would take hours a step)
+        args.model = DEFAULT_MODEL if cuda else "shapes"
+        if not cuda:
+            info("no CUDA GPU: using --model shapes (coloured shapes, 64 px); full-size SD would take hours here")
+    prompt_set = os.path.join(PROMPTS, "shapes" if is_shapes(args.model) else "count" if "count" in names
+                              else "animals")
+    args.prompts = args.prompts or prompt_set + ".txt"
+    args.eval_prompts = args.eval_prompts or prompt_set + "-eval.txt"
+    if args.dtype is None:
+        args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if args.dtype == "fp16" and not cuda:
+        die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
+    prefix = "ddpo-" if script == "ddpo.py" else ""
+    args.out = args.out or os.path.join("out", prefix + args.reward.replace(",", "+").replace(":", ""))
+
+
+def check_numbers(args, at_least_1=(), at_least_0=(), above_0=(), finite=()):
+    """Each named flag in its range, else one line and exit 2 (die). NaN and inf never pass (argparse's type=float
+    takes "nan" and "inf", and such a value would otherwise surface as a traceback from the optimiser or the sampler);
+    `finite` names the flags that may be any finite number. A flag left at None (a default filled in later) passes."""
+    rules = ((at_least_1, lambda v: v >= 1, " >= 1"), (at_least_0, lambda v: v >= 0, " >= 0"),
+             (above_0, lambda v: v > 0, " > 0"), (finite, lambda v: True, ""))
+    for names, in_range, bound in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and in_range(value)):
+                kind = "a finite number" if isinstance(value, float) else "an integer"
+                die(f"--{name.replace('_', '-')} must be {kind}{bound}, got {value}")
+
+
+def is_shapes(model):  # --model names one of the shapes models ("shapes", "shapes-flow" or their directories)
+    return model in ("shapes", "shapes-flow") or os.path.realpath(model) in map(os.path.realpath,
+                                                                                (SHAPES_DIR, SHAPES_FLOW_DIR))
+
+
+def warn_unknown_words(model, prompts):
+    """The shapes models know their grammar's words only: say up front which words of the prompts they never saw,
+    since they draw them without a word of complaint (an orange square for "a cat")."""
+    if is_shapes(model) and is_master():
+        from shapes.world import unknown_words_warning
+        message = unknown_words_warning(prompts)
+        if message:
+            print(f"warning: {message}", file=sys.stderr)
+
+
+def read_prompts(flag, path, reward):
+    """The non-empty lines of a prompt file, each one the reward can score; else one line naming the flag, exit 2."""
+    if not os.path.isfile(path):
+        die(f"{flag} {path}: no such file")
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        die(f"{flag} {path}: not a text file ({e.reason} at byte {e.start}); prompts are lines of UTF-8 text")
+    if not lines:
+        die(f"{flag} {path}: the file has no prompts")
+    try:
+        check_prompts(reward, lines)
+    except ValueError as e:
+        die(f"{flag} {path}: {e} (the count rewards need one in every prompt)")
+    return lines
+
+
+def load_model(model, device, dtype, resolution=0):
+    """(sd, image side, latent shape (C, h, w)): load_sd, and `resolution` (0: native) checked for the family."""
+    try:
+        sd = load_sd(model, device, dtype)
+    except ModelLoadError as e:
+        die(str(e))
+    factor = pixel_multiple(sd)
+    if resolution % factor:
+        why = ", times FLUX's 2x2 packing" if sd.flux else ", times SD3's 2x2 patches" if sd.flow else ""
+        die(f"--resolution {resolution} is not divisible by {factor} (the VAE's downsampling factor{why})")
+    resolution = resolution or native_resolution(sd)
+    return sd, resolution, latent_shape(sd, resolution)
+
+
+def check_batch_fits(flag, need, device_type, advice):
+    """Refuse, before any work, a batch whose tensors alone (`need` bytes: the caller counts its latents and decoded
+    images, a lower bound, since the model's activations come on top) exceed the device's memory: one line, exit 2,
+    rather than the allocator's error after the model has loaded and the first eval has run."""
+    have = device_memory(device_type)
+    if need > have:
+        die(f"{flag} does not fit in memory: its latents and images alone take {need / 2**30:,.1f} GB, and this "
+            f"{'GPU' if device_type == 'cuda' else 'machine'} has {have / 2**30:,.1f} GB; {advice}")
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+class Run:
+    """Everything a training script needs besides its method, in the order a run needs it; nothing is written until
+    start(). Read _setup for its attributes: sd, reward_fn, params (the LoRA weights, fp32), opt, scaler, autocast,
+    prompts and cond_all (N, L, D), eval_cond, uncond (1, L, D), rng (every batch's prompts and noise), sample (the
+    family's sampler: sampler.ddim_sample or flow.flow_sample), step (steps done) ..."""
+
+    def __init__(self, args, script):
+        self.args, self.script, self.state, self.unit = args, script, lambda: {}, "round" if script == "ddpo.py" else "step"
+        try:
+            self._setup()
+        except KeyboardInterrupt:  # Ctrl-C while loading: nothing written yet
+            die("interrupted before the run started; nothing was written", status=130)
+
+    def _setup(self):
+        args = self.args
+        _, self.rank, self.world = start_processes()
+        self.master = self.rank == 0
+        self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = f"cuda:{torch.cuda.current_device()}" if self.device_type == "cuda" else "cpu"
+        self.prompts = read_prompts("--prompts", args.prompts, args.reward)
+        eval_prompts = read_prompts("--eval-prompts", args.eval_prompts, args.reward)
+        warn_unknown_words(args.model, self.prompts + eval_prompts)
+        self.eval_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(args.eval_n)]
+        self.dtype = DTYPES[args.dtype]
+        self.sd, self.resolution, self.shape = load_model(args.model, self.device, self.dtype, args.resolution)
+        settle(args, self.script, self.sd)
+        try:
+            self.reward_fn = load_reward(args.reward, self.device, self.dtype)
+        except RewardLoadError as e:
+            die(str(e))
+        self.sample = flow_sample if self.sd.flow else ddim_sample  # the same arguments; eta: a flow's SDE noise
+
+        torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
+        try:  # the only trainable weights, kept in fp32 whatever the frozen model's dtype
+            self.params = inject_lora(self.sd.unet, rank=args.lora_rank, targets=parse_targets(args.lora_targets),
+                                      dtype=torch.float32)
+        except ValueError as e:  # a target that names no layer of this model
+            die(f"--lora-targets {e}")
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr)
+        self.autocast = torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)  # fp16 underflows
+        with torch.no_grad(), self.autocast:  # the text encoders are frozen: every prompt encoded once
+            self.cond_all = encode_prompts(self.sd, self.prompts)  # (N, L, D)
+            self.eval_cond = encode_prompts(self.sd, self.eval_prompts)
+            self.uncond = encode_prompts(self.sd, [""])  # (1, L, D)
+        self.freed = free_text_encoders(self.sd)  # needed no more: SD3's and FLUX's T5-XXL is the largest of them
+        if self.device_type == "cuda":
+            torch.cuda.empty_cache()  # their memory back to the driver, and to this run's peak-memory budget
+        self.eval_noise = torch.randn(args.eval_n, *self.shape, generator=torch.Generator().manual_seed(args.seed + 1))
+        self.rng = torch.Generator().manual_seed(args.seed)
+        self.step, self.eval_before = 0, None
+
+    def start(self, state=None, **config):
+        """The run directory: a fresh run evaluates the base model (step 0) and checkpoints it, a resumed one restores
+        its checkpoint; either writes config.json (+ `config`). `state()`: the script's additions to each checkpoint,
+        which a resumed run returns."""
+        args = self.args
+        self.state = state or self.state
+        self.config = dict(vars(args), script=self.script, world_size=self.world, **config)
+        self.snapshot_start(check_out(args.out))
+        if dist.is_initialized():
+            dist.barrier()  # every rank has checked the output directory before rank 0 writes to it
+        saved = {}
+        try:
+            if args.resume:
+                saved = self.restore()
+                self.step, self.eval_before = saved.pop("step"), saved.pop("eval_before")
+                write_config(args.out, self.config)
+                info(f"resuming {args.out} at {self.unit} {self.step}")
+            else:
+                write_config(args.out, self.config)
+                if self.master:
+                    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+                    self.eval_before = self.evaluate(0)
+                self.checkpoint(0)
+        except KeyboardInterrupt:  # Ctrl-C in the first eval: the disk as it was, so the same command runs again
+            self.undo_start()
+            die("interrupted before the first step; the run directory is as it was", status=130)
+        self.signals = StopOnSignal()  # from here a signal finishes the step, saves, then stops
+        return saved
+
+    @torch.no_grad()
+    def evaluate(self, step):
+        """The held-out prompts with the same noise every time, so grids and rewards compare across steps: writes
+        samples/step_NNNNNN.png and returns the mean reward."""
+        args, generator = self.args, torch.Generator().manual_seed(self.args.seed + 2)  # eta noise, also fixed
+        images = []
+        for i in range(0, args.eval_n, args.batch_size):
+            cond = self.eval_cond[i:i + args.batch_size]
+            with self.autocast:
+                latents = self.sample(self.sd, cond, self.uncond.expand(len(cond), -1, -1),
+                                      self.eval_noise[i:i + args.batch_size].to(self.device), args.sample_steps,
+                                      args.guidance, args.eta, generator=generator)
+                images.append(decode(self.sd, latents).float())
+        images = torch.cat(images)
+        title = f"{self.script} {args.out}, step {step}: held-out prompts, fixed seeds"
+        grid = image_grid(images, nrow=min(args.eval_n, 8), labels=self.eval_prompts, title=title)
+        grid.save(os.path.join(args.out, "samples", f"step_{step:06d}.png"))
+        return self.reward_fn(images, self.eval_prompts).mean().item()
+
+    def checkpoint(self, done):
+        """checkpoint.pt (LoRA, optimiser, scaler, generators, step, the script's state()) and lora.safetensors, each
+        written whole or not at all. On every rank: under torchrun the ranks' weights are compared first."""
+        if dist.is_initialized() and _weights_in_sync(self.params) != 0:  # insurance against a broken all-reduce
+            die(f"the LoRA weights differ between ranks at step {done}: the gradient all-reduce is broken")
+        if not self.master:
+            return
+        unet, out = self.sd.unet, self.args.out
+        state = dict(step=done, eval_before=self.eval_before, **self.state(), opt=self.opt.state_dict(),
+                     lora={n: p.detach() for n, p in unet.named_parameters() if p.requires_grad},
+                     scaler=self.scaler.state_dict(), rng=self.rng.get_state(), torch_rng=torch.get_rng_state())
+        atomic_save(lambda path: torch.save(state, path), os.path.join(out, "checkpoint.pt"))
+        atomic_save(lambda path: save_lora(unet, path), os.path.join(out, "lora.safetensors"))
+
+    def restore(self):
+        """Put back what checkpoint() saved, with this command's --lr (it wins over the saved one); metrics.jsonl
+        keeps the lines of the steps up to the checkpoint (a killed run logged steps it did not save). Returns the
+        rest of the state: step, eval_before and the script's."""
+        state, named = read_checkpoint(self.args.out), dict(self.sd.unet.named_parameters())
+        with torch.no_grad():
+            for n, v in state.pop("lora").items():
+                named[n].copy_(v)
+        self.opt.load_state_dict(state.pop("opt"))
+        for group in self.opt.param_groups:
+            group["lr"] = self.args.lr
+        self.scaler.load_state_dict(state.pop("scaler"))
+        self.rng.set_state(state.pop("rng"))
+        torch.set_rng_state(state.pop("torch_rng"))
+        if self.master:
+            kept = [m for m in read_metrics(self.args.out) if m["step"] <= state["step"]]
+            with open(os.path.join(self.args.out, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in kept)
+        return state
+
+    def snapshot_start(self, made):
+        """What undo_start needs: the first directory this start creates (check_out's), else the names in the run
+        directory and the bytes of the files a start rewrites."""
+        out = self.args.out
+        self.made, self.names, self.files = made, set(os.listdir(out)) if made is None else set(), {}
+        for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "lora.safetensors") * (made is None):
+            if os.path.isfile(os.path.join(out, name)):
+                with open(os.path.join(out, name), "rb") as f:
+                    self.files[name] = f.read()
+
+    def undo_start(self):
+        """A start that fails before its first steps are done leaves the disk as it found it: what it made is
+        removed, the files it rewrote are put back."""
+        if not self.master:
+            return
+        if self.made is not None:
+            shutil.rmtree(self.made, ignore_errors=True)
+            return
+        for name in set(os.listdir(self.args.out)) - self.names:
+            path = os.path.join(self.args.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        for name, data in self.files.items():
+            with open(os.path.join(self.args.out, name), "wb") as f:
+                f.write(data)
+
+    def progress(self, desc):  # tqdm over the steps left (rank 0 draws it), counted from 0
+        self.pbar = tqdm(range(self.step, self.args.steps), initial=self.step, total=self.args.steps, desc=desc,
+                         dynamic_ncols=True, disable=not self.master)
+        return self.pbar
+
+    def end_step(self, done, log):
+        """After `done` steps: the held-out eval and its grid when due, the log line, the plot, a checkpoint when due
+        or when a signal came. A signal stops the run here, saved."""
+        args = self.args
+        evaluating = self.master and (done == args.steps or (args.eval_every and done % args.eval_every == 0))
+        if evaluating:
+            log["eval_reward"] = self.evaluate(done)
+        log_metrics(args.out, log)
+        if evaluating:
+            plot_rewards(args.out, f"{self.script} --reward {args.reward} ({args.out})", self.eval_before)
+        stop = agree(self.signals.name, self.device)  # torchrun: all stop after the step any rank saw a signal in
+        if done == args.steps or (args.save_every and done % args.save_every == 0) or stop:
+            self.checkpoint(done)
+        self.pbar.set_postfix(reward=f"{log['reward_mean']:.4f}", **({"eval": f"{log['eval_reward']:.4f}"}
+                                                                     if "eval_reward" in log else {}))
+        if stop:  # SIGTERM / Ctrl-C: the step is finished and saved
+            self.pbar.close()
+            name = self.signals.name or "SIGTERM"  # what another rank received
+            info(f"stopped by {name} after {done} {self.unit}s, checkpoint saved: continue with --resume {args.out}")
+            sys.exit(130 if name == "SIGINT" else 143)
+
+    def finish(self, what=""):
+        """The run's last line: the held-out reward before and after, and where the LoRA is."""
+        if dist.is_initialized():
+            info(f"LoRA weights identical on all {self.world} processes (checked at every checkpoint)")
+            dist.destroy_process_group()
+        if self.master:
+            after = read_metrics(self.args.out)[-1].get("eval_reward")
+            after = "nan" if after is None else f"{after:.4f}"
+            print(f"{self.args.reward} reward on held-out prompts: {self.eval_before:.4f} -> {after} after "
+                  f"{self.args.steps} {self.unit}s{what}; LoRA in {os.path.join(self.args.out, 'lora.safetensors')}")
 
 
 # -----------------------------------------------------------------------------
 # the run directory
 
 
-def resume_args(parser, args):
-    """With --resume DIR, DIR's saved flags become the parser's defaults (flags on this command line still win) and
-    --out is DIR; without it, args as they are."""
-    if not args.resume:
-        return args
-    cfg_path = os.path.join(args.resume, "config.json")
-    if not os.path.isfile(os.path.join(args.resume, "checkpoint.pt")) or not os.path.isfile(cfg_path):
-        die(f"--resume {args.resume}: no checkpoint.pt and config.json there")
+def read_run(out, script):
+    """(config.json's flags, steps done) of this script's run in `out`; anything else: one line, before any work."""
+    cfg_path = os.path.join(out, "config.json")
+    if not os.path.isfile(os.path.join(out, "checkpoint.pt")) or not os.path.isfile(cfg_path):
+        die(f"--resume {out}: no checkpoint.pt and config.json there")
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         die(f"{cfg_path} is damaged or not a config of this project ({e})")
-    # the other script's run: its flags would make this one refuse them one by one (ddpo.py: "--eta must be > 0")
-    script, other = os.path.basename(parser.prog), run_script(cfg)
-    if script in SCRIPTS and other != script:
-        die(f"{args.resume} is a {other} run ({SCRIPTS[other]}), not a {script} run; continue it with python {other} "
-            f"--resume {args.resume}")
-    read_checkpoint(args.resume)  # damaged: one line now, before the model loads and anything is written
-    for old, new in RENAMED.items():  # a run saved before a flag's rename: its value under the new name
-        if old in cfg:
-            cfg.setdefault(new, cfg.pop(old))
-    parser.set_defaults(**{k: v for k, v in cfg.items() if k in vars(args)})
-    args = parser.parse_args()
-    args.out = args.resume
-    return args
-
-
-RENAMED = {"ddim_steps": "sample_steps"}  # config.json keys of older runs -> today's (--ddim-steps is an alias)
-SCRIPTS = {"train.py": "reward backprop", "ddpo.py": "reinforcement learning"}
-
-
-def run_script(cfg):
-    """The script whose run a config.json describes: its "script" field; a run from before that field by a flag that
-    only ddpo.py has."""
-    return cfg.get("script") or ("ddpo.py" if "samples_per_step" in cfg else "train.py")
+    other = cfg.get("script") if isinstance(cfg, dict) else None
+    if other not in SCRIPTS:
+        die(f"{cfg_path} is not a config of this project (it names no script)")
+    if other != script:  # the other script's flags would be refused one by one (ddpo.py: "--eta must be > 0")
+        die(f"{out} is a {other} run ({SCRIPTS[other]}), not a {script} run; continue it with python {other} "
+            f"--resume {out}")
+    return cfg, read_checkpoint(out)["step"]
 
 
 def check_out(out):
-    """--out must be a directory this process can write in, or one it can create: else one line, exit 2, before any
-    work. Returns the first directory a run would create on the way to `out` (None: `out` exists), for undo_start."""
+    """--out must be a directory this process can write in or create, else one line; returns the first directory a
+    run would create on the way to `out` (None: `out` exists), for undo_start."""
     path, made = os.path.abspath(out), None
     while not os.path.lexists(path):  # up to the first part of the path that exists
         path, made = os.path.dirname(path), path
@@ -211,170 +538,6 @@ def check_writable(flag, value, directory):
         die(f"{flag} {value}: cannot write in {directory} ({e.strerror})")
 
 
-def start_snapshot(out, made):
-    """What undo_start needs to put `out` back as it was before this start: the first directory the start creates
-    (check_out), else the names in `out` and the bytes of the files a start rewrites."""
-    if made is not None or not os.path.isdir(out):
-        return dict(made=made)
-    files = {}
-    for name in ("config.json", "metrics.jsonl"):
-        if os.path.isfile(os.path.join(out, name)):
-            with open(os.path.join(out, name), "rb") as f:
-                files[name] = f.read()
-    return dict(made=None, names=set(os.listdir(out)), files=files)
-
-
-def undo_start(out, snapshot):
-    """A start that failed before its first step leaves the disk as it found it: what it made is removed, the files
-    it rewrote are put back."""
-    if not is_master():
-        return
-    if snapshot["made"] is not None:
-        shutil.rmtree(snapshot["made"], ignore_errors=True)
-        return
-    for name in set(os.listdir(out)) - snapshot["names"]:
-        path = os.path.join(out, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    for name, data in snapshot["files"].items():
-        with open(os.path.join(out, name), "wb") as f:
-            f.write(data)
-
-
-def is_out_of_memory(e):
-    """The allocator's error: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
-
-
-def device_memory(device_type):
-    """Bytes of memory on the device: the GPU's, or the machine's RAM."""
-    if device_type == "cuda":
-        return torch.cuda.mem_get_info()[1]
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_batch_fits(flag, need, device_type, advice):
-    """Refuse, before any work, a batch whose tensors alone (`need` bytes: the caller counts its latents and decoded
-    images, a lower bound, since the UNet's activations come on top) exceed the device's memory: one line, exit 2,
-    rather than the allocator's error after the model has loaded and the first eval has run."""
-    have = device_memory(device_type)
-    if need > have:
-        die(f"{flag} does not fit in memory: its latents and images alone take {need / 2**30:,.1f} GB, and this "
-            f"{'GPU' if device_type == 'cuda' else 'machine'} has {have / 2**30:,.1f} GB; {advice}")
-
-
-def machine_defaults(args):
-    """Fill the flags whose default depends on the machine and the reward: --model (SD 1.5 on CUDA, else the shapes
-    model), --prompts / --eval-prompts (the shapes, count or animal prompts), --dtype (bf16 on CUDA, fp32 on a CPU).
-    Returns (device_type, device)."""
-    try:
-        names = [name for name, _ in parse_reward_spec(args.reward)]
-    except ValueError as e:
-        die(str(e))
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.model is None:
-        args.model = DEFAULT_MODEL if device_type == "cuda" else "shapes"
-        if device_type == "cpu":
-            info("no CUDA GPU: using --model shapes (coloured shapes, 64 px); full-size SD would take hours here")
-    prompt_set = os.path.join(PROMPTS, "shapes" if is_shapes(args.model) else "count" if "count" in names
-                              else "animals")
-    args.prompts = args.prompts or prompt_set + ".txt"
-    args.eval_prompts = args.eval_prompts or prompt_set + "-eval.txt"
-    if args.dtype is None:
-        args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "fp32"
-    if args.dtype == "fp16" and device_type == "cpu":
-        die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
-    return device_type, f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
-
-
-def run_prompts(args):
-    """(training prompts, held-out prompts) from --prompts and --eval-prompts, each checked against the reward (the
-    count rewards need a count in every prompt)."""
-    texts = []
-    for name, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
-        texts.append(read_prompts(name, path))
-        try:
-            check_prompts(args.reward, texts[-1])
-        except ValueError as e:
-            die(f"{name} {path}: {e} (the count rewards need one in every prompt)")
-    warn_unknown_words(args.model, texts[0] + texts[1])
-    return texts
-
-
-def load_model_and_reward(args, device):
-    """(sd, latent shape (4, h, w), reward_fn): the frozen model in the run's dtype (half the memory in bf16/fp16),
-    --resolution checked against the VAE's factor, and the reward (.components: each reward of a mix, for the log)."""
-    dtype = DTYPES[args.dtype]
-    try:
-        sd = load_sd(args.model, device, dtype)
-    except ModelLoadError as e:
-        die(str(e))
-    factor = pixel_multiple(sd)
-    if args.resolution % factor:
-        die(f"--resolution {args.resolution} is not divisible by {factor} (the VAE's downsampling factor"
-            + (", times FLUX's 2x2 packing)" if sd.flux else ")"))
-    try:
-        reward_fn = load_reward(args.reward, device, dtype)
-    except RewardLoadError as e:
-        die(str(e))
-    return sd, latent_shape(sd, args.resolution or native_resolution(sd)), reward_fn
-
-
-GUIDANCE = {"ddim": 7.5, "sd3": 7.0, "flux": 3.5}  # --guidance's default: AlignProp's CFG scale for SD 1.x / 2.x / XL;
-# StableDiffusion3Pipeline's CFG scale and FluxPipeline's guidance embedding (FLUX.1-dev), each pipeline's default
-
-
-def family(sd):
-    """"flux", "sd3" (rectified flow: flow.py samples them) or "ddim" (SD 1.x, 2.x, XL: sampler.py)."""
-    return "flux" if sd.flux else "sd3" if sd.flow else "ddim"
-
-
-def sampling_defaults(args, sd, eta_default=None):
-    """Fill --guidance (None: GUIDANCE for this model's family) and --eta (None: `eta_default`, a dict by family: DDIM's
-    eta, or on a flow model the noise level of Flow-GRPO's SDE, 0 = the ODE) once the model is loaded."""
-    if args.guidance is None:
-        args.guidance = GUIDANCE[family(sd)]
-    if args.eta is None:
-        args.eta = eta_default["flow" if sd.flow else "ddim"]
-
-
-def lora_targets(text):
-    """--lora-targets -> the layer names inject_lora takes (lora.parse_targets); bad syntax: one line, exit 2."""
-    try:
-        return parse_targets(text)
-    except ValueError as e:
-        die(f"--lora-targets {e}")
-
-
-def inject_adapters(unet, rank, targets, init="kaiming"):
-    """inject_lora with the LoRA weights in fp32 (whatever the frozen model's dtype); a target that names no layer of
-    this model: one line, exit 2. Returns the trainable parameters."""
-    try:
-        return inject_lora(unet, rank=rank, targets=targets, dtype=torch.float32, init=init)
-    except ValueError as e:
-        die(f"--lora-targets {e}")
-
-
-def read_prompts(flag, path):
-    """The non-empty lines of a prompt file; a missing or empty file is a one-line error naming the flag."""
-    if not os.path.isfile(path):
-        die(f"{flag} {path}: no such file")
-    try:
-        with open(path) as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except UnicodeDecodeError as e:
-        die(f"{flag} {path}: not a text file ({e.reason} at byte {e.start}); prompts are lines of UTF-8 text")
-    if not lines:
-        die(f"{flag} {path}: the file has no prompts")
-    return lines
-
-
-def refuse_overwrite(out, resume):
-    if not resume and os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        die(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has checked the output directory before rank 0 writes to it
-
-
 def write_config(out, config):
     if is_master():
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
@@ -387,21 +550,16 @@ def atomic_save(save, path):  # a crash mid-write leaves the previous file intac
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(out, unet, params, opt, scaler, rng, **state):
-    """checkpoint.pt (the LoRA tensors, the optimiser, the grad scaler, the run's generator and torch's RNG, and
-    `state`: step, ...) and lora.safetensors. Call it on every rank: under torchrun it first checks that all ranks
-    hold the same weights, then rank 0 writes."""
-    if dist.is_initialized() and _weights_in_sync(params) != 0:  # cheap insurance against a broken all-reduce
-        die(f"the LoRA weights differ between ranks at step {state.get('step')}: the gradient all-reduce is broken")
-    if not is_master():
-        return
-    state.update(lora={n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}, opt=opt.state_dict(),
-                 scaler=scaler.state_dict(), rng=rng.get_state(), torch_rng=torch.get_rng_state())
-    atomic_save(lambda path: torch.save(state, path), os.path.join(out, "checkpoint.pt"))
-    atomic_save(lambda path: save_lora(unet, path), os.path.join(out, "lora.safetensors"))
+def _weights_in_sync(params):  # max |difference| between this rank's LoRA weights and rank 0's, over all ranks
+    flat = torch.cat([p.detach().flatten() for p in params])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
 
 
-CHECKPOINT_KEYS = {"step", "eval_before", "lora", "opt", "scaler", "rng", "torch_rng"}  # what save_checkpoint writes
+CHECKPOINT_KEYS = {"step", "eval_before", "lora", "opt", "scaler", "rng", "torch_rng"}  # what Run.checkpoint writes
 
 
 def read_checkpoint(out):
@@ -421,30 +579,6 @@ def read_checkpoint(out):
     return state
 
 
-def load_checkpoint(out, unet, opt, scaler, rng, lr):
-    """Restore what save_checkpoint saved into `unet`, `opt` (with this run's `lr`, which wins over the saved one),
-    `scaler`, `rng` and torch's RNG; return the rest of the state (step, ...). metrics.jsonl keeps only the lines of
-    the steps up to the checkpoint (a killed run logged steps it did not save)."""
-    state = read_checkpoint(out)
-    named = dict(unet.named_parameters())
-    with torch.no_grad():
-        for n, v in state.pop("lora").items():
-            named[n].copy_(v)
-    opt.load_state_dict(state.pop("opt"))
-    for group in opt.param_groups:
-        group["lr"] = lr
-    scaler.load_state_dict(state.pop("scaler"))
-    rng.set_state(state.pop("rng"))
-    torch.set_rng_state(state.pop("torch_rng"))
-    if is_master():
-        path = os.path.join(out, "metrics.jsonl")
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= state["step"]]  # step: steps done (1..N)
-        with open(path, "w") as f:
-            f.writelines(kept)
-    return state
-
-
 def log_metrics(out, log):
     """One line of metrics.jsonl; NaN is written as null, so that every line is valid JSON."""
     if is_master():
@@ -458,109 +592,9 @@ def read_metrics(out):
 
 
 def plot_rewards(out, title, eval_before=None):
-    """reward.png: the training reward of every step and the held-out (eval) reward, from eval_before (at step 0)
-    on, against steps."""
-    if not is_master():
-        return
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-    m = read_metrics(out)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([x["step"] for x in m], [x["reward_mean"] for x in m], lw=1, alpha=0.6, label="training batch")
-    evals = [(0, eval_before)] * (eval_before is not None)
-    evals += [(x["step"], x["eval_reward"]) for x in m if x.get("eval_reward") is not None]
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out prompts, fixed seeds")
-    ax.set(xlabel="step", ylabel="reward", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_save(lambda path: fig.savefig(path, format="png"), os.path.join(out, "reward.png"))
-    plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
-# memory: how many steps keep their activations (train.py --keep-activations auto --memory-budget GB)
-
-BUDGET_SHARE = {"cuda": 0.9, "cpu": 0.5}  # default budget: of what the GPU has free for us (the rest: CUDA's context
-# and the allocator's fragmentation); of the RAM on a CPU
-OVERHEAD = 1.15  # a kept step's cost in memory, in units of the activation bytes counted for it (sampler's
-# step_activation_bytes), plus one step in reserve. Measured (tiny model, CPU, 0 to 20 steps kept): the tensors' own
-# peak (128 px) grew by 0.93x the counted bytes per kept step, the peak RSS (256 px) by 1.04x per step plus one step's
-# worth (what the allocator keeps)
-
-
-def parse_keep(text):
-    """--keep-activations: "auto" -> None (chosen from the memory budget), "N" -> N >= 0; else one line, exit 2. An
-    integer passes too: a run directory from before auto saved the flag as one."""
-    text = str(text)
-    if text == "auto":
-        return None
-    if not text.isdigit():
-        die(f"--keep-activations must be auto or an integer >= 0, got {text}")
-    return int(text)
-
-
-def reset_peak_memory(device_type):
-    """Start peak_memory's count afresh (each training step does): on CUDA the allocator's peak; on Linux, writing 5
-    to /proc/self/clear_refs sets the process's peak resident set size (VmHWM, and ru_maxrss with it) to what it
-    holds now. Where that file is missing or not writable, a CPU's peak counts from the process's start."""
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory(device_type):
-    """The bytes --memory-budget counts: on CUDA the allocator's peak, on a CPU the process's peak resident set size
-    (Linux reports ru_maxrss in KiB), each since reset_peak_memory."""
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def memory_budget(gb, device_type):
-    """--memory-budget in bytes; 0 = the default: on CUDA a share of what this process can hold (the device's free
-    memory plus what its allocator has reserved already), on a CPU a share of the RAM."""
-    if gb:
-        return gb * 2**30
-    if device_type == "cuda":
-        return BUDGET_SHARE["cuda"] * (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())
-    return BUDGET_SHARE["cpu"] * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def steps_that_fit(budget, peak, per_step, most):
-    """How many steps may keep their activations: (budget - peak) / (OVERHEAD * per_step) - 1, in 0..most. `peak`: a
-    step's peak with every step recomputed (flat memory, the least a step needs); `per_step`: one step's activations.
-    A kept step's activations live from its forward to its backward, so at any moment K kept steps add at most K
-    steps' activations to what the recomputing step holds: its peak plus K * per_step bounds the new peak."""
-    return max(0, min(most, int((budget - peak) // (OVERHEAD * per_step)) - 1))
-
-
-def activations_to_keep(sd, cond, uncond, noise, steps, guidance, eta, backprop, peak, budget):
-    """--keep-activations auto, after a step that recomputed every step and peaked at `peak` bytes: (steps to keep,
-    one step's activation bytes), the latter measured on this batch (cond, uncond (B, L, D), noise (B, 4, h, w)) in
-    the caller's autocast dtype."""
-    n = backprop[1] if isinstance(backprop, tuple) and backprop[0] == "lv" else 1  # lv:N trains N * B rows
-    measure = flow_step_activation_bytes if sd.flow else step_activation_bytes  # eta: a flow's SDE noise level
-    per_step = measure(sd, cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), noise.repeat(n, 1, 1, 1), steps, guidance,
-                       eta)
-    return steps_that_fit(budget, peak, per_step, steps_with_gradient(backprop, steps)), per_step
-
-
-class StopOnSignal:
-    """The first SIGTERM / Ctrl-C sets .name and lets the current step finish and save; a second one stops at once."""
-
-    def __init__(self):
-        self.name = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.name = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
+    """reward.png: the training and held-out rewards against steps (grid.reward_plot)."""
+    if is_master():
+        fig = reward_plot(read_metrics(out), title, eval_before)
+        atomic_save(lambda path: fig.savefig(path, format="png"), os.path.join(out, "reward.png"))
+        import matplotlib.pyplot as plt
+        plt.close(fig)

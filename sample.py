@@ -16,10 +16,9 @@ import torch
 from grid import image_grid
 from flow import flow_sample
 from lora import load_lora, read_lora_config
-from model import (DEFAULT_MODEL, ModelLoadError, decode, encode_prompts, free_text_encoders, latent_shape, load_sd,
-                   native_resolution)
+from model import DEFAULT_MODEL, decode, encode_prompts, free_text_encoders
 from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
-from runs import RENAMED, check_numbers, check_writable, die, sampling_defaults, warn_unknown_words
+from runs import check_numbers, check_writable, die, load_model, settle, warn_unknown_words
 from sampler import ddim_sample
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,7 +40,7 @@ p.add_argument("--out", default=None, help="output PNG (default: compare.png bes
 args = p.parse_args()
 
 
-check_numbers(args, at_least_1=("n", "sample_steps"), at_least_0=("eta", "resolution"), finite=("guidance",))
+check_numbers(args, at_least_1=("n", "sample_steps"), at_least_0=("eta", "resolution", "guidance"))
 if not os.path.isfile(args.lora):
     die(f"--lora {args.lora}: no such file")
 if args.reward is not None:
@@ -53,7 +52,6 @@ run_cfg = {}
 if os.path.isfile(os.path.join(os.path.dirname(args.lora), "config.json")):
     with open(os.path.join(os.path.dirname(args.lora), "config.json")) as f:
         run_cfg = json.load(f)
-    run_cfg.update({new: run_cfg[old] for old, new in RENAMED.items() if old in run_cfg})  # an older run's keys
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 model = args.model or run_cfg.get("model") or (DEFAULT_MODEL if device == "cuda" else "tiny")
@@ -77,17 +75,13 @@ try:  # the LoRA file's header, before sampling with the base model (after the r
     read_lora_config(args.lora)
 except Exception as e:  # safetensors' SafetensorError (not a safetensors file), or ValueError (no LoRA metadata)
     die(f"--lora {args.lora}: not a LoRA file written by train.py or ddpo.py ({str(e).strip().splitlines()[0]})")
-try:
-    sd = load_sd(model, device, dtype)
-except ModelLoadError as e:
-    die(str(e))
-resolution = args.resolution or run_cfg.get("resolution") or native_resolution(sd)
+sd, resolution, shape = load_model(model, device, dtype, args.resolution or run_cfg.get("resolution") or 0)
 if args.guidance is None:
     args.guidance = run_cfg.get("guidance")
-sampling_defaults(args, sd)  # still None: the model family's default
+settle(args, "sample.py", sd)  # still None: the model family's default
 sample_chain = flow_sample if sd.flow else ddim_sample  # the same arguments; eta is a flow's SDE noise level
 prompts = [p for p in args.prompts for _ in range(args.n)]  # (P * n,), prompt-major
-noise = torch.randn(len(prompts), *latent_shape(sd, resolution), generator=torch.Generator().manual_seed(args.seed))
+noise = torch.randn(len(prompts), *shape, generator=torch.Generator().manual_seed(args.seed))
 autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
 

@@ -71,6 +71,18 @@ def unknown_words(prompts):
     return list(dict.fromkeys(word for text in prompts for word in text.lower().split() if word not in known))
 
 
+def unknown_words_warning(prompts):
+    """What a script says before a shapes model sees `prompts` with words it never saw ("" if none): the words, and
+    the captions it knows."""
+    words = unknown_words(prompts)
+    if not words:
+        return ""
+    more = " ..." if len(words) > 8 else ""
+    return (f"the shapes model has never seen the words {', '.join(map(repr, words[:8]))}{more}; it knows captions "
+            f"such as 'three red circles' ({', '.join(COUNT_WORDS.values())}; {', '.join(COLOURS)}; "
+            f"{', '.join(SHAPES)}), and draws other words as if they were not there")
+
+
 def _grammar():
     return list(itertools.product(COUNT_WORDS, COLOURS, SHAPES))
 

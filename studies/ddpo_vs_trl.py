@@ -8,9 +8,9 @@ seeds, the same settings, judged alike: the held-out real JPEG size of 64 sample
 
 Settings (the issue's): 20 DDIM steps, eta 1, CFG 7.5, rounds of 32 images, 8 images per optimisation step, lr 3e-3,
 PPO clip 1e-2, per-prompt statistics (buffer 16), LoRA rank 4 on the attention layers, prompts/shapes.txt, one thread
-per run. Arms: trl (../shared/peers/trl/run_ddpo.py), ours (ddpo.py as it is), ours-gaussian (--lora-init gaussian:
-the one difference reading the two trainers found, TRL's PEFT init) and ours-lr1e-2 (the check of that explanation:
-a larger step instead of a larger init). Each finished run is one line of studies/ddpo-vs-trl-results.jsonl; a stopped
+per run. Arms: trl (../shared/peers/trl/run_ddpo.py), ours (ddpo.py as it is), ours-lr1e-2 (a larger step), and in the
+results ours-gaussian, TRL's PEFT init of the LoRA down matrices (the one difference reading the two trainers found),
+run with a ddpo.py flag removed after its verdict: it did not help (docs/rl-vs-backprop.md). Each finished run is one line of studies/ddpo-vs-trl-results.jsonl; a stopped
 study starts again at the first missing (arm, seed), and an interrupted ddpo.py run resumes from its checkpoint.
 TRL's venv (it brings accelerate and peft, which the project does not depend on): ../shared/peers/trl/README.md.
 """
@@ -28,7 +28,7 @@ MODEL = os.path.join(ROOT, "models", "shapes")
 PROMPTS = os.path.join(ROOT, "prompts", "shapes.txt")
 EVAL_PROMPTS = os.path.join(ROOT, "prompts", "shapes-eval.txt")
 ROUND, STEPS, GUIDANCE, LR, CLIP = 32, 20, 7.5, 3e-3, 1e-2
-ARMS = {"trl": [], "ours": [], "ours-gaussian": ["--lora-init", "gaussian"], "ours-lr1e-2": ["--lr", "1e-2"]}
+ARMS = {"trl": [], "ours": [], "ours-lr1e-2": ["--lr", "1e-2"]}
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--seeds", default="0,1,2,3", help="paired seeds, comma-separated")
@@ -103,7 +103,7 @@ def run(arm, seed):
 
 def report(rows):
     print(f"{'arm':>14} {'seeds':>5} {'queries':>7} {'held-out kB change, each seed':>40} {'mean':>7}")
-    for arm in ARMS:
+    for arm in dict.fromkeys(r["arm"] for r in rows):  # the removed arm's rows included
         mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: (r["queries"], r["seed"]))
         for q in sorted({r["queries"] for r in mine}):
             change = [100 * (r["kb_after"] / r["kb_before"] - 1) for r in mine if r["queries"] == q]

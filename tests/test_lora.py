@@ -184,19 +184,15 @@ def test_the_file_gets_the_mode_a_plain_open_gives(tiny, tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / f"{umask:o}.safetensors").st_mode) == mode
 
 
-def test_gaussian_init_is_peft_s():
-    """init="gaussian" (ddpo.py --lora-init, for the comparison with TRL): down ~ N(0, 1/rank^2) as PEFT's
-    init_lora_weights="gaussian"; up zero either way, so the model is unchanged; an unknown init is an error."""
+def test_init_is_nn_linear_s_and_peft_s_default():
+    """The down matrix starts as nn.Linear's weights do (uniform, bound 1 / sqrt(fan_in)), as microsoft/LoRA and PEFT's
+    default init_lora_weights=True; up starts at zero, so the wrapped layer starts as the base layer."""
     from peft import LoraConfig, get_peft_model
     layer = torch.nn.Linear(256, 256)
     torch.manual_seed(0)
-    ours = LoRALinear(layer, rank=4, alpha=4, init="gaussian")
-    kaiming = LoRALinear(layer, rank=4, alpha=4)
-    assert abs(ours.down.std().item() - 1 / 4) < 0.01 and not ours.up.any()
-    assert abs(kaiming.down.std().item() - 1 / (3 * 256) ** 0.5) < 0.005  # uniform, bound 1 / sqrt(fan_in)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["0"], init_lora_weights="gaussian")
-    reference = get_peft_model(torch.nn.Sequential(torch.nn.Linear(256, 256)), config)
+    ours = LoRALinear(layer, rank=4, alpha=4)
+    assert not ours.up.any() and torch.equal(ours(torch.ones(2, 256)), layer(torch.ones(2, 256)))
+    assert abs(ours.down.std().item() - 1 / (3 * 256) ** 0.5) < 0.005 and ours.down.abs().max() <= 1 / 256 ** 0.5
+    reference = get_peft_model(torch.nn.Sequential(torch.nn.Linear(256, 256)), LoraConfig(r=4, target_modules=["0"]))
     down = next(p for name, p in reference.named_parameters() if "lora_A" in name)  # (4, 256)
-    assert abs(down.std().item() - ours.down.std().item()) < 0.015
-    with pytest.raises(ValueError, match="expected one of"):
-        LoRALinear(layer, rank=4, alpha=4, init="xavier")
+    assert abs(down.std().item() - ours.down.std().item()) < 0.005

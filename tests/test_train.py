@@ -185,12 +185,12 @@ def prompt_files(tmp_path):
     (["--lora-targets", "attn+"], "--lora-targets 'attn+': expected names joined with '+'"),
     (["--lora-targets", "attn+conv3"], "no nn.Linear or nn.Conv2d in this module is named 'conv3'"),  # after loading
     (["--resolution", "60"], "not divisible by 8"),
-    (["--model", "{tmp}/notsd"], "is not a diffusers Stable Diffusion 1.x / 2.x directory (no unet/config.json)"),
+    (["--model", "{tmp}/notsd"], "is not a diffusers model directory (no unet/config.json)"),
     (["--model", "{tmp}/no/such/dir"], "no such model directory"),
     (["--reward", "jpeg"], "--reward jpeg has no gradient"),  # RL's reward: ddpo.py takes it, train.py cannot
     (["--reward", "compress,shapes-count-exact:0.5"], "--reward shapes-count-exact has no gradient"),
     (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),  # would reach AdamW: a traceback there
-    (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
+    (["--guidance", "inf"], "--guidance must be a finite number >= 0, got inf"),
     (["--keep-activations", "most"], "--keep-activations must be auto or an integer >= 0, got most"),
     (["--memory-budget", "nan"], "--memory-budget must be a finite number >= 0, got nan"),
     (["--prompts", "{tmp}/binary.txt"], "binary.txt: not a text file (invalid start byte at byte 128)"),
@@ -235,15 +235,15 @@ def test_the_first_step_out_of_memory_is_one_line_and_changes_nothing(trained, t
     """A batch that passes the up-front check but not the allocator: the first step's RuntimeError (simulated: the
     CPU allocator's message, raised by the sampler where training samples with gradients) is one line, exit 2, and a
     new run directory is removed (parents included), a resumed one put back as it was (config.json, metrics.jsonl)."""
-    import sampler
-    real = sampler.ddim_sample
+    import runs
+    real = runs.ddim_sample
 
     def out_of_memory(*args, **kwargs):
         if torch.is_grad_enabled():  # the training step; evaluation samples under no_grad
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                                "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
         return real(*args, **kwargs)
-    monkeypatch.setattr(sampler, "ddim_sample", out_of_memory)
+    monkeypatch.setattr(runs, "ddim_sample", out_of_memory)  # what a run samples with (runs.Run.sample)
     resumed = tmp_path / "resumed"
     shutil.copytree(trained[0], resumed)
     before = files(resumed)
@@ -260,24 +260,24 @@ def test_the_first_step_out_of_memory_is_one_line_and_changes_nothing(trained, t
 
 def test_the_other_script_s_run_is_named_on_resume(tmp_path):
     """train.py --resume of a ddpo.py run: said in one line, not a refusal of the run's flags (its --reward jpeg has
-    no gradient). A run from before config.json named its script is told by a flag only ddpo.py has."""
-    for name, cfg in (("new", dict(script="ddpo.py", reward="jpeg", eta=1.0)),
-                      ("old", dict(reward="jpeg", eta=1.0, samples_per_step=32))):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
-        (tmp_path / name / "checkpoint.pt").write_bytes(b"")
-        status, stderr = refused("train.py", "--resume", tmp_path / name)
-        assert status == 2 and stderr == (f"error: {tmp_path / name} is a ddpo.py run (reinforcement learning), not a "
-                                          f"train.py run; continue it with python ddpo.py --resume {tmp_path / name}\n")
+    no gradient); a config.json that names no script is not this project's."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(script="ddpo.py", reward="jpeg", eta=1.0)))
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    status, stderr = refused("train.py", "--resume", tmp_path)
+    assert status == 2 and stderr == (f"error: {tmp_path} is a ddpo.py run (reinforcement learning), not a train.py "
+                                      f"run; continue it with python ddpo.py --resume {tmp_path}\n")
+    (tmp_path / "config.json").write_text(json.dumps(dict(reward="jpeg", eta=1.0)))
+    status, stderr = refused("train.py", "--resume", tmp_path)
+    assert status == 2 and "is not a config of this project (it names no script)" in stderr
 
 
 def test_words_the_shapes_model_never_saw_are_named_up_front(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\nthree red circles\n")
-    # --lr nan stops the run right after the prompts are read: the warning comes first, then the error
-    _, stderr = refused("train.py", "--model", "shapes", "--prompts", tmp_path / "p.txt", "--lr", "nan")
+    # --resolution 60 is refused once the model has loaded, after the prompts are read: the warning comes first
+    _, stderr = refused("train.py", "--model", "shapes", "--prompts", tmp_path / "p.txt", "--resolution", 60)
     warning, error = stderr.strip().splitlines()
-    assert warning.startswith("warning: the shapes model has never seen the words 'cat';") and "--lr" in error
-    _, stderr = refused("train.py", "--model", "shapes", "--lr", "nan")  # its own prompt files: no warning
+    assert warning.startswith("warning: the shapes model has never seen the words 'cat';") and "--resolution" in error
+    _, stderr = refused("train.py", "--model", "shapes", "--resolution", 60)  # its own prompt files: no warning
     assert not stderr.startswith("warning")
 
 
@@ -328,7 +328,7 @@ def test_sample_py_checks_its_lora_and_its_output_before_sampling(trained, tmp_p
 
 def test_sample_py_refuses_a_non_finite_flag_in_one_line(tmp_path):
     proc = run("sample.py", "--lora", tmp_path / "none.safetensors", "--guidance", "nan", check=False)
-    assert proc.returncode == 2 and proc.stderr == "error: --guidance must be a finite number, got nan\n"
+    assert proc.returncode == 2 and proc.stderr == "error: --guidance must be a finite number >= 0, got nan\n"
 
 
 def test_unreachable_hub_is_a_short_message(tmp_path, monkeypatch):
@@ -386,19 +386,11 @@ def test_two_processes_stopped_by_sigterm_and_resumed_equal_one_with_the_same_gl
     assert (diff > 1e-5).float().mean() < 0.03 and diff.max() < 2 * cfg["lr"] * 4
 
 
-def test_a_run_from_before_auto_resumes(tmp_path):
-    """Run directories saved before --keep-activations auto hold the flag as an integer."""
-    run_here("train.py", "--out", tmp_path, "--steps", 1, "--keep-activations", 0, *QUICK)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, keep_activations=0)))
-    run_here("train.py", "--resume", tmp_path, "--steps", 2)
-    assert [x["kept_steps"] for x in metrics(tmp_path)] == [0, 0]
-
-
 def test_steps_that_fit_a_budget():
-    import runs
-    fit = lambda budget, peak, per_step, most: runs.steps_that_fit(budget * 2**20, peak * 2**20, per_step * 2**20, most)
-    assert fit(1000, 600, 40, 20) == int(400 / (40 * runs.OVERHEAD)) - 1 == 7  # one step in reserve
+    import memory
+    fit = lambda budget, peak, per_step, most: memory.steps_that_fit(budget * 2**20, peak * 2**20, per_step * 2**20,
+                                                                     most)
+    assert fit(1000, 600, 40, 20) == int(400 / (40 * memory.OVERHEAD)) - 1 == 7  # one step in reserve
     assert fit(1000, 600, 1, 20) == 20  # no more than the steps with gradients
     assert fit(500, 600, 40, 20) == 0  # a recomputing step is over already: keep none
 
@@ -409,7 +401,7 @@ def test_a_memory_budget_is_kept_and_changes_no_number(tmp_path):
     memory) stays within the budget, and every logged number equals that of a run that recomputes every step (to fp32
     rounding; the gradients themselves are compared in test_grad.py's test_keeping_activations_gives_the_same_gradient,
     and AdamW turns rounding-level differences of near-zero gradients into whole steps of lr, so weights are not)."""
-    import runs
+    import memory
     from model import encode_prompts, latent_shape, load_sd
     from sampler import step_activation_bytes
     args = ["--model", "tiny", "--batch-size", 2, "--ddim-steps", 6, "--resolution", 128, "--steps", 2, "--eval-n", 2]
@@ -420,7 +412,7 @@ def test_a_memory_budget_is_kept_and_changes_no_number(tmp_path):
             cond, uncond = encode_prompts(sd, ["a cat"] * 2), encode_prompts(sd, [""] * 2)
             per_step = step_activation_bytes(sd, cond, uncond, torch.randn(2, *latent_shape(sd, 128)), 6)
             recompute_peak = max(x["peak_mem_mb"] for x in metrics(tmp_path / "all")) * 2**20
-            budget = (recompute_peak + 3.5 * runs.OVERHEAD * per_step) / 2**30  # 2 kept, 1 in reserve
+            budget = (recompute_peak + 3.5 * memory.OVERHEAD * per_step) / 2**30  # 2 kept, 1 in reserve
             extra = ["--memory-budget", budget]
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / name),
                                *map(str, args + extra)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
@@ -445,16 +437,16 @@ def test_a_budget_below_what_a_step_needs_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "error: --memory-budget 0.05 GB is below what a step needs with every step recomputed and CFG's halves in "
         "turn"), proc.stderr
-    assert len(metrics(tmp_path)) == 1  # step 1, logged; step 2 stopped the run before its line
+    assert not list(tmp_path.iterdir())  # a start that failed in its first steps leaves the directory as it was
 
 
 def test_a_step_over_the_budget_turns_cfg_halves_in_turn_on_then_keeps_steps(tmp_path, monkeypatch):
     """The decision path, with the measured peak replaced (a model whose chain, not its decoder, holds the peak is
     too large for the suite): 3 GB over a 2 GB budget on step 1, 1 GB after. CFG's halves go in turn from step 2 on,
     the config says so (a resumed run keeps it), and after step 2 the budget's rest buys kept steps."""
-    import runs
+    import memory
     peaks = iter([3 * 2**30] + [2**30] * 3)
-    monkeypatch.setattr(runs, "peak_memory", lambda device_type: next(peaks))
+    monkeypatch.setattr(memory, "peak_memory", lambda device_type: next(peaks))
     proc = run_here("train.py", "--out", tmp_path, "--model", "tiny", "--batch-size", 1, "--ddim-steps", 3,
                     "--eval-n", 1, "--steps", 3, "--memory-budget", 2)
     assert "from the next step on CFG's halves backpropagate in turn" in proc.stdout
@@ -482,3 +474,75 @@ def test_loading_a_model_says_nothing_about_accelerate(monkeypatch):
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
     assert not [r.getMessage() for r in records if "accelerate" in r.getMessage()]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny-xl"], "the run was trained with --model tiny, this command says tiny-xl"),
+    (["--lora-rank", 8], "the run was trained with --lora-rank 4, this command says 8"),
+    (["--lora-targets", "attn+conv"], "the run was trained with --lora-targets attn, this command says attn+conv"),
+    (["--steps", 5], "--steps 5: the run in {out} has done 10 already"),
+])
+def test_resume_refuses_what_its_lora_cannot_follow(trained, args, message):
+    """A LoRA is made for its model, rank and layers: a resumed run that names others is one line before any work,
+    and so is a --steps below what the run has done (it would rewrite config.json's steps and do nothing)."""
+    out, _ = trained
+    before = files(out)
+    status, stderr = refused("train.py", "--resume", out, *args)
+    assert status == 2 and stderr.strip() == "error: " + stderr.strip()[7:] and message.format(out=out) in stderr
+    assert len(stderr.strip().splitlines()) == 1 and files(out) == before
+
+
+@pytest.mark.parametrize("script", ["train.py", "ddpo.py"])
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny-sd3", "--resolution", 40], "--resolution 40 is not divisible by 16 (the VAE's downsampling "
+                                                  "factor, times SD3's 2x2 patches)"),
+    (["--model", "tiny-flux", "--resolution", 24], "--resolution 24 is not divisible by 16"),
+    (["--model", "tiny", "--guidance", -1], "--guidance must be a finite number >= 0, got -1.0"),
+])
+def test_resolution_and_guidance_by_family_are_one_line(tmp_path, script, args, message):
+    status, stderr = refused(script, "--out", tmp_path / "out", *args)
+    assert status == 2 and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_cfg_in_turn_needs_cfg_halves(tmp_path):
+    for args, message in ((["--model", "tiny-flux"], "FLUX has none (its guidance is an embedding)"),
+                          (["--model", "tiny", "--guidance", 1], "--guidance 1 runs no CFG")):
+        status, stderr = refused("train.py", "--out", tmp_path / "out", "--cfg-in-turn", *args)
+        assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_sample_py_checks_the_resolution_by_family(trained, tmp_path):
+    status, stderr = refused("sample.py", "--lora", trained[0] / "lora.safetensors", "--resolution", 70, "--out",
+                             tmp_path / "c.png")
+    assert status == 2 and stderr == "error: --resolution 70 is not divisible by 8 (the VAE's downsampling factor)\n"
+
+
+@pytest.mark.parametrize("where", ["loading", "first eval"])
+def test_ctrl_c_before_the_first_step_leaves_nothing(tmp_path, monkeypatch, where):
+    """Ctrl-C while the model loads or while the base model is evaluated: one line, exit 130, and no run directory
+    left behind to block the same command."""
+    import runs
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs, "load_sd" if where == "loading" else "image_grid", interrupt)
+    proc = run_here("train.py", "--out", tmp_path / "run", *QUICK, check=False)
+    assert proc.returncode == 130 and proc.stderr.startswith("error: interrupted before the ")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["no weights", "no config"])
+def test_a_partial_model_directory_is_one_line_naming_what_is_missing(tmp_path, damage):
+    """As an interrupted download leaves it: the configs there, a weights file missing (or a config)."""
+    model = tmp_path / "model"
+    shutil.copytree(os.path.join(ROOT, "models", "shapes"), model)
+    if damage == "no weights":
+        (model / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+        message = f"{model} is incomplete: vae/ has a config but no weights"
+    else:
+        (model / "text_encoder" / "config.json").unlink()
+        message = f"{model} is incomplete: no text_encoder/config.json"
+    status, stderr = refused("train.py", "--out", tmp_path / "out", "--model", model)
+    assert status == 2 and stderr.startswith(f"error: {message}") and len(stderr.strip().splitlines()) == 1, stderr

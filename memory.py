@@ -1,0 +1,97 @@
+"""Memory: what a training step uses at its peak, and how many denoising steps may keep their activations (skip the
+recomputation in backward) within a budget. train.py's --keep-activations auto and --memory-budget.
+
+    reset_peak_memory("cuda")                   # each step: the peak counted afresh
+    ...                                         # one training step that recomputes every denoising step
+    peak = peak_memory("cuda")                  # its peak: the least memory a step needs
+    keep, per_step = activations_to_keep(sd, cond, uncond, noise, steps, guidance, eta, backprop, peak,
+                                         memory_budget(gb, "cuda"))   # steps to keep, one step's activation bytes
+
+A kept step costs one step's activations (measured by sampler.step_activation_bytes: the bytes autograd saves for
+backward after one step with gradients) for the whole backward; a recomputed one costs its recomputation. The last
+steps are kept first (sampler.ddim_sample says why). Figures: docs/speed-and-memory.md.
+"""
+import os
+import resource
+
+import torch
+
+from flow import flow_step_activation_bytes
+from sampler import step_activation_bytes, steps_with_gradient
+
+BUDGET_SHARE = {"cuda": 0.9, "cpu": 0.5}  # default budget: of what the GPU has free for us (the rest: CUDA's context
+# and the allocator's fragmentation); of the RAM on a CPU
+OVERHEAD = 1.15  # a kept step's cost in units of the activation bytes counted for it, measured on the tiny model
+# (docs/speed-and-memory.md): the allocator's rounding and what it keeps; one more step is held in reserve
+
+
+def parse_keep(text):
+    """--keep-activations: "auto" -> None (chosen from the memory budget after the first step), "N" -> N >= 0."""
+    if text == "auto":
+        return None
+    if not str(text).isdigit():
+        raise ValueError(f"must be auto or an integer >= 0, got {text}")
+    return int(text)
+
+
+def is_out_of_memory(e):
+    """The allocator's error: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def device_memory(device_type):
+    """Bytes of memory on the device: the GPU's, or the machine's RAM."""
+    if device_type == "cuda":
+        return torch.cuda.mem_get_info()[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_memory(device_type):
+    """Start peak_memory's count afresh (each training step does): on CUDA the allocator's peak; on Linux, writing 5
+    to /proc/self/clear_refs sets the process's peak resident set size (VmHWM, and ru_maxrss with it) to what it
+    holds now. Where that file is missing or not writable, a CPU's peak counts from the process's start."""
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device_type):
+    """The bytes --memory-budget counts: on CUDA the allocator's peak, on a CPU the process's peak resident set size
+    (Linux reports ru_maxrss in KiB), each since reset_peak_memory."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_budget(gb, device_type):
+    """--memory-budget in bytes; 0 = the default: on CUDA a share of what this process can hold (the device's free
+    memory plus what its allocator has reserved already), on a CPU a share of the RAM."""
+    if gb:
+        return gb * 2**30
+    if device_type == "cuda":
+        return BUDGET_SHARE["cuda"] * (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())
+    return BUDGET_SHARE["cpu"] * device_memory("cpu")
+
+
+def steps_that_fit(budget, peak, per_step, most):
+    """How many steps may keep their activations: (budget - peak) / (OVERHEAD * per_step) - 1, in 0..most. `peak`: a
+    step's peak with every step recomputed (flat memory, the least a step needs); `per_step`: one step's activations.
+    A kept step's activations live from its forward to its backward, so at any moment K kept steps add at most K
+    steps' activations to what the recomputing step holds: its peak plus K * per_step bounds the new peak."""
+    return max(0, min(most, int((budget - peak) // (OVERHEAD * per_step)) - 1))
+
+
+def activations_to_keep(sd, cond, uncond, noise, steps, guidance, eta, backprop, peak, budget):
+    """--keep-activations auto, after a step that recomputed every step and peaked at `peak` bytes: (steps to keep,
+    one step's activation bytes), the latter measured on this batch (cond, uncond (B, L, D), noise (B, C, h, w)) in
+    the caller's autocast dtype. eta: DDIM's, or a flow model's SDE noise level."""
+    n = backprop[1] if isinstance(backprop, tuple) and backprop[0] == "lv" else 1  # lv:N trains N * B rows
+    measure = flow_step_activation_bytes if sd.flow else step_activation_bytes
+    per_step = measure(sd, cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), noise.repeat(n, 1, 1, 1), steps, guidance,
+                       eta)
+    return steps_that_fit(budget, peak, per_step, steps_with_gradient(backprop, steps)), per_step
