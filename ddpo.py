@@ -38,7 +38,8 @@ import torch
 from flow import flow_context, flow_output, flow_rollout, flow_transition
 from memory import peak_memory, reset_peak_memory
 from model import decode
-from runs import Run, add_run_flags, average_gradients, check_batch_fits, check_numbers, die, gather, info, parse_run_args
+from runs import (Run, add_run_flags, average_gradients, check_batch_fits, check_numbers, die, gather, info,
+                  parse_run_args)
 from sampler import ddim_rollout, ddim_transition, guidance_context, guided_output, step_logprob
 
 # -----------------------------------------------------------------------------
@@ -217,6 +218,6 @@ for step in run.progress(f"ddpo {args.reward}"):
                seconds=time.time() - t0, peak_mem_mb=peak_memory(run.device_type) / 2**20,
                images_seen=(step + 1) * args.samples_per_step, skipped=skipped)
     if len(run.reward_fn.components) > 1:
-        log.update({f"reward_{name}": gather(v.float()).mean().item() for name, v in run.reward_fn.components.items()})
+        log.update({f"reward_{n}": gather(v.float()).mean().item() for n, v in run.reward_fn.components.items()})
     run.end_step(step + 1, log)  # the log line; eval grid, plot and checkpoint when due; a signal stops here
 run.finish(f" ({args.steps * args.samples_per_step} reward queries)")

@@ -302,7 +302,8 @@ class Run:
     family's sampler: sampler.ddim_sample or flow.flow_sample), step (steps done) ..."""
 
     def __init__(self, args, script):
-        self.args, self.script, self.state, self.unit = args, script, lambda: {}, "round" if script == "ddpo.py" else "step"
+        self.args, self.script, self.state = args, script, lambda: {}
+        self.unit = "round" if script == "ddpo.py" else "step"
         try:
             self._setup()
         except KeyboardInterrupt:  # Ctrl-C while loading: nothing written yet
@@ -440,8 +441,7 @@ class Run:
                     self.files[name] = f.read()
 
     def undo_start(self):
-        """A start that fails before its first steps are done leaves the disk as it found it: what it made is
-        removed, the files it rewrote are put back."""
+        """A start that fails in its first steps leaves the disk as it found it: made files gone, the rest back."""
         if not self.master:
             return
         if self.made is not None:

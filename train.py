@@ -1,13 +1,13 @@
 """AlignProp: fine-tune a text-to-image diffusion model (through LoRA) by backpropagating a differentiable reward
 through the whole sampling chain (Prabhudesai et al. 2023, arXiv:2310.03739): DDIM for SD 1.x / 2.x / XL
-(sampler.py), the rectified-flow Euler loop for SD3 / SD3.5 and FLUX.1 (flow.py; their transformer in place of the UNet).
+(sampler.py), the rectified-flow Euler loop for SD3 / SD3.5 and FLUX.1 (flow.py: a transformer in place of the UNet).
 
     python train.py --reward compress                   # no CUDA GPU: the shipped coloured-shapes model, on a CPU
     python train.py --reward shapes-count --steps 100 --backprop 1,20 --lora-targets attn+conv   # the count demo
     python train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5 --sample-steps 50
     python train.py --reward aesthetic --model stabilityai/stable-diffusion-3.5-medium --backprop onestep:0.3,0.9
     python train.py --resume out/compress --steps 200   # continue a run; flags given here override its saved ones
-    torchrun --standalone --nproc_per_node=4 train.py --reward compress --model stable-diffusion-v1-5/stable-diffusion-v1-5
+    torchrun --standalone --nproc_per_node=4 train.py --reward compress --batch-size 2   # 4 GPUs, SD 1.5
 
 One optimisation step: draw prompts and noise, sample *with gradients on* (each model call checkpointed, so memory
 stays flat in the number of steps, but for the last steps whose activations fit --memory-budget: they skip the
@@ -81,8 +81,9 @@ check_batch_fits(f"--batch-size {args.batch_size}", args.batch_size * per_image,
 rows = slice(run.rank * args.batch_size, (run.rank + 1) * args.batch_size)  # this rank's rows of a global batch
 global_batch = args.batch_size * args.grad_accum * run.world
 run.start(global_batch=global_batch)
-info(f"{args.model}: {run.resolution}px, {len(run.params) // 2} LoRA layers ({sum(p.numel() for p in run.params) / 1e6:.2f}M "
-     f"params), {run.device_type} {args.dtype}, global batch {global_batch} images/step = {args.batch_size} x "
+n_params = sum(p.numel() for p in run.params)
+info(f"{args.model}: {run.resolution}px, {len(run.params) // 2} LoRA layers ({n_params / 1e6:.2f}M params), "
+     f"{run.device_type} {args.dtype}, global batch {global_batch} images/step = {args.batch_size} x "
      f"{args.grad_accum} grad-accum x {run.world} processes, text encoders freed ({run.freed / 2**30:.2f} GB)"
      + (f", eval reward {run.eval_before:.4f}" if run.master else ""))
 
