@@ -4,10 +4,14 @@ point, unlike RSS). All run in the test process (conftest.run_here): nothing the
 The tensor counter itself (step_memory.TensorMemory) is checked against bytes computed by hand."""
 import json
 import math
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
-from conftest import run_here
+from conftest import ROOT, run_here
 from tools.step_memory import CudaAutocast, FakeStep, TensorMemory
 
 
@@ -16,6 +20,61 @@ def bench(tmp_path, monkeypatch, *args):
     out = tmp_path / "bench.json"
     proc = run_here("tools/bench.py", *args, "--json", out)
     return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--modes", "all,nonsense"], "--modes 'nonsense': expected all, K, lo,hi, lv:N, drtune:N or onestep:F"),
+    (["--modes", "onestep:2"], "--modes 'onestep:2': the one-step noise level F needs 0 < F <= 1"),  # was: a traceback
+    (["--modes", "drtune:5", "--sample-steps", "4"], "'drtune:5': DRTune trains N steps, 1 <= N <= the number of "
+     "sampling steps (4)"),  # checked against --sample-steps, before the sample mode is timed
+    (["--threads", "-1"], "--threads must be an integer >= 0, got -1"),
+    (["--steps-sweep", "a,b"], "--steps-sweep must be a comma list of integers > 0, got a,b"),
+    (["--steps-sweep", "10,0"], "--steps-sweep must be a comma list of integers > 0, got 10,0"),
+    (["--budget-sweep", "-1"], "--budget-sweep must be a comma list of numbers > 0, got -1"),  # was: nonsense rows
+    (["--budget-sweep", "0.8,nan"], "--budget-sweep must be a comma list of numbers > 0, got 0.8,nan"),
+    (["--budget-sweep", "1", "--repeats", "0"], "--budget-sweep times its points: --repeats must be >= 1"),
+    (["--budget-sweep", "1", "--steps-sweep", "2"], "give one of them"),  # the budget sweep once won, silently
+    (["--json", "/proc/bench.json"], "--json /proc/bench.json: cannot write in /proc ("),  # was: after the benchmark
+    (["--json", "{tmp}"], "is a directory, not a file"),
+    (["--flux-blocks", "99,99", "--arch", "flux"], "1 <= D <= 19 double-stream and 1 <= S <= 38 single-stream "
+     "blocks, got 99,99"),  # was: a model of 99 + 99 blocks, silently
+    (["--flux-blocks", "1,2"], "--flux-blocks D,S needs --arch flux"),
+    (["--resolution", "50"], "--resolution 50 must be a multiple of 8 for tiny"),  # was: model.latent_shape's error
+    (["--resolution", "72", "--model", "tiny-flux"], "--resolution 72 must be a multiple of 16 for tiny-flux"),
+    (["--resolution", "-64"], "--resolution must be an integer >= 0, got -64"),
+    (["--repeats", "-1"], "--repeats must be an integer >= 0, got -1"),
+    (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
+    (["--sample-steps", "0"], "--sample-steps must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--memory-budget", "nan"], "--memory-budget must be a finite number >= 0, got nan"),
+    (["--memory-budget", "-1"], "--memory-budget must be a finite number >= 0, got -1.0"),
+    (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
+    (["--keep-activations", "most"], "--keep-activations must be auto or an integer >= 0, got most"),
+    (["--reward", "nonsense"], "--reward: unknown reward 'nonsense'"),  # was: a traceback after the model loaded
+    (["--reward", "jpeg"], "--reward jpeg has no gradient"),  # was: a traceback from backward
+    (["--estimate", "--reward", "compress"], "--estimate takes the smooth reward and the mode table"),
+    (["--model", "{tmp}/no/such/dir"], "no such model directory"),
+])
+def test_bad_flags_are_one_line_and_exit_2_before_any_work(tmp_path, monkeypatch, args, message):
+    # each refused before anything is timed (nothing on stdout: no header, no row), most before the model loads
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # already "set": bench does not re-execute itself
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = run_here("tools/bench.py", *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert proc.stdout == ""
+
+
+def test_bench_reexecutes_itself_as_a_module(tmp_path):
+    # python -m tools.bench from the root, as the docs run it: without MALLOC_MMAP_THRESHOLD_ it re-executes itself,
+    # as -m tools.bench (under -m, argv[0] is the file, which run as a script would not find the root's modules), and
+    # the re-executed process refuses a bad flag in one line
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "--modes", "nonsense"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.splitlines() == ["error: --modes 'nonsense': expected all, K, lo,hi, lv:N, drtune:N or "
+                                        "onestep:F"], proc.stderr
 
 
 def test_memory_is_flat_in_the_number_of_steps(tmp_path, monkeypatch):
@@ -37,6 +96,7 @@ def test_bench_prints_every_mode(tmp_path, monkeypatch):
     assert kept == {"sample": 0, "all": 4, "1": 1, "rand": 4, "lv:2": 1, "drtune:2": 2, "onestep:0.6": 1}
     assert "x sample" in stdout and "DRaFT-LV, N=2" in stdout and "DRTune, N=2" in stdout
     assert "Direct-Align, F=0.6" in stdout
+    assert 1 <= res["config"]["threads"] <= len(os.sched_getaffinity(0))  # never more threads than CPUs to run on
 
 
 def test_bench_runs_the_flow_miniatures(tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc reads it at start-up: re
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -49,12 +50,28 @@ import torch  # noqa: E402
 from flow import flow_sample  # noqa: E402
 from lora import inject_lora  # noqa: E402
 from memory import activations_to_keep, memory_budget  # noqa: E402
-from model import decode, encode_prompts, latent_shape, load_sd, native_resolution  # noqa: E402
-from rewards import load_reward  # noqa: E402
+from model import (ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution,  # noqa: E402
+                   pixel_multiple)
+from rewards import RewardLoadError, load_reward, parse_reward_spec, without_gradient  # noqa: E402
+from runs import check_numbers, check_writable, die  # noqa: E402
 from sampler import ddim_sample, parse_backprop  # noqa: E402
 from tools.step_memory import CudaAutocast, FakeStep, TensorMemory, phase  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+FLUX_BLOCKS = (19, 38)  # FLUX.1-dev's double-stream and single-stream transformer blocks
+
+
+def positive_list(flag, text, kind):
+    """ "10,25,50" -> [10, 25, 50]: each a finite number > 0 of `kind` (int or float), else one line and exit 2."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        die(f"{flag} must be a comma list of {'integers' if kind is int else 'numbers'} > 0, got {text}")
+    return values
+
+
+p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, or a miniature: 'tiny', 'tiny-xl', "
                "'tiny-sd3', 'tiny-flux'")
 p.add_argument("--arch", default=None, choices=["sd15", "sd21", "sdxl", "sd35m", "flux"], help="a real architecture "
@@ -63,9 +80,10 @@ p.add_argument("--arch", default=None, choices=["sd15", "sd21", "sdxl", "sd35m",
                "of the real widths: the conditioning has its real shapes, the per-prompt encoding is not measured); "
                "overrides --model")
 p.add_argument("--flux-blocks", default=None, help="D,S: --arch flux with D of its 19 double-stream and S of its 38 "
-               "single-stream blocks, for a machine that cannot hold its 12B weights; 1,2 is 1/19 of each kind, so "
-               "that the blocks' weights, multiply-adds and activations are 1/19 of the full model's")
-p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
+               "single-stream blocks (1..19, 1..38), for a machine that cannot hold its 12B weights; 1,2 is 1/19 of "
+               "each kind, so that the blocks' weights, multiply-adds and activations are 1/19 of the full model's")
+p.add_argument("--resolution", type=int, default=0, help="image side in pixels, a multiple of the model's (8 for SD, "
+               "16 for FLUX); 0 = the model's native size")
 p.add_argument("--batch-size", type=int, default=1, help="images per step")
 p.add_argument("--sample-steps", "--ddim-steps", dest="sample_steps", type=int, default=20, help="sampling steps T "
                "(DDIM's or the flow's Euler steps)")
@@ -89,7 +107,9 @@ p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
 p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
 p.add_argument("--tensor-memory", action=argparse.BooleanOptionalAction, default=True, help="on a CPU, also count "
                "tensor bytes exactly (one more, slower run per mode)")
-p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = one per CPU this process may run on "
+               "(os.sched_getaffinity), or OMP_NUM_THREADS if fewer. Where other processes keep those cores busy, "
+               "fewer threads run faster (--threads 1): a thread that waits for a busy core stalls the others")
 p.add_argument("--steps-sweep", default="", help="e.g. 10,25,50: peak memory of a full-backprop step against T, with "
                "and without checkpointing (replaces the mode table)")
 p.add_argument("--budget-sweep", default="", help="e.g. 0.7,0.8,1.2: a full-backprop step with --keep-activations "
@@ -103,21 +123,55 @@ p.add_argument("--estimate-device", default="cuda", choices=["cuda", "cpu"], hel
                "autocast policy (step_memory.CudaAutocast); cpu, as this CPU runs the step (what --repeats 0 counts)")
 p.add_argument("--json", default=None, help="also write the results to this JSON file")
 args = p.parse_args()
-if args.flux_blocks and (args.arch != "flux" or [n.isdigit() for n in args.flux_blocks.split(",")] != [True, True]):
-    p.error(f"--flux-blocks D,S needs --arch flux and two integers, got {args.flux_blocks}")
-if args.repeats < 0 or (args.repeats == 0 and args.budget_sweep):
-    p.error(f"--repeats must be >= 0, and >= 1 with --budget-sweep (which times its points), got {args.repeats}")
-if args.estimate and (args.reward != "smooth" or args.steps_sweep or args.budget_sweep or args.compile):
-    p.error("--estimate takes the smooth reward and the mode table: no --reward, sweeps or --compile")
+# every flag checked before any work: a bad value is one line and exit status 2 (die), not a traceback after the model
+# has loaded and the first modes have been timed, nor a table of nonsense
+check_numbers(args, at_least_1=("sample_steps", "batch_size"), finite=("guidance",),
+              at_least_0=("resolution", "repeats", "warmup", "threads", "memory_budget"))
+steps_sweep = positive_list("--steps-sweep", args.steps_sweep, int) if args.steps_sweep else []
+budget_sweep = positive_list("--budget-sweep", args.budget_sweep, float) if args.budget_sweep else []
+if steps_sweep and budget_sweep:
+    die("--steps-sweep and --budget-sweep each replace the mode table: give one of them")
+if budget_sweep and not args.repeats:
+    die("--budget-sweep times its points: --repeats must be >= 1")
+if args.flux_blocks:
+    counts = args.flux_blocks.split(",")
+    if (args.arch != "flux" or len(counts) != 2 or not all(n.isdigit() for n in counts)
+            or not all(1 <= int(n) <= most for n, most in zip(counts, FLUX_BLOCKS))):
+        die(f"--flux-blocks D,S needs --arch flux, 1 <= D <= {FLUX_BLOCKS[0]} double-stream and 1 <= S <= "
+            f"{FLUX_BLOCKS[1]} single-stream blocks, got {args.flux_blocks}")
 if args.keep_activations != "auto" and not args.keep_activations.isdigit():
-    p.error(f"--keep-activations must be auto or an integer >= 0, got {args.keep_activations}")
+    die(f"--keep-activations must be auto or an integer >= 0, got {args.keep_activations}")
+if args.estimate and (args.reward != "smooth" or steps_sweep or budget_sweep or args.compile):
+    die("--estimate takes the smooth reward and the mode table: no --reward, sweeps or --compile")
+if args.reward != "smooth":
+    try:
+        parse_reward_spec(args.reward)
+    except ValueError as e:
+        die(f"--reward: {e}")
+    if without_gradient(args.reward):  # the step backpropagates the reward
+        die(f"--reward {','.join(without_gradient(args.reward))} has no gradient, which the step backpropagates: use "
+            "its differentiable stand-in (rewards.py)")
+modes = args.modes.split(",")
+if not (steps_sweep or budget_sweep):  # the sweeps run full backprop, not --modes
+    for mode in modes:
+        if mode not in ("sample", "rand"):
+            try:
+                parse_backprop(mode, args.sample_steps)  # against this T: K <= T, drtune:N <= T, 0 < F <= 1
+            except ValueError as e:
+                die(f"--modes {e}")
+if args.json:  # a file the results can go to, or the whole benchmark runs before the error
+    if os.path.isdir(args.json):
+        die(f"--json {args.json} is a directory, not a file")
+    check_writable("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
 
 device = "cuda" if torch.cuda.is_available() and not args.estimate else "cpu"  # an estimate's fake tensors: "cpu"
 target = args.estimate_device if args.estimate else device  # the device the figures are for
 args.dtype = args.dtype or ("bf16" if target == "cuda" else "fp32")
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-if args.threads:
-    torch.set_num_threads(args.threads)
+# torch's default thread count is OMP_NUM_THREADS or the cores it sees; at most the CPUs this process may run on (a
+# container's or a taskset's share): more threads than CPUs take turns on them, many times slower
+args.threads = args.threads or min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
+torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 
 # -----------------------------------------------------------------------------
@@ -224,7 +278,7 @@ def build_flow_arch(arch):
             use_quant_conv=False, use_post_quant_conv=False, scaling_factor=sd.vae.config.scaling_factor,
             shift_factor=sd.vae.config.shift_factor)  # each model's own (SD3 1.5305 / 0.0609, FLUX 0.3611 / 0.1159)
         if flux:  # 19 double-stream blocks (text and image apart), then 38 single-stream (one sequence): 11.9B
-            double, single = map(int, args.flux_blocks.split(",")) if args.flux_blocks else (19, 38)
+            double, single = map(int, args.flux_blocks.split(",")) if args.flux_blocks else FLUX_BLOCKS
             unet = FluxTransformer2DModel(
                 patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -245,7 +299,14 @@ def build_flow_arch(arch):
     return sd
 
 
-sd = build_arch(args.arch) if args.arch else load_sd(args.model, device, dtype)
+try:
+    sd = build_arch(args.arch) if args.arch else load_sd(args.model, device, dtype)
+except ModelLoadError as e:
+    die(str(e))
+resolution = args.resolution or native_resolution(sd)
+if resolution % pixel_multiple(sd):  # the model's: its VAE's downsampling, times the 2x2 latents of an SD3 / FLUX token
+    die(f"--resolution {resolution} must be a multiple of {pixel_multiple(sd)} for {args.arch or args.model} (its "
+        "VAE's downsampling factor, times 2 for the 2x2 latents an SD3 or FLUX token holds)")
 parts = dict(unet=sd.unet, vae=sd.vae, text_encoders=[sd.text_encoder, sd.text_encoder_2, sd.text_encoder_3])
 fake = FakeStep() if args.estimate else contextlib.nullcontext()  # an estimate: every tensor fake from here on
 # an estimate for a GPU: wherever the CPU's autocast is on (the recomputations in backward too), CUDA's policy
@@ -268,11 +329,13 @@ if args.channels_last:
     sd.vae.to(memory_format=torch.channels_last)
 if args.compile:
     sd.unet = torch.compile(sd.unet)
-resolution = args.resolution or native_resolution(sd)
 autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16 and not args.estimate)  # fake: no inf checks
-reward_fn = ((lambda images, prompts: -(images[..., 1:] - images[..., :-1]).abs().mean((1, 2, 3)))  # smooth
-             if args.reward == "smooth" else load_reward(args.reward, device, dtype))
+try:
+    reward_fn = ((lambda images, prompts: -(images[..., 1:] - images[..., :-1]).abs().mean((1, 2, 3)))  # smooth
+                 if args.reward == "smooth" else load_reward(args.reward, device, dtype))
+except RewardLoadError as e:  # its weights neither in the cache nor downloadable
+    die(str(e))
 prompts = ["a photo of a cat", "a dog", "a horse", "a monkey"]
 prompts = [prompts[i % len(prompts)] for i in range(args.batch_size)]
 with torch.no_grad(), autocast, fake, cuda_policy:
@@ -399,7 +462,8 @@ def seconds(fn, repeats, warmup):
 
 
 memory_name = "peak alloc" if device == "cuda" else "peak RSS"
-blocks = f" with {args.flux_blocks} double,single blocks (of 19,38)" if args.flux_blocks else ""
+blocks = (f" with {args.flux_blocks} double,single blocks (of {FLUX_BLOCKS[0]},{FLUX_BLOCKS[1]})" if args.flux_blocks
+          else "")
 header = (f"{args.arch or args.model}{blocks}: {resolution}px, batch {args.batch_size}, "
           f"{'guidance (embedded)' if sd.flux else 'CFG'} {args.guidance}, {args.dtype}, "
           f"{device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'})"
@@ -436,7 +500,8 @@ def sweep_point(steps, keep, budget=0.0, repeats=1):
              "--repeats", str(repeats), "--memory-budget", str(budget),
              *(["--arch", args.arch] if args.arch else []), *(["--no-tensor-memory"] if not args.tensor_memory else []),
              *(["--flux-blocks", args.flux_blocks] if args.flux_blocks else []),
-             *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else [])]
+             *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else []),
+             *(["--cfg-in-turn"] if args.cfg_in_turn else [])]
     out = subprocess.run(child + ["--sweep-point", f"{steps},{keep}"], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         sys.exit(f"sweep point T={steps}, keep {keep}, budget {budget} failed:\n{out.stderr[-2000:]}")
@@ -444,8 +509,7 @@ def sweep_point(steps, keep, budget=0.0, repeats=1):
 
 
 if args.estimate:
-    T = args.sample_steps
-    modes = args.modes.split(",")  # sampling only if asked: each mode costs as many calls of the model as it runs
+    T = args.sample_steps  # sampling only if --modes asks: each mode costs as many calls of the model as it runs
 
     def mb(tensors):
         return sum(t.numel() * t.element_size() for t in tensors) / 2**20
@@ -492,8 +556,8 @@ if args.estimate:
         first = next(t for t in range(max(keep, 1), steps + 1) if takes(mode, t))
         # with gradients the line starts where each kind of step the mode has is there, the last (its gradient from
         # the decoder), the window's first and one between: a window that reaches the chain's first step (T = K,
-        # DRTune's N) gives it the initial noise, which needs no gradient. Measured on tiny: all 2 -> 3 steps adds 85
-        # KB to the chain's backward, every step after 1 KB (a latent)
+        # DRTune's N) gives it the initial noise, which needs no gradient (docs/speed-and-memory.md: on tiny, full
+        # backprop's third step adds more than a latent to the chain's backward, every step after it one latent)
         if mode != "sample":
             first += 2 if mode == "all" or mode.startswith("drtune:") else 1
         if steps <= first + 1:
@@ -506,8 +570,8 @@ if args.estimate:
     for mode in modes:
         keep = 0 if mode == "sample" or args.keep_activations == "auto" else int(args.keep_activations)
         what = describe(mode, T)
-        if mode == "rand" or "," in mode:  # a random K: the worst draw, the largest K
-            what, mode = what + ", at its largest", "all" if mode == "rand" else mode.split(",")[1]
+        if mode == "rand":  # a random K: the worst draw, the largest, K = T
+            what, mode = what + ", at its largest", "all"
         peaks = estimate(mode, T, keep)
         peak_in = max(peaks, key=peaks.get)
         peak = peaks[peak_in]
@@ -520,14 +584,13 @@ if args.estimate:
           "cuDNN / cuBLAS workspaces, the allocator's rounding and cache (reserved above allocated), the text encoders "
           "if they stay")
 
-elif args.budget_sweep:
+elif budget_sweep:
     print(header)
     T = args.sample_steps
     base = seconds(lambda: run("sample", T, 0), args.repeats, args.warmup)
     print(f"sampling: {base:.3f} s; a full-backprop step ({T} steps) against --memory-budget:")
     print(f"{'budget GB':>10} {'kept':>5} {'s/step':>8} {'x sample':>9} {memory_name + ' MB':>13} {'step MB':>9}")
-    points = [("recompute all", "0", 0.0)] + [(f"{float(b):g}", "auto", float(b))
-                                              for b in args.budget_sweep.split(",")] + [("keep all", str(T), 0.0)]
+    points = [("recompute all", "0", 0.0)] + [(f"{b:g}", "auto", b) for b in budget_sweep] + [("keep all", str(T), 0.0)]
     for name, keep, budget in points:
         row = dict(sweep_point(T, keep, budget, args.repeats), budget_gb=budget if keep == "auto" else None)
         row["ratio"] = row["seconds"] / base
@@ -535,16 +598,15 @@ elif args.budget_sweep:
         print(f"{name:>10} {row['kept']:>5} {row['seconds']:>8.3f} {row['ratio']:>9.2f} {row['peak_mb']:>13.1f} "
               f"{row['step_mb']:>9.1f}")
 
-elif args.steps_sweep:
+elif steps_sweep:
     print(header)
     print(f"{'steps':>10} {'checkpointed':>12} {'s/step':>8} {memory_name + ' MB':>13} {'step MB':>9} "
           f"{'step growth MB':>15}")
-    sweep = [int(v) for v in args.steps_sweep.split(",")]
     if not args.repeats:  # untimed points run here: AdamW's state first, so that it does not count at the first alone
-        run("all", min(sweep), 0)
+        run("all", min(steps_sweep), 0)
     for ckpt in (True, False):
         first = None
-        for steps in sweep:
+        for steps in steps_sweep:
             row = sweep_point(steps, 0 if ckpt else steps, repeats=min(args.repeats, 1))
             first = first if first is not None else row["step_mb"]
             row["growth_mb"] = row["step_mb"] - first
@@ -558,7 +620,7 @@ elif args.steps_sweep:
 else:
     print(header)
     T = args.sample_steps
-    modes = ["sample"] + [m for m in args.modes.split(",") if m != "sample"]  # ratios are to sampling
+    modes = ["sample"] + [m for m in modes if m != "sample"]  # ratios are to sampling
     print(f"{'mode':>11} {'backprop':>18} {'kept':>5} {'s/step':>8} {'x sample':>9} {memory_name + ' MB':>13} "
           f"{'step MB':>9}")
     base = None

@@ -1,7 +1,7 @@
-"""The GPU check: what the CPU test suite cannot tell, in one call on one CUDA GPU (under 8 minutes on an H200).
+"""The GPU check: what the CPU test suite cannot tell, in one call of a few minutes on one CUDA GPU.
 
     python -m tools.gpu_check                # from the repository root: prints each check, writes gpu_check.json
-    python -m tools.gpu_check --skip-bench   # the parity and gradient checks only (a minute)
+    python -m tools.gpu_check --skip-bench   # the parity and gradient checks only
 
 1. Parity on CUDA, fp32, on the offline miniatures (random weights, real classes): ddim_sample against diffusers'
    StableDiffusionPipeline and flow_sample against StableDiffusion3Pipeline, same weights and initial noise;
@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 BENCH = {"sd15": ("512", "sd15-512-in-turn.json"), "sdxl": ("1024", "sdxl-1024-in-turn.json")}
 MODES = "all,1,drtune:2"  # full backprop, K = 1, DRTune: the README's estimate table
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--skip-bench", action="store_true", help="the parity and gradient checks only")
 p.add_argument("--json", default="gpu_check.json", help="where the results go")
 args = p.parse_args()

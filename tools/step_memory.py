@@ -118,7 +118,7 @@ class FakeStep(FakeTensorMode):
     weight; what meets a fake tensor becomes fake. Its bytes are counted either way, real or fake. Not so the ops that
     FakeTensorMode itself runs while it handles one (a decomposition's casts and output buffers: addmm in bf16 makes
     its fp32 copies with empty_strided, which has no tensor argument): those stay fake, or the real buffers they make
-    would carry real arithmetic through the whole model (measured: SD 1.5 at 512 px, 20 steps, 605 -> 85 s)."""
+    would carry real arithmetic through the whole model, many times slower (docs/speed-and-memory.md)."""
 
     def __init__(self):
         super().__init__(allow_non_fake_inputs=True)  # real tensors meeting fake ones are faked on the way
@@ -186,10 +186,10 @@ class CudaAutocast(TorchFunctionMode):
     def _run_backward(self, func, *args, **kwargs):
         """loss.backward(), torch.autograd.backward or .grad, run with this mode on. A mode's handler runs with the
         mode off, and so would everything that backward runs: the recomputations of checkpointed stages
-        (sampler.checkpoint, sampler.halves_in_turn), which run forward ops under autocast as the first forward did
-        (measured on an H200: SD 1.5, 512 px, --cfg-in-turn, the estimate missed the fp32 GroupNorm copies of the
-        VAE decoder's recomputed stages, 1203 MB against 1844 MB measured in its backward). So the autograd engine is
-        called here, as those functions' bodies call it past their override check."""
+        (sampler.checkpoint, sampler.halves_in_turn), which run forward ops under autocast as the first forward did:
+        without this, the estimate missed the fp32 GroupNorm copies of the VAE decoder's recomputed stages that a GPU
+        measured (docs/speed-and-memory.md, "Checked on a GPU"). So the autograd engine is called here, as those
+        functions' bodies call it past their override check."""
         kw = inspect.signature(func).bind(*args, **kwargs)
         kw.apply_defaults()
         kw = kw.arguments
