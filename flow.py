@@ -9,21 +9,18 @@ velocity, its SDE (Flow-GRPO's, for RL), the same checkpointing and backprop mod
 
 What differs from DDIM is small and written out below: the state moves on a straight line between data and noise,
 x_s = (1 - s) x0 + s eps, the transformer predicts the velocity v = eps - x0, and a step is x + (s' - s) v. Everything
-that makes the chain trainable is sampler.py's and is used as is: `checkpoint` around each transformer call, the
-backprop windows (all, K, lo,hi, DRaFT-LV, DRTune, one-step), keep_activations. `flow_sample`, `flow_rollout` and
-`flow_transition` take the arguments of ddim_sample, ddim_rollout and ddim_transition, the SDE's noise level where
-DDIM has eta, so a script picks one family or the other in one line.
+that makes the chain trainable is sampler.py's and is used as is: `run_chain` runs flow_sample's pieces under the
+backprop modes (all, K, lo,hi, DRaFT-LV, DRTune, one-step), with `checkpoint` around each transformer call.
+`flow_sample`, `flow_rollout` and `flow_transition` take the arguments of ddim_sample, ddim_rollout and
+ddim_transition, the SDE's noise level where DDIM has eta, so a script picks one family or the other in one line.
 
 References: rectified flow, Liu et al. 2022 (arXiv:2209.03003); SD3, Esser et al. 2024 (arXiv:2403.03206); FLUX.1,
 Black Forest Labs 2024; Flow-GRPO, Liu et al. 2025 (arXiv:2505.05470); Direct-Align / SRPO, Shen et al. 2025
 (arXiv:2509.06942); DRaFT, Clark et al. 2023 (arXiv:2309.17400); DRTune, Wu et al. 2024 (arXiv:2405.00760).
 """
-import functools
-
 import torch
 
-from sampler import (backprop_window, checkpoint, drtune_steps, guidance_context, halves_in_turn, is_mode, noise_like,
-                     onestep_level, saved_bytes, step_logprob)
+from sampler import guidance_context, halves_in_turn, noise_like, run_chain, saved_bytes, step_logprob
 
 
 def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0.0, backprop="all", generator=None,
@@ -45,30 +42,17 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0
     batched call (FLUX-dev: one call, guidance embedded). noise_level a > 0 takes the SDE's steps instead
     (flow_transition: the Euler step plus a drift correction and noise z from `generator`); a = 0 is the ODE above.
 
-    backprop: as in ddim_sample (sampler.backprop_window): with "all", K or (lo, hi) the steps before the window run
-    under no_grad, those in it through `checkpoint`; keep_activations likewise.
-    ("lv", N), DRaFT-LV: the finished sample x0 is re-noised N times to the last step's s, x_s = (1 - s) x0 + s z
-    (the path above), and the last step, x_0 = x_s - s v, is taken again with gradients: N * B rows, draw-major.
-    ("drtune", N), DRTune: every step is x_s' = c_x x_s + c_v v(sg(x_s)) (+ noise), the transformer sees its input
-    detached, so the gradient reaches every step through the linear term alone (c_x = 1 on the ODE); only the N steps
-    of drtune_steps run the transformer with gradients (checkpointed, the last keep_activations of them kept).
-    ("onestep", F), Direct-Align / SRPO (Shen et al. 2025): the whole chain under no_grad, the finished sample x0
-    re-noised with known noise z to s = F, x_s = (1 - s) x0 + s z, and one transformer call with gradients: the result
-    is its clean prediction x_s - s v, one backward per sample, reaching the noisy early times where layout is made.
-    cfg_in_turn: as ddim_sample's (SD3's CFG halves backpropagated one after the other; FLUX has one call, no halves).
+    backprop, keep_activations, cfg_in_turn: as ddim_sample's; sampler.run_chain (where no_grad, detach and
+    checkpoint apply) runs the pieces defined here under them. In the flow's terms: ("lv", N) re-noises the finished
+    sample on the path (the legend's first line, eps a known draw z) to the last step's s and takes that step again,
+    N * B rows; ("onestep", F) re-noises it to s = F and returns x_s - s v (the last line); ("drtune", N) writes each
+    step as x_s' = c_x x_s + c_v v(sg(x_s)) (+ noise), c_x = 1 on the ODE. FLUX has no CFG halves for cfg_in_turn.
     """
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    grad = torch.is_grad_enabled()
-    k = backprop_window(backprop, steps, generator) if grad else 0
-    sched = _flow_schedule(sd, steps, latents)
-    ts = sched.timesteps  # t_i = 1000 s_i (steps,), fp32: what the transformer reads
+    sched = _flow_schedule(sd, steps, latents)  # sched.timesteps: t_i = 1000 s_i (steps,), fp32: what the model reads
     coefs = [_sde_coefficients(sched.sigmas, i, noise_level) for i in range(steps)]  # (c_x, c_v, std) per step
     trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
-
-    def update(x, v, i, z):  # x_s -> x_s': linear in x and v, so the graph keeps no tensor; z: the SDE's noise
-        c_x, c_v, std = coefs[i]
-        return c_x * x + c_v * v + std * z if noise_level > 0 else x + c_v * v  # ODE: c_x = 1, c_v = s' - s
 
     def transformer(x, t, context, in_turn=False):  # the guided velocity; in_turn: CFG's halves' backward one by one
         if in_turn and guidance > 1.0 and not _is_flux(sd) and torch.is_grad_enabled():
@@ -76,50 +60,19 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0
                                   trainable)
         return flow_output(sd, x, t, context, guidance)
 
-    def step(x, i, z, context, in_turn=False):  # one step s_i -> s_{i+1}: the transformer, then the update
-        return update(x, transformer(x, ts[i], context, in_turn), i, z)
+    def update(x, v, i, z):  # step i, x_s -> x_s': linear in x and v, so the graph keeps no tensor; z: the SDE's noise
+        c_x, c_v, std = coefs[i]
+        return c_x * x + c_v * v + std * z if noise_level > 0 else x + c_v * v  # ODE: c_x = 1, c_v = s' - s
 
-    def noise(like):  # drawn in step order, once: a recomputed step reuses its own
-        return noise_like(like, generator) if noise_level > 0 else None
+    def noised(x0, z, s=None):  # clean latents x0 re-noised with the noise z to level s (None: the last step's)
+        s = float(sched.sigmas[-2]) if s is None else s
+        return (1 - s) * x0 + s * z  # the path, the legend's first line
 
-    context = flow_context(sd, cond, uncond, guidance)
-    x = latents
-    if grad and is_mode(backprop, "drtune"):
-        trained = drtune_steps(backprop[1], steps, generator)
-        kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
-        for i, t in enumerate(ts):
-            z = noise(x)
-            if i in kept:
-                v = transformer(x.detach(), t, context)
-            elif i in trained:  # sg(x_s): gradient to the LoRA weights only
-                v = checkpoint([functools.partial(transformer, t=t, context=context, in_turn=cfg_in_turn)], x.detach(),
-                               trainable)
-            else:
-                with torch.no_grad():
-                    v = transformer(x, t, context)  # a constant: the chain's gradient passes this step by c_x alone
-            x = update(x, v, i, z)  # x itself, not detached: the gradient's path to the earlier steps
-        return x
-    with torch.no_grad():  # the steps before the truncation window build no graph at all
-        for i in range(steps - k):
-            x = step(x, i, noise(x), context)
-    window = [functools.partial(step, i=i, z=noise(x), context=context) for i in range(steps - k, steps)]
-    if grad and is_mode(backprop, "lv"):  # DRaFT-LV: re-noise the sample N times to the last step's s, take it again
-        n, s = backprop[1], float(sched.sigmas[-2])
-        x0 = x.repeat(n, 1, 1, 1)  # (N * B, 16, h, w), draw-major
-        x = (1 - s) * x0 + s * noise_like(x0, generator)
-        context = flow_context(sd, cond.repeat(n, 1, 1), None if uncond is None else uncond.repeat(n, 1, 1), guidance)
-        window = [functools.partial(step, i=steps - 1, z=noise(x), context=context)]
-    if grad and is_mode(backprop, "onestep"):  # re-noise the finished sample x0 to s, then one call's clean x0
-        s = onestep_level(backprop, generator)
-        x = (1 - s) * x + s * noise_like(x, generator)  # x_s, the noise z known (drawn here)
-        t = torch.tensor(1000 * s, dtype=torch.float32)  # the transformer's clock, as the scheduler's timesteps
-        window = [lambda x, in_turn=False: x - s * transformer(x, t, context, in_turn)]
-    recompute = len(window) - min(keep_activations, len(window))
-    if recompute:  # checkpointed: only the latents entering each step are kept for backward
-        x = checkpoint([functools.partial(fn, in_turn=cfg_in_turn) for fn in window[:recompute]], x, trainable)
-    for fn in window[recompute:]:  # plain autograd: activations kept, no recomputation
-        x = fn(x)
-    return x
+    def clean(x, s, context, in_turn=False):  # one call at level s, and its predicted x0 (the legend's last line)
+        return x - s * transformer(x, torch.tensor(1000 * s, dtype=torch.float32), context, in_turn)  # t: fp32
+
+    return run_chain(latents, flow_context(sd, cond, uncond, guidance), sched.timesteps, backprop, generator,
+                     transformer, update, noised, clean, noise_level > 0, trainable, keep_activations, cfg_in_turn)
 
 
 def _sde_coefficients(sigmas, i, a):

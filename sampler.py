@@ -10,10 +10,11 @@ With grad enabled, `ddim_sample` keeps only the latents between steps: the steps
 checkpointing, written out below), so each step's UNet activations are recomputed during backward and memory stays
 flat in the number of steps. `backprop` truncates the chain: steps before the window run under `no_grad` and build
 no graph. Under `torch.no_grad()` it is a plain DDIM sampler that matches diffusers' `DDIMScheduler` to fp32 precision.
-`ddim_rollout` samples the same chain and keeps what policy-gradient RL needs (ddpo.py). This file imports nothing
-of the project's: `sd` is what model.load_sd returns, or any object with its `unet`, `vae`, `scheduler` (a
-DDIMScheduler) and `text_encoder_2` (None but for SDXL). `flow_sample` is the same for SD3's rectified flow: Euler steps
-of the ODE on the transformer's velocity, the same checkpointing and backprop windows.
+`ddim_rollout` samples the same chain and keeps what policy-gradient RL needs (ddpo.py). The backprop modes are
+written once, in `run_chain`, which runs a sampler's pieces (its model call, its update, its re-noising): ddim_sample's
+here, and flow.py's `flow_sample`'s for rectified flow (SD3, FLUX: Euler steps on the transformer's velocity). This
+file imports nothing of the project's: `sd` is what model.load_sd returns, or any object with its `unet`, `vae`,
+`scheduler` (a DDIMScheduler) and `text_encoder_2` (None but for SDXL).
 
 References: DDIM, Song et al. 2021 (arXiv:2010.02502), Eq. 12 and 16; classifier-free guidance, Ho & Salimans 2022;
 v-prediction, Salimans & Ho 2022 (arXiv:2202.00512); AlignProp, Prabhudesai et al. 2023 (arXiv:2310.03739);
@@ -64,9 +65,9 @@ class _Recompute(torch.autograd.Function):
     """One autograd node for the whole sequence: forward runs under no_grad and builds no graph; the weights are
     inputs of the node, so their gradients flow through the one outer graph (correct with autograd.grad, gradient
     accumulation and DDP). Why not torch.utils.checkpoint around each call: its non-reentrant mode runs the forward
-    with grad on and keeps each call's whole graph minus the tensors, measured at ~1.2 MB per tiny-UNet call (8x the
-    model's weights over 40 steps), and is slower; its reentrant mode sends weight gradients around the outer graph,
-    which breaks autograd.grad and DDP; and either adds a node per call, with an edge to every LoRA tensor."""
+    with grad on and keeps each call's whole graph minus the tensors, which grows with the steps (the measurement is in
+    docs/speed-and-memory.md), and is slower; its reentrant mode sends weight gradients around the outer graph, which
+    breaks autograd.grad and DDP; and either adds a node per call, with an edge to every LoRA tensor."""
 
     @staticmethod
     def forward(ctx, fns, x, *weights):
@@ -140,31 +141,36 @@ class _HalvesInTurn(torch.autograd.Function):
 
 
 # -----------------------------------------------------------------------------
-# the DDIM sampler
+# the backprop modes, for every sampler
 
 
 def parse_backprop(text, steps):
     """The command-line form, checked against the number of steps: "all", "K" -> K, "lo,hi" -> (lo, hi),
     "lv:N" -> ("lv", N), "drtune:N" -> ("drtune", N), "onestep:F" -> ("onestep", F), "onestep:lo,hi" -> ("onestep",
-    (lo, hi))."""
+    (lo, hi)). Anything else raises ValueError with a message that says what was expected."""
     if text == "all":
         return "all"
+    name, colon, value = text.rpartition(":")  # name "" for K and lo,hi
+    numbers = value.split(",")
     try:
-        if text.startswith(("lv:", "drtune:")):
-            name, _, n = text.partition(":")
-            backprop = (name, int(n))
-        elif text.startswith("onestep:"):
-            levels = [float(v) for v in text.partition(":")[2].split(",")]
-            backprop = ("onestep", levels[0] if len(levels) == 1 else tuple(levels))
+        if name in ("lv", "drtune") and len(numbers) == 1:
+            backprop = (name, int(value))
+        elif name == "onestep" and len(numbers) <= 2:
+            levels = tuple(float(v) for v in numbers)
+            backprop = ("onestep", levels[0] if len(levels) == 1 else levels)
+        elif not colon and len(numbers) <= 2:
+            ks = tuple(int(v) for v in numbers)
+            backprop = ks[0] if len(ks) == 1 else ks
         else:
-            parts = [int(v) for v in text.split(",")]
-            backprop = parts[0] if len(parts) == 1 else tuple(parts)
+            raise ValueError
     except ValueError:
-        raise ValueError(f"{text!r}: expected all, K, lo,hi, lv:N, drtune:N or onestep:F") from None
+        forms = ("onestep:F or onestep:lo,hi (noise levels in (0, 1])" if name == "onestep" else
+                 "all, K, lo,hi, lv:N, drtune:N or onestep:F")
+        raise ValueError(f"{text!r}: expected {forms}") from None
     try:
         backprop_window(backprop, steps, check_only=True)
     except ValueError as e:  # the message as the user wrote the value
-        raise ValueError(f"{text!r}: {str(e).split(': ', 1)[1]}") from None
+        raise ValueError(f"{text!r}: {str(e).removeprefix(f'{backprop!r}: ')}") from None
     return backprop
 
 
@@ -174,7 +180,8 @@ def is_mode(backprop, name):  # ("lv", N), ("drtune", N), ("onestep", F)
 
 def backprop_window(backprop, steps, generator=None, check_only=False):
     """How many final steps of the chain get gradients: "all" -> steps, an int K -> K, (lo, hi) -> K ~ U{lo..hi}
-    drawn once, ("lv", N) -> 0 (DRaFT-LV takes its gradient from N re-noised copies of the last step instead),
+    drawn once per call of the sampler, i.e. once per micro-batch (every trajectory in the batch shares K),
+    ("lv", N) -> 0 (DRaFT-LV takes its gradient from N re-noised copies of the last step instead),
     ("drtune", N) -> steps (every step passes the gradient on; drtune_steps says which N train the UNet),
     ("onestep", F) -> 0 (the gradient comes from one model call on the re-noised sample: onestep_level)."""
     if backprop == "all":
@@ -201,13 +208,15 @@ def backprop_window(backprop, steps, generator=None, check_only=False):
 
 
 def onestep_level(backprop, generator=None):
-    """The noise level F in (0, 1] of the one-step mode ("onestep", F): F itself, or F ~ U(lo, hi) drawn once per
-    call for ("onestep", (lo, hi)). A flow model re-noises to s = F, a DDIM model to the timestep t = F * 1000
-    (the models' own clocks: both 1 at pure noise)."""
+    """The noise level F in (0, 1] of the one-step mode ("onestep", F): F itself, or for ("onestep", (lo, hi))
+    F ~ U(lo, hi) drawn once per call of the sampler, i.e. once per micro-batch (every trajectory in it shares F).
+    A flow model re-noises to s = F, a DDIM model to the timestep t = round(F * (num_train_timesteps - 1)), F * 999
+    for SD: the models' own clocks, both at F = 1 at (or next to) pure noise."""
     level = backprop[1]
-    lo, hi = level if isinstance(level, (tuple, list)) else (level, level)
-    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo <= hi <= 1):
-        raise ValueError(f"{backprop!r}: the one-step noise level F needs 0 < F <= 1 (lo <= hi)")
+    bounds = list(level) if isinstance(level, (tuple, list)) else [level, level]
+    if not (len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds) and 0 < bounds[0] <= bounds[1] <= 1):
+        raise ValueError(f"{backprop!r}: the one-step noise level F needs 0 < F <= 1 (a range: 0 < lo <= hi <= 1)")
+    lo, hi = bounds
     if lo == hi:
         return float(lo)
     device = generator.device if generator is not None else "cpu"
@@ -223,6 +232,147 @@ def steps_with_gradient(backprop, steps):
     if is_mode(backprop, "drtune"):
         return backprop[1]
     return backprop if isinstance(backprop, int) else backprop[1]
+
+
+def drtune_steps(n, steps, generator=None):
+    """DRTune's trained steps: n evenly spaced indices into the chain (0 = the first, noisiest step), every
+    steps // n-th from an offset in [0, steps // n) drawn once per call of the sampler, i.e. once per micro-batch (its
+    trajectories share it), so that over many micro-batches every step, the earliest included, gets trained."""
+    stride = steps // n
+    device = generator.device if generator is not None else "cpu"
+    offset = int(torch.randint(stride, (1,), generator=generator, device=device))
+    return [offset + j * stride for j in range(n)]
+
+
+def run_chain(x, context, times, backprop, generator, model, update, noised, clean, noisy, trainable,
+              keep_activations=0, cfg_in_turn=False):
+    """A sampler's chain from the noise x, step i being x <- update(x, model(x, times[i], context), i, z_i), run as
+    `backprop` says: the backprop modes, written once for ddim_sample and flow.flow_sample, which pass their pieces:
+        model(x, t, context, in_turn=False)  the guided model output at time t; in_turn: CFG's halves_in_turn
+        update(x, out, i, z)                 step i's update, linear in x and out; z: its noise, None unless `noisy`
+        noised(x0, z, F=None)                a clean sample re-noised with noise z to level F (None: the last step's)
+        clean(x, F, context, in_turn=False)  one model call at level F, and its prediction of the clean sample
+    context: [uncond; cond] (2B rows) with CFG's halves, else B rows. Under torch.no_grad() this is the plain chain.
+    With grad enabled, gradients reach `trainable` (e.g. the LoRA weights). "all", K or (lo, hi) (backprop_window): the
+    steps before the last K run under no_grad and build no graph, the last K through `checkpoint`, which keeps only the
+    latents entering each step and recomputes one step's activations at a time in backward: memory flat in the steps.
+    ("lv", N), DRaFT-LV (Clark et al. 2023): the finished sample, repeated N times (N * B rows, draw-major), re-noised
+    to the last step's level, and that step taken again with gradients; score all rows and average: the gradient is
+    the mean over the N draws. ("onestep", F), Direct-Align / SRPO (Shen et al. 2025, arXiv:2509.06942; ReFL, Xu et
+    al. 2023, arXiv:2304.05977): the finished sample re-noised with known noise to level F (onestep_level), and one
+    model call with gradients, whose clean prediction is the result (what gets decoded and scored): one backward per
+    sample, and it reaches the early, noisy times where the layout is decided. ("drtune", N), DRTune (Wu et al. 2024):
+    every step's model sees its input detached (sg, "stop-gradient"), so the reward's gradient reaches every step, the
+    earliest included, through the update's linear term in x alone, never through the model's Jacobian (which is what
+    explodes over a long chain); only the N steps of drtune_steps run the model with gradients (checkpointed), the
+    others under no_grad: N model backwards per sample whatever the chain's length.
+    keep_activations: the last n steps with gradients keep their activations instead of checkpointing (no
+    recomputation in backward; memory grows by step_activation_bytes per step); 0 = flat memory. Why the last ones:
+    every truncation window (random K, DRaFT-K) ends with them, so each kept step saves its recomputation in every
+    trajectory; and backward reaches them first, so their memory is freed first. cfg_in_turn: a recomputed step's
+    backward takes CFG's two halves one after the other (halves_in_turn): about half the peak of the chain's backward,
+    for one more batched model call without gradients per step. What is random (K, DRTune's offset, F, the noise)
+    comes from `generator`, drawn once per call: every trajectory of the micro-batch shares K, the offset and F."""
+    steps, grad = len(times), torch.is_grad_enabled()
+    k = backprop_window(backprop, steps, generator) if grad else 0
+
+    def step(x, i, z, context, in_turn=False):  # one denoising step: the model, then the update
+        return update(x, model(x, times[i], context, in_turn), i, z)
+
+    def noise(like):  # drawn in step order, once: a recomputed step reuses its own
+        return noise_like(like, generator) if noisy else None
+
+    if grad and is_mode(backprop, "drtune"):
+        trained = drtune_steps(backprop[1], steps, generator)
+        kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
+        for i, t in enumerate(times):
+            z = noise(x)
+            if i in kept:
+                out = model(x.detach(), t, context)
+            elif i in trained:  # sg(x): gradient to the LoRA weights only
+                out = checkpoint([functools.partial(model, t=t, context=context, in_turn=cfg_in_turn)], x.detach(),
+                                 trainable)
+            else:
+                with torch.no_grad():
+                    out = model(x, t, context)  # a constant: the chain's gradient passes this step by its x term alone
+            x = update(x, out, i, z)  # x itself, not detached: the gradient's path to the earlier steps
+        return x
+    with torch.no_grad():  # the steps before the truncation window build no graph at all
+        for i in range(steps - k):
+            x = step(x, i, noise(x), context)
+    window = [functools.partial(step, i=i, z=noise(x), context=context) for i in range(steps - k, steps)]
+    if grad and is_mode(backprop, "lv"):  # DRaFT-LV: re-noise the sample N times to the last step's level, and take
+        n, halves = backprop[1], context.chunk(len(context) // len(x))  # that step again: [uncond; cond] or cond
+        x0 = x.repeat(n, 1, 1, 1)  # (N * B, C, h, w), draw-major
+        x = noised(x0, noise_like(x0, generator))
+        context = torch.cat([half.repeat(n, 1, 1) for half in halves])  # each half's rows N times, draw-major
+        window = [functools.partial(step, i=steps - 1, z=noise(x), context=context)]
+    if grad and is_mode(backprop, "onestep"):  # re-noise the finished sample to level F, then one call's clean sample
+        level = onestep_level(backprop, generator)
+        x = noised(x, noise_like(x, generator), level)  # the noise z known (drawn here)
+        window = [lambda x, in_turn=False: clean(x, level, context, in_turn)]
+    recompute = len(window) - min(keep_activations, len(window))
+    if recompute:  # checkpointed: only the latents entering each step are kept for backward
+        x = checkpoint([functools.partial(fn, in_turn=cfg_in_turn) for fn in window[:recompute]], x, trainable)
+    for fn in window[recompute:]:  # plain autograd: activations kept, no recomputation
+        x = fn(x)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# the DDIM sampler
+
+
+def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, backprop="all", generator=None,
+                keep_activations=0, cfg_in_turn=False):
+    """Run the DDIM chain from noise `latents` (B, 4, h, w) with the conditioning `cond`, `uncond` (B, L, D) from
+    encode_prompts (SDXL's carries its pooled projection as one more row: the same calls serve every model).
+
+    Notation (Song et al. 2021, Eq. 12), with a_t = alphas_cumprod[t] (the paper's alpha_t):
+        x0    = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)                      predicted clean latents
+        sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)   Eq. 16; eta=0 is DDIM, 1 is DDPM-like
+        x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps + sigma * z,   z ~ N(0, I) from `generator`
+        x_t   = sqrt(a_t) * x0 + sqrt(1 - a_t) * z                            clean latents noised to timestep t
+    eps is classifier-free guided: eps_u + guidance * (eps_c - eps_u), both halves in one batched UNet call.
+
+    backprop, keep_activations, cfg_in_turn: how the chain is trained; run_chain (above: where no_grad, detach and
+    checkpoint apply) runs the pieces defined here under them. In DDIM's terms: ("lv", N) re-noises the finished sample
+    to the last timestep (the legend's last line) and takes the last step again, N * B rows; ("onestep", F) re-noises
+    it to t = F * 999 (onestep_level) and returns the UNet's x0 there (the first line); ("drtune", N) writes each step
+    as x_prev = c_x * x_t + c_eps * eps(sg(x_t)) + sigma * z (the update rearranged), so the gradient passes each step
+    through c_x = sqrt(a_prev / a_t) alone.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    sched = _ddim_schedule(sd, steps)
+    ts = sched.timesteps
+    trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
+
+    def unet(x, t, context, in_turn=False):  # the guided UNet output; in_turn: CFG's halves' backward one by one
+        if in_turn and guidance > 1.0 and torch.is_grad_enabled():
+            return halves_in_turn(lambda x, context, g: guided_output(sd, x, t, context, g), x, context, guidance,
+                                  trainable)
+        return guided_output(sd, x, t, context, guidance)
+
+    def update(x, out, i, z):  # step i, x_t -> x_prev, from the UNet's output at x_t; z: the step's noise
+        mean, sigma = ddim_transition(sd, out, x, ts[i], steps, eta)  # linear in x and out: the graph keeps no tensor
+        return mean + sigma * z if eta > 0 else mean
+
+    def timestep(F):  # noise level F in (0, 1] -> t = round(F * 999) (onestep_level); None: the last step's t
+        return ts[-1] if F is None else torch.tensor(round(F * (sched.config.num_train_timesteps - 1)))
+
+    def noised(x0, z, F=None):  # clean latents x0 re-noised with the noise z to level F: x_t (the legend's last line)
+        a_t = float(sched.alphas_cumprod[timestep(F)])
+        return a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * z
+
+    def clean(x, F, context, in_turn=False):  # one UNet call at level F, and its predicted x0 (the legend's first line)
+        t = timestep(F)
+        return _eps_and_x0(sched.config.prediction_type, unet(x, t, context, in_turn), x,
+                           float(sched.alphas_cumprod[t]))[1]
+
+    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)  # (2B, L, D): [uncond; cond]
+    return run_chain(latents, context, ts, backprop, generator, unet, update, noised, clean, eta > 0, trainable,
+                     keep_activations, cfg_in_turn)
 
 
 def step_activation_bytes(sd, cond, uncond, latents, steps, guidance=7.5, eta=0.0):
@@ -250,113 +400,6 @@ def saved_bytes(fn, x, model):
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(x.detach().requires_grad_())
     return sum(held.values())
-
-
-def drtune_steps(n, steps, generator=None):
-    """DRTune's trained steps: n evenly spaced indices into the chain (0 = the first, noisiest step), every
-    steps // n-th from an offset drawn once per call in [0, steps // n), so that over many trajectories every step,
-    the earliest included, gets trained."""
-    stride = steps // n
-    device = generator.device if generator is not None else "cpu"
-    offset = int(torch.randint(stride, (1,), generator=generator, device=device))
-    return [offset + j * stride for j in range(n)]
-
-
-def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, backprop="all", generator=None,
-                keep_activations=0, cfg_in_turn=False):
-    """Run the DDIM chain from noise `latents` (B, 4, h, w) with the conditioning `cond`, `uncond` (B, L, D) from
-    encode_prompts (SDXL's carries its pooled projection as one more row: the same calls serve every model).
-
-    Notation (Song et al. 2021, Eq. 12), with a_t = alphas_cumprod[t] (the paper's alpha_t):
-        x0    = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)                      predicted clean latents
-        sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)   Eq. 16; eta=0 is DDIM, 1 is DDPM-like
-        x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps + sigma * z,   z ~ N(0, I) from `generator`
-    eps is classifier-free guided: eps_u + guidance * (eps_c - eps_u), both halves in one batched UNet call.
-
-    backprop: see backprop_window. With ("lv", N) the result has N * B rows (draw-major): the finished sample,
-    re-noised N times to the last timestep and denoised once more with gradients (DRaFT-LV, Clark et al. 2023);
-    score all of them and average, and the gradient is the mean over the N draws.
-    With ("onestep", F) (Direct-Align / SRPO, Shen et al. 2025, arXiv:2509.06942; ReFL, Xu et al. 2023,
-    arXiv:2304.05977): the whole chain runs under no_grad, the finished sample x_0 is re-noised with known noise z to
-    the timestep t = F * 999 (onestep_level), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) z, and one UNet call with gradients
-    predicts x0 from x_t (the legend's first line): the result is that prediction, which is what gets decoded and
-    scored. One UNet backward per sample, and it reaches the early, noisy timesteps where the layout is decided.
-    With ("drtune", N) (DRTune, Wu et al. 2024) every step is x_prev = c_x * x_t + c_eps * eps(sg(x_t)) + sigma * z
-    (the update above, rearranged): the UNet sees its input detached (sg, "stop-gradient"), so the reward's gradient
-    reaches every step, the earliest included, through the linear term c_x = sqrt(a_prev / a_t) alone, never through
-    the UNet's Jacobian (which is what explodes over a long chain); and only the N steps of drtune_steps run the UNet
-    with gradients (checkpointed), the others under no_grad: N UNet backwards per sample whatever the chain's length.
-    keep_activations: the last n steps with gradients keep their UNet activations instead of checkpointing
-    (no recomputation in backward, but memory grows by one step's activations, step_activation_bytes, per step); 0 =
-    flat memory. Why the last ones: every truncation window (random K, DRaFT-K) ends with them, so each kept step
-    saves its recomputation in every trajectory; and backward reaches them first, so their memory is freed first.
-    cfg_in_turn: a recomputed step's backward takes CFG's two halves one after the other (halves_in_turn): about
-    half the peak of the chain's backward, for one more batched UNet call without gradients per step.
-    """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    grad = torch.is_grad_enabled()
-    k = backprop_window(backprop, steps, generator) if grad else 0
-    sched = _ddim_schedule(sd, steps)
-    trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
-
-    def update(x, out, t, z):  # DDIM's update x_t -> x_prev from the UNet's output at x_t; z: the step's noise
-        mean, sigma = ddim_transition(sd, out, x, t, steps, eta)  # linear in x and out: the graph keeps no tensor
-        return mean + sigma * z if eta > 0 else mean
-
-    def unet(x, t, context, in_turn=False):  # the guided UNet output; in_turn: CFG's halves' backward one by one
-        if in_turn and guidance > 1.0 and torch.is_grad_enabled():
-            return halves_in_turn(lambda x, context, g: guided_output(sd, x, t, context, g), x, context, guidance,
-                                  trainable)
-        return guided_output(sd, x, t, context, guidance)
-
-    def step(x, t, z, context, in_turn=False):  # one denoising step: the UNet, then the update
-        return update(x, unet(x, t, context, in_turn), t, z)
-
-    def noise(like):  # drawn in step order, once: a recomputed step reuses its own
-        return noise_like(like, generator) if eta > 0 else None
-
-    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)  # (2B, L, D): [uncond; cond]
-    ts = sched.timesteps
-    x = latents
-    if grad and is_mode(backprop, "drtune"):
-        trained = drtune_steps(backprop[1], steps, generator)
-        kept = trained[len(trained) - min(keep_activations, len(trained)):]  # not checkpointed: activations kept
-        for i, t in enumerate(ts):
-            z = noise(x)
-            if i in kept:
-                out = unet(x.detach(), t, context)
-            elif i in trained:  # sg(x_t): gradient to the LoRA weights only
-                out = checkpoint([functools.partial(unet, t=t, context=context, in_turn=cfg_in_turn)], x.detach(),
-                                 trainable)
-            else:
-                with torch.no_grad():
-                    out = unet(x, t, context)  # a constant: the chain's gradient passes this step by c_x alone
-            x = update(x, out, t, z)  # x itself, not detached: the gradient's path to the earlier steps
-        return x
-    with torch.no_grad():  # the steps before the truncation window build no graph at all
-        for t in ts[:steps - k]:
-            x = step(x, t, noise(x), context)
-    window = [functools.partial(step, t=t, z=noise(x), context=context) for t in ts[steps - k:]]
-    if grad and is_mode(backprop, "lv"):  # DRaFT-LV: re-noise the sample N times to the last timestep, x_t =
-        n, t = backprop[1], ts[-1]  # sqrt(a_t) x_0 + sqrt(1 - a_t) z, and take the last step again, with gradients
-        x0 = x.repeat(n, 1, 1, 1)  # (N * B, 4, h, w), draw-major
-        a_t = float(sched.alphas_cumprod[t])
-        x = a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * noise_like(x0, generator)
-        context = guidance_context(cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), guidance, sd.unet.dtype)
-        window = [functools.partial(step, t=t, z=noise(x), context=context)]
-    if grad and is_mode(backprop, "onestep"):  # re-noise the finished sample x_0 to t, then one UNet call's x0
-        t = torch.tensor(round(onestep_level(backprop, generator) * (sched.config.num_train_timesteps - 1)))
-        a_t = float(sched.alphas_cumprod[t])
-        x = a_t ** 0.5 * x + (1 - a_t) ** 0.5 * noise_like(x, generator)  # x_t, the noise z known (drawn here)
-        window = [lambda x, in_turn=False: _eps_and_x0(sched.config.prediction_type, unet(x, t, context, in_turn), x,
-                                                       a_t)[1]]
-    recompute = len(window) - min(keep_activations, len(window))
-    if recompute:  # checkpointed: only the latents entering each step are kept for backward
-        x = checkpoint([functools.partial(fn, in_turn=cfg_in_turn) for fn in window[:recompute]], x, trainable)
-    for fn in window[recompute:]:  # plain autograd: activations kept, no recomputation
-        x = fn(x)
-    return x
 
 
 def _ddim_schedule(sd, steps):

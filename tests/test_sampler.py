@@ -185,16 +185,30 @@ def test_drtune_trains_n_evenly_spaced_steps_with_a_random_offset(tiny):
 
 
 @pytest.mark.parametrize("text,steps,want", [("all", 5, "all"), ("3", 5, 3), ("2,5", 5, (2, 5)), ("lv:4", 5, ("lv", 4)),
-                                             ("drtune:2", 5, ("drtune", 2)), ("drtune:5", 5, ("drtune", 5))])
+                                             ("drtune:2", 5, ("drtune", 2)), ("drtune:5", 5, ("drtune", 5)),
+                                             ("onestep:0.6", 5, ("onestep", 0.6)), ("onestep:1", 5, ("onestep", 1.0)),
+                                             ("onestep:0.3,0.9", 5, ("onestep", (0.3, 0.9)))])
 def test_parse_backprop(text, steps, want):
     assert parse_backprop(text, steps) == want
 
 
-@pytest.mark.parametrize("text", ["6", "0", "3,2", "1,9", "x", "1,2,3", "", "lv:0", "lv:", "lv:a", "drtune:0",
-                                  "drtune:6", "drtune:", "drtune"])
-def test_parse_backprop_rejects(text):
-    with pytest.raises(ValueError):
+FORMS, ONESTEP = "expected all, K, lo,hi, lv:N, drtune:N or onestep:F", "expected onestep:F or onestep:lo,hi"
+LEVEL = "the one-step noise level F needs 0 < F <= 1 (a range: 0 < lo <= hi <= 1)"
+
+
+@pytest.mark.parametrize("text,says", [
+    ("6", "1 <= K <= the number of sampling steps (5)"), ("0", "1 <= K"), ("3,2", "1 <= K"), ("1,9", "1 <= K"),
+    ("x", FORMS), ("1,2,3", FORMS), ("", FORMS), ("2.5", FORMS), ("lv:0", "N >= 1"), ("lv:", FORMS), ("lv:a", FORMS),
+    ("lv:2:3", FORMS), ("drtune:0", "1 <= N <= the number of sampling steps (5)"), ("drtune:6", "1 <= N"),
+    ("drtune:", FORMS), ("drtune:x", FORMS), ("drtune", FORMS), ("onestep:", ONESTEP), ("onestep:a", ONESTEP),
+    ("onestep:0.3,0.6,0.9", ONESTEP), ("onestep:0.3,", ONESTEP), ("onestep:nan", LEVEL), ("onestep:1.5", LEVEL),
+    ("onestep:0", LEVEL), ("onestep:0.9,0.3", LEVEL), ("onestep:inf", LEVEL)])
+def test_parse_backprop_rejects_with_a_readable_message(text, says):
+    """Every malformed form is a ValueError (never an IndexError from parsing: "onestep:0.3,0.6,0.9" was one) whose
+    message starts with the text as written and says what was expected."""
+    with pytest.raises(ValueError) as e:
         parse_backprop(text, 5)
+    assert str(e.value).startswith(f"{text!r}: ") and says in str(e.value), str(e.value)
 
 
 def test_decode_range_and_scaling_factor(tiny):
