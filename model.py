@@ -134,9 +134,6 @@ def _from_pretrained(model, dtype):
             what = f"a complete diffusers {SUPPORTED[kind]} directory" if index else "a diffusers model directory"
             raise ModelLoadError(f"{model} is not {what} (no {folder}/config.json); make one with "
                                  "pipe.save_pretrained(dir), or use --model tiny")
-        if local:
-            _check_weights(model, [folder, "vae", "text_encoder"] + ["text_encoder_2"] * (
-                kind == "StableDiffusionXLPipeline" or sd3) + [f"text_encoder_{3 if sd3 else 2}"] * (sd3 or flux))
         if "controlnet" in index or (local and os.path.isdir(os.path.join(model, "controlnet"))):
             raise ModelLoadError(f"{model} has a ControlNet; supported are text-to-image models without one")
         config = denoiser.load_config(subfolder=folder, **kw)  # refused before any weight is read
@@ -144,6 +141,9 @@ def _from_pretrained(model, dtype):
             raise ModelLoadError(f"{model}'s {folder} takes {config['in_channels']} input channels for "
                                  f"{config['out_channels']} output ones (an inpainting or image-conditioned model); "
                                  "supported are text-to-image models")
+        if local:
+            _check_weights(model, [folder, "vae", "text_encoder"] + ["text_encoder_2"] * (
+                kind == "StableDiffusionXLPipeline" or sd3) + [f"text_encoder_{3 if sd3 else 2}"] * (sd3 or flux))
 
         def weights(cls, subfolder):  # a model in the run's dtype: torch_dtype= to diffusers, dtype= to transformers
             if cls.__module__.startswith("diffusers"):

@@ -18,7 +18,7 @@ images (reward hacking) shows there first. Each judged run is a line of studies/
 (committed: docs/shapes.md's table is --report's output). A stopped study continues: judged runs are skipped, a run in
 progress resumes from its last checkpoint with the CPU time it had used (out/truncation-study/<setting>/cpu_seconds).
 
-Modes (sampler.py): all = full backprop (AlignProp); 1 = the last step only (DRaFT-1); 1,T = K drawn per trajectory
+Modes (sampler.py): all = full backprop (AlignProp); 1 = the last step only (DRaFT-1); 1,T = K drawn per micro-batch
 (AlignProp's randomised truncation); drtune:N = DRTune (Wu et al. 2024, arXiv:2405.00760): every step passes the
 gradient on through DDIM's linear term, N evenly spaced steps train the UNet. Targets (lora.py): attn = the attention
 projections (the default for Stable Diffusion), attn+conv = also the ResNet blocks' 3x3 convolutions, the layers that
@@ -55,7 +55,7 @@ LEVERS = [  # (name, mode, targets, more train.py flags): runs once the grid was
     ("lr 3e-4", "drtune:4", "attn", ["--lr", "3e-4"]),  # DRTune's training reward fell at lr 1e-3: too fast?
     ("guidance 3 in training", "all", "attn", ["--guidance", "3"]),  # a weaker prompt pull while training
 ]
-# The one-step lever (--onestep): the noise level drawn per trajectory in the chain's first half, where the counter's
+# The one-step lever (--onestep): the noise level drawn per micro-batch in the chain's first half, where the counter's
 # gradient can still add or remove a shape; three seeds, since one setting's runs spread 5-6 points on this budget
 ONESTEP_MODE, ONESTEP_TARGETS, ONESTEP_SEEDS = "onestep:0.5,0.9", "attn", (0, 1, 2)
 MODELS = ("shapes", "shapes-flow")  # the DDIM model and its rectified-flow sibling (the shapes package)

@@ -175,7 +175,7 @@ def test_unsupported_kinds_are_one_line(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind, config, folder, says", [
-    ("StableDiffusion3Pipeline", None, None, "not a diffusers SD3 / SD3.5 directory (no transformer/config.json)"),
+    ("StableDiffusion3Pipeline", None, None, "not a complete diffusers SD3 / SD3.5 directory (no transformer/config.json)"),
     ("FluxPipeline", dict(in_channels=384, out_channels=64), None, "takes 384 input channels for 64 output ones"),
     ("StableDiffusion3Pipeline", dict(in_channels=16, out_channels=16), "controlnet", "has a ControlNet")])
 def test_supported_kinds_that_are_not_text_to_image_are_one_line(tmp_path, kind, config, folder, says):

@@ -273,11 +273,11 @@ def test_the_other_script_s_run_is_named_on_resume(tmp_path):
 
 def test_words_the_shapes_model_never_saw_are_named_up_front(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\nthree red circles\n")
-    # --resolution 60 is refused once the model has loaded, after the prompts are read: the warning comes first
-    _, stderr = refused("train.py", "--model", "shapes", "--prompts", tmp_path / "p.txt", "--resolution", 60)
+    # --resolution 62 is refused once the model has loaded, after the prompts are read: the warning comes first
+    _, stderr = refused("train.py", "--model", "shapes", "--prompts", tmp_path / "p.txt", "--resolution", 62)
     warning, error = stderr.strip().splitlines()
     assert warning.startswith("warning: the shapes model has never seen the words 'cat';") and "--resolution" in error
-    _, stderr = refused("train.py", "--model", "shapes", "--resolution", 60)  # its own prompt files: no warning
+    _, stderr = refused("train.py", "--model", "shapes", "--resolution", 62)  # its own prompt files: no warning
     assert not stderr.startswith("warning")
 
 
