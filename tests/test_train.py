@@ -274,10 +274,11 @@ def test_the_other_script_s_run_is_named_on_resume(tmp_path):
 def test_words_the_shapes_model_never_saw_are_named_up_front(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\nthree red circles\n")
     # --resolution 62 is refused once the model has loaded, after the prompts are read: the warning comes first
-    _, stderr = refused("train.py", "--model", "shapes", "--prompts", tmp_path / "p.txt", "--resolution", 62)
-    warning, error = stderr.strip().splitlines()
-    assert warning.startswith("warning: the shapes model has never seen the words 'cat';") and "--resolution" in error
-    _, stderr = refused("train.py", "--model", "shapes", "--resolution", 62)  # its own prompt files: no warning
+    _, stderr = refused("train.py", "--model", "shapes", "--prompts", tmp_path / "p.txt", "--resolution", 62, "--out",
+                        tmp_path / "out")
+    assert stderr.startswith("warning: the shapes model has never seen the words 'cat';")  # then loading's bars
+    assert stderr.count("warning:") == 1 and "error: --resolution 62 is not divisible" in stderr
+    _, stderr = refused("train.py", "--model", "shapes", "--resolution", 62, "--out", tmp_path / "out")  # no warning
     assert not stderr.startswith("warning")
 
 
