@@ -104,7 +104,7 @@ if args.eta == 0:
 check_numbers(args, at_least_1=("samples_per_step", "inner_epochs", "group_size", "stat_buffer"),
               above_0=("clip_range", "adv_clip_max", "timestep_fraction"))
 if args.timestep_fraction > 1:
-    die("--timestep-fraction must be in (0, 1]")
+    die(f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
 world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes
 micro = args.batch_size * world  # images per micro-batch over all processes
 if args.samples_per_step % (micro * args.grad_accum) or args.samples_per_step % args.group_size:

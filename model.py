@@ -477,7 +477,9 @@ def pixel_multiple(sd):
 def latent_shape(sd, resolution):
     """(C, h, w) of the latents for square images of `resolution` pixels (FLUX: unpacked, C = in_channels / 4)."""
     if resolution % pixel_multiple(sd):
-        raise ValueError(f"resolution {resolution} is not divisible by {pixel_multiple(sd)}")
+        why = ", times FLUX's 2x2 packing" if sd.flux else ", times SD3's 2x2 patches" if sd.flow else ""
+        raise ValueError(f"resolution {resolution} is not divisible by {pixel_multiple(sd)} (the VAE's downsampling "
+                         f"factor{why})")
     c = sd.unet.config.in_channels // (4 if sd.flux else 1)
     return (c, resolution // vae_scale_factor(sd), resolution // vae_scale_factor(sd))
 

@@ -1,7 +1,6 @@
 """A training run, shared by train.py (reward backprop) and ddpo.py (reinforcement learning), so that each script
-shows its method and its loop and nothing else: the flags both take, the settings a command leaves open, the model,
-reward, LoRA and optimiser, the prompts encoded once, the held-out eval, the run directory (config, log, plot,
-checkpoints, --resume), signals and torchrun.
+shows its method and loop and nothing else: the shared flags and settings, the model, reward, LoRA and optimiser, the
+prompts encoded once, the held-out eval, the run directory (checkpoints, --resume), signals and torchrun.
 
     p = argparse.ArgumentParser()
     add_run_flags(p, reward="compress", steps=50, lr=1e-3, grad_accum=1, eta=0.0, every=10)   # the shared flags
@@ -14,9 +13,9 @@ checkpoints, --resume), signals and torchrun.
         run.end_step(step + 1, log)                      # the log line, eval grid, plot, checkpoint; a signal stops
     run.finish()                                         # held-out reward before -> after
 
-Bad input ends in one line on stderr and exit status 2 (die), before anything is written; a start that fails or is
-interrupted before its first step leaves the disk as it found it. A run directory holds config.json (the flags of the
-latest start), metrics.jsonl (a line per step), checkpoint.pt, lora.safetensors, samples/ (eval grids), reward.png.
+Bad input: one line, exit status 2 (die), before anything is written; a start that fails or is interrupted before
+its first step leaves the disk as it found it. A run directory: config.json, metrics.jsonl, checkpoint.pt,
+lora.safetensors, samples/ (eval grids), reward.png.
 """
 import json
 import math
@@ -35,16 +34,15 @@ from grid import image_grid, reward_plot
 from lora import TARGET_SETS, inject_lora, parse_targets, save_lora
 from memory import device_memory
 from model import (DEFAULT_MODEL, SHAPES_DIR, SHAPES_FLOW_DIR, ModelLoadError, decode, encode_prompts,
-                   free_text_encoders, latent_shape, load_sd, native_resolution, pixel_multiple)
+                   free_text_encoders, latent_shape, load_sd, native_resolution)
 from rewards import REWARDS, RewardLoadError, check_prompts, load_reward, parse_reward_spec
 from sampler import ddim_sample
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GUIDANCE = {"ddim": 7.5, "sd3": 7.0, "flux": 3.5}  # --guidance's default: AlignProp's CFG scale for SD 1.x / 2.x / XL;
-# StableDiffusion3Pipeline's CFG scale and FluxPipeline's guidance embedding (FLUX.1-dev), each pipeline's default
+GUIDANCE = {"ddim": 7.5, "sd3": 7.0, "flux": 3.5}  # --guidance's default: AlignProp's CFG; SD3's and FLUX's pipelines'
 SCRIPTS = {"train.py": "reward backprop", "ddpo.py": "reinforcement learning"}
-FIXED = ("model", "lora_rank", "lora_targets")  # what a resumed run cannot change: its LoRA was made for them
+FIXED = ("model", "lora_rank", "lora_targets", "eval_prompts", "eval_n")  # what a resumed run cannot change
 
 # -----------------------------------------------------------------------------
 # processes and messages. Under torchrun (RANK in the environment) every process runs the same script on its share of
@@ -127,15 +125,15 @@ def add_run_flags(p, reward, steps, lr, grad_accum, eta, every, unit="step"):
     p.add_argument("--reward", default=reward, help=f"what to maximise: {', '.join(REWARDS)}, or a weighted mix such "
                    "as aesthetic,compress:0.5 (default %(default)s)")
     p.add_argument("--model", default=None, help="hub id or local diffusers dir (SD 1.x, 2.x, XL, 3 / 3.5, FLUX.1), "
-                   "'shapes' / 'shapes-flow' (shipped, trained) or 'tiny' / 'tiny-xl' / 'tiny-sd3' / 'tiny-flux' "
-                   f"(random weights) (default: {DEFAULT_MODEL} on CUDA, shapes without a GPU)")
+                   f"shapes, shapes-flow, or tiny[-xl|-sd3|-flux] (default: {DEFAULT_MODEL} on CUDA, else shapes)")
     p.add_argument("--prompts", default=None, help="training prompts, one per line (default: prompts/shapes.txt for "
                    "the shapes models, prompts/count.txt for a count reward, else prompts/animals.txt)")
     p.add_argument("--eval-prompts", default=None, help="held-out prompts for the eval grids (default: the -eval.txt "
                    "beside the default --prompts)")
     p.add_argument("--steps", type=int, default=steps, help=f"{unit}s in total (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model call (default %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=grad_accum, help="micro-batches per optimisation step")
+    p.add_argument("--grad-accum", type=int, default=grad_accum, help="micro-batches per optimisation step "
+                   "(default %(default)s)")
     p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (default %(default)s)")
     p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters, alpha = rank (default 4)")
     p.add_argument("--lora-targets", default="attn", help=f"layers that get adapters: {', '.join(TARGET_SETS)} (the "
@@ -161,8 +159,11 @@ def add_run_flags(p, reward, steps, lr, grad_accum, eta, every, unit="step"):
 def parse_run_args(parser, script):
     """Parse the command line; with --resume DIR, DIR's saved flags are the defaults (this command's win, but for
     FIXED) and --out is DIR. Then every setting left open is decided (settle) and the shared flags are checked."""
-    args = parser.parse_args()
-    done = 0
+    args, done = parser.parse_args(), 0
+    real = os.path.realpath
+    if args.out is not None and (not args.out.strip() or args.resume and real(args.out) != real(args.resume)):
+        die(f"--out {args.out!r}: " + ("a run continues where it is, in --resume's directory" if args.resume else
+                                        "name a directory"))
     if args.resume:
         cfg, done = read_run(args.resume, script)
         given = vars(args)
@@ -170,15 +171,18 @@ def parse_run_args(parser, script):
         args = parser.parse_args()
         for name in FIXED:
             if name in cfg and getattr(args, name) != cfg[name]:
+                why = "its LoRA was made for it" if name in FIXED[:3] else "before and after would not compare"
                 die(f"--resume {args.resume}: the run was trained with --{name.replace('_', '-')} {cfg[name]}, this "
-                    f"command says {getattr(args, name)}; a LoRA cannot change that mid-run: start a new run (--out)")
+                    f"command says {getattr(args, name)}; {why}: start a new run (--out)")
         args.out = args.resume
     settle(args, script)
     check_numbers(args, at_least_1=("steps", "batch_size", "grad_accum", "lora_rank", "sample_steps", "eval_n"),
                   at_least_0=("eta", "guidance", "max_grad_norm", "resolution", "save_every", "eval_every"),
                   above_0=("lr",))  # NaN and inf included: one line, exit 2
-    if args.steps < done:
+    if args.resume and args.steps <= done:
         die(f"--steps {args.steps}: the run in {args.resume} has done {done} already; give more to continue it")
+    if not 0 <= args.seed < 2**63:
+        die(f"--seed must be an integer in 0 .. 2^63 - 1, got {args.seed}")
     try:
         parse_targets(args.lora_targets)
     except ValueError as e:
@@ -193,11 +197,15 @@ def settle(args, script, sd=None):
     """Every setting a command line leaves open, decided here and nowhere else, top to bottom. Called once before the
     model loads (the machine, the prompts, the output) and once after (sd: what the model's family decides)."""
     if sd is not None:
-        family = "flux" if sd.flux else "sd3" if sd.flow else "ddim"
-        if args.guidance is None:
-            args.guidance = GUIDANCE[family]  # each pipeline's own default
+        if args.guidance is None:  # each pipeline's own default
+            args.guidance = GUIDANCE["flux" if sd.flux else "sd3" if sd.flow else "ddim"]
         if args.eta is None:  # ddpo.py: a policy needs noise; DDPO's eta 1, Flow-GRPO's noise level 0.7
             args.eta = 0.7 if sd.flow else 1.0
+        if args.eta > 1 and not sd.flow:  # DDIM's sigma outgrows the step's whole noise: sqrt(1 - a_prev - sigma^2)
+            die(f"--eta must be <= 1 on a DDIM model (1 is DDPM-like), got {args.eta:g}")
+        most = sd.scheduler.config.num_train_timesteps
+        if args.sample_steps > most:
+            die(f"--sample-steps {args.sample_steps}: the model's scheduler has {most} timesteps; take at most that")
         return
     try:
         names = [name for name, _ in parse_reward_spec(args.reward)]
@@ -216,14 +224,13 @@ def settle(args, script, sd=None):
         args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if args.dtype == "fp16" and not cuda:
         die("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
-    prefix = "ddpo-" if script == "ddpo.py" else ""
-    args.out = args.out or os.path.join("out", prefix + args.reward.replace(",", "+").replace(":", ""))
+    name = "ddpo-" * (script == "ddpo.py") + args.reward.replace(",", "+").replace(":", "")
+    args.out = args.out or os.path.join("out", name)
 
 
 def check_numbers(args, at_least_1=(), at_least_0=(), above_0=(), finite=()):
-    """Each named flag in its range, else one line and exit 2 (die). NaN and inf never pass (argparse's type=float
-    takes "nan" and "inf", and such a value would otherwise surface as a traceback from the optimiser or the sampler);
-    `finite` names the flags that may be any finite number. A flag left at None (a default filled in later) passes."""
+    """Each named flag in its range (`finite`: any finite number), else one line and exit 2. NaN and inf never pass
+    (argparse's type=float takes them); a flag left at None (a default filled in later) passes."""
     rules = ((at_least_1, lambda v: v >= 1, " >= 1"), (at_least_0, lambda v: v >= 0, " >= 0"),
              (above_0, lambda v: v > 0, " > 0"), (finite, lambda v: True, ""))
     for names, in_range, bound in rules:
@@ -252,7 +259,8 @@ def warn_unknown_words(model, prompts):
 def read_prompts(flag, path, reward):
     """The non-empty lines of a prompt file, each one the reward can score; else one line naming the flag, exit 2."""
     if not os.path.isfile(path):
-        die(f"{flag} {path}: no such file")
+        die(f"{flag} {path}: " + ("a directory, not a file" if os.path.isdir(path) else "not a regular file"
+                                  if os.path.exists(path) else "no such file"))
     try:
         with open(path) as f:
             lines = [line.strip() for line in f if line.strip()]
@@ -273,18 +281,16 @@ def load_model(model, device, dtype, resolution=0):
         sd = load_sd(model, device, dtype)
     except ModelLoadError as e:
         die(str(e))
-    factor = pixel_multiple(sd)
-    if resolution % factor:
-        why = ", times FLUX's 2x2 packing" if sd.flux else ", times SD3's 2x2 patches" if sd.flow else ""
-        die(f"--resolution {resolution} is not divisible by {factor} (the VAE's downsampling factor{why})")
     resolution = resolution or native_resolution(sd)
-    return sd, resolution, latent_shape(sd, resolution)
+    try:
+        return sd, resolution, latent_shape(sd, resolution)
+    except ValueError as e:  # not a multiple of what the model's latents need
+        die(f"--{e}")
 
 
 def check_batch_fits(flag, need, device_type, advice):
-    """Refuse, before any work, a batch whose tensors alone (`need` bytes: the caller counts its latents and decoded
-    images, a lower bound, since the model's activations come on top) exceed the device's memory: one line, exit 2,
-    rather than the allocator's error after the model has loaded and the first eval has run."""
+    """One line, exit 2, before any work, if a batch's tensors alone (`need` bytes: a lower bound, the caller counts
+    its latents and images) exceed the device's memory, rather than the allocator's error later."""
     have = device_memory(device_type)
     if need > have:
         die(f"{flag} does not fit in memory: its latents and images alone take {need / 2**30:,.1f} GB, and this "
@@ -296,10 +302,9 @@ def check_batch_fits(flag, need, device_type, advice):
 
 
 class Run:
-    """Everything a training script needs besides its method, in the order a run needs it; nothing is written until
-    start(). Read _setup for its attributes: sd, reward_fn, params (the LoRA weights, fp32), opt, scaler, autocast,
-    prompts and cond_all (N, L, D), eval_cond, uncond (1, L, D), rng (every batch's prompts and noise), sample (the
-    family's sampler: sampler.ddim_sample or flow.flow_sample), step (steps done) ..."""
+    """Everything a training script needs besides its method; nothing is written until start(). _setup makes it: sd,
+    reward_fn, params (the LoRA weights, fp32), opt, scaler, autocast, prompts and cond_all (N, L, D), eval_cond,
+    uncond (1, L, D), rng (every batch's prompts and noise), sample (ddim_sample or flow_sample), step (steps done)."""
 
     def __init__(self, args, script):
         self.args, self.script, self.state = args, script, lambda: {}
@@ -322,6 +327,10 @@ class Run:
         self.dtype = DTYPES[args.dtype]
         self.sd, self.resolution, self.shape = load_model(args.model, self.device, self.dtype, args.resolution)
         settle(args, self.script, self.sd)
+        per_image = 4 * torch.Size(self.shape).numel() + self.dtype.itemsize * 3 * self.resolution ** 2  # noise, image
+        check_batch_fits(f"--batch-size {args.batch_size} at {self.resolution} px", args.batch_size * per_image,
+                         self.device_type, "lower --batch-size (--grad-accum N keeps the images per step) or "
+                         "--resolution")
         try:
             self.reward_fn = load_reward(args.reward, self.device, self.dtype)
         except RewardLoadError as e:
@@ -379,8 +388,7 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self, step):
-        """The held-out prompts with the same noise every time, so grids and rewards compare across steps: writes
-        samples/step_NNNNNN.png and returns the mean reward."""
+        """samples/step_NNNNNN.png and the mean reward of the held-out prompts, on the same noise every time."""
         args, generator = self.args, torch.Generator().manual_seed(self.args.seed + 2)  # eta noise, also fixed
         images = []
         for i in range(0, args.eval_n, args.batch_size):
@@ -398,7 +406,7 @@ class Run:
 
     def checkpoint(self, done):
         """checkpoint.pt (LoRA, optimiser, scaler, generators, step, the script's state()) and lora.safetensors, each
-        written whole or not at all. On every rank: under torchrun the ranks' weights are compared first."""
+        written whole or not at all; on every rank (under torchrun the ranks' weights are compared first)."""
         if dist.is_initialized() and _weights_in_sync(self.params) != 0:  # insurance against a broken all-reduce
             die(f"the LoRA weights differ between ranks at step {done}: the gradient all-reduce is broken")
         if not self.master:
@@ -411,9 +419,8 @@ class Run:
         atomic_save(lambda path: save_lora(unet, path), os.path.join(out, "lora.safetensors"))
 
     def restore(self):
-        """Put back what checkpoint() saved, with this command's --lr (it wins over the saved one); metrics.jsonl
-        keeps the lines of the steps up to the checkpoint (a killed run logged steps it did not save). Returns the
-        rest of the state: step, eval_before and the script's."""
+        """Put back what checkpoint() saved (this command's --lr wins); metrics.jsonl keeps the steps up to the
+        checkpoint (a killed run logged steps it did not save). Returns step, eval_before and the script's state."""
         state, named = read_checkpoint(self.args.out), dict(self.sd.unet.named_parameters())
         with torch.no_grad():
             for n, v in state.pop("lora").items():
@@ -424,15 +431,14 @@ class Run:
         self.scaler.load_state_dict(state.pop("scaler"))
         self.rng.set_state(state.pop("rng"))
         torch.set_rng_state(state.pop("torch_rng"))
-        if self.master:
+        if self.master:  # a line a kill cut short is dropped with the steps after the checkpoint
             kept = [m for m in read_metrics(self.args.out) if m["step"] <= state["step"]]
             with open(os.path.join(self.args.out, "metrics.jsonl"), "w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in kept)
         return state
 
     def snapshot_start(self, made):
-        """What undo_start needs: the first directory this start creates (check_out's), else the names in the run
-        directory and the bytes of the files a start rewrites."""
+        """What undo_start needs: the first directory this start creates, else what is in the run directory now."""
         out = self.args.out
         self.made, self.names, self.files = made, set(os.listdir(out)) if made is None else set(), {}
         for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "lora.safetensors") * (made is None):
@@ -460,8 +466,7 @@ class Run:
         return self.pbar
 
     def end_step(self, done, log):
-        """After `done` steps: the held-out eval and its grid when due, the log line, the plot, a checkpoint when due
-        or when a signal came. A signal stops the run here, saved."""
+        """After `done` steps: the log line; eval, plot and checkpoint when due; a signal saves and stops here."""
         args = self.args
         evaluating = self.master and (done == args.steps or (args.eval_every and done % args.eval_every == 0))
         if evaluating:
@@ -472,24 +477,22 @@ class Run:
         stop = agree(self.signals.name, self.device)  # torchrun: all stop after the step any rank saw a signal in
         if done == args.steps or (args.save_every and done % args.save_every == 0) or stop:
             self.checkpoint(done)
-        self.pbar.set_postfix(reward=f"{log['reward_mean']:.4f}", **({"eval": f"{log['eval_reward']:.4f}"}
-                                                                     if "eval_reward" in log else {}))
+        self.pbar.set_postfix({k.split("_")[0]: f"{log[k]:.4f}" for k in ("reward_mean", "eval_reward") if k in log})
         if stop:  # SIGTERM / Ctrl-C: the step is finished and saved
             self.pbar.close()
             name = self.signals.name or "SIGTERM"  # what another rank received
-            info(f"stopped by {name} after {done} {self.unit}s, checkpoint saved: continue with --resume {args.out}")
+            info(f"stopped by {name} after {self.unit} {done}, checkpoint saved: continue with --resume {args.out}")
             sys.exit(130 if name == "SIGINT" else 143)
 
-    def finish(self, what=""):
-        """The run's last line: the held-out reward before and after, and where the LoRA is."""
+    def finish(self, what=""):  # the last line: the held-out reward before and after, and where the LoRA is
         if dist.is_initialized():
             info(f"LoRA weights identical on all {self.world} processes (checked at every checkpoint)")
             dist.destroy_process_group()
         if self.master:
-            after = read_metrics(self.args.out)[-1].get("eval_reward")
-            after = "nan" if after is None else f"{after:.4f}"
-            print(f"{self.args.reward} reward on held-out prompts: {self.eval_before:.4f} -> {after} after "
-                  f"{self.args.steps} {self.unit}s{what}; LoRA in {os.path.join(self.args.out, 'lora.safetensors')}")
+            after = read_metrics(self.args.out)[-1].get("eval_reward")  # None: NaN, logged as null
+            print(f"{self.args.reward} reward on held-out prompts: {self.eval_before:.4f} -> "
+                  f"{math.nan if after is None else after:.4f} after {self.args.steps} {self.unit}s{what}; LoRA in "
+                  f"{os.path.join(self.args.out, 'lora.safetensors')}")
 
 
 # -----------------------------------------------------------------------------
@@ -497,7 +500,7 @@ class Run:
 
 
 def read_run(out, script):
-    """(config.json's flags, steps done) of this script's run in `out`; anything else: one line, before any work."""
+    """(config.json's flags, steps done) of this script's run in `out`; else one line, before any work."""
     cfg_path = os.path.join(out, "config.json")
     if not os.path.isfile(os.path.join(out, "checkpoint.pt")) or not os.path.isfile(cfg_path):
         die(f"--resume {out}: no checkpoint.pt and config.json there")
@@ -516,8 +519,7 @@ def read_run(out, script):
 
 
 def check_out(out):
-    """--out must be a directory this process can write in or create, else one line; returns the first directory a
-    run would create on the way to `out` (None: `out` exists), for undo_start."""
+    """--out must be a directory this process can write in or create; returns the first one a run would create."""
     path, made = os.path.abspath(out), None
     while not os.path.lexists(path):  # up to the first part of the path that exists
         path, made = os.path.dirname(path), path
@@ -528,8 +530,7 @@ def check_out(out):
 
 
 def check_writable(flag, value, directory):
-    """One line, exit 2, unless this process can create a file in `directory`. Tried, not asked: os.access says yes
-    to root on a read-only mount or in /sys; the probe file is removed at once."""
+    """One line, exit 2, unless a file can be created in `directory`: tried (os.access says yes to root in /sys)."""
     try:
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
         os.close(fd)
@@ -538,7 +539,7 @@ def check_writable(flag, value, directory):
         die(f"{flag} {value}: cannot write in {directory} ({e.strerror})")
 
 
-def write_config(out, config):
+def write_config(out, config):  # config.json: the flags of the latest start, and what the run chose
     if is_master():
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -563,8 +564,7 @@ CHECKPOINT_KEYS = {"step", "eval_before", "lora", "opt", "scaler", "rng", "torch
 
 
 def read_checkpoint(out):
-    """checkpoint.pt's state; a truncated file, or one that is not a checkpoint of this project: one line, exit 2
-    (torch's own error suggests weights_only=False, the wrong advice for a damaged file)."""
+    """checkpoint.pt's state; a damaged file: one line (torch's own advice, weights_only=False, is the wrong one)."""
     path = os.path.join(out, "checkpoint.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -586,9 +586,9 @@ def log_metrics(out, log):
             f.write(json.dumps({k: None if v != v else v for k, v in log.items()}) + "\n")
 
 
-def read_metrics(out):
+def read_metrics(out):  # metrics.jsonl's lines, but for one a kill cut short
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line) for line in f if line.rstrip().endswith("}")]
 
 
 def plot_rewards(out, title, eval_before=None):

@@ -18,12 +18,13 @@ from flow import flow_sample
 from lora import load_lora, read_lora_config
 from model import DEFAULT_MODEL, decode, encode_prompts, free_text_encoders
 from rewards import REWARDS, RewardLoadError, load_reward, parse_reward_spec
-from runs import check_numbers, check_writable, die, load_model, settle, warn_unknown_words
+from runs import check_numbers, check_writable, die, is_shapes, load_model, settle, warn_unknown_words
 from sampler import ddim_sample
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--lora", required=True, help="a LoRA file written by train.py (or lora.save_lora)")
-p.add_argument("--prompts", nargs="+", default=["a cat", "a dog"], help="prompts, one grid row each")
+p.add_argument("--prompts", nargs="+", default=None, help="prompts, one grid row each (default: two of the model's "
+               "held-out prompts)")
 p.add_argument("--n", type=int, default=4, help="samples per prompt and model")
 p.add_argument("--model", default=None, help="hub id, local diffusers dir or 'tiny' (default: the run's)")
 p.add_argument("--reward", default=None,
@@ -41,6 +42,8 @@ args = p.parse_args()
 
 
 check_numbers(args, at_least_1=("n", "sample_steps"), at_least_0=("eta", "resolution", "guidance"))
+if not 0 <= args.seed < 2**63:
+    die(f"--seed must be an integer in 0 .. 2^63 - 1, got {args.seed}")
 if not os.path.isfile(args.lora):
     die(f"--lora {args.lora}: no such file")
 if args.reward is not None:
@@ -55,14 +58,17 @@ if os.path.isfile(os.path.join(os.path.dirname(args.lora), "config.json")):
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 model = args.model or run_cfg.get("model") or (DEFAULT_MODEL if device == "cuda" else "tiny")
+args.prompts = args.prompts or (["three red circles", "a blue square"] if is_shapes(model) else ["a cat", "a dog"])
 warn_unknown_words(model, args.prompts)
-steps = args.sample_steps or run_cfg.get("sample_steps", 50)
-out = args.out or os.path.join(os.path.dirname(args.lora) or ".", "compare.png")
+args.sample_steps = args.sample_steps or run_cfg.get("sample_steps", 50)
+out = os.path.join(os.path.dirname(args.lora) or ".", "compare.png") if args.out is None else args.out
 out_dir = os.path.dirname(out) or "."
 if not os.path.isdir(out_dir):  # found now, not when the grid is saved after all the sampling
     die(f"--out {out}: no such directory {out_dir}")
-if os.path.isdir(out):
-    die(f"--out {out} is a directory; name the PNG file to write")
+if os.path.isdir(out) or not out.strip():
+    die(f"--out {out!r} is a directory; name the PNG file to write")
+if os.path.splitext(out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+    die(f"--out {out}: name a .png (or .jpg, .webp) file, the grid's format")
 check_writable("--out", out, out_dir)
 
 reward_fn = None
@@ -93,7 +99,7 @@ free_text_encoders(sd)  # their memory (T5-XXL: 9.5 GB in bf16) is free for samp
 @torch.no_grad()
 def generate():
     with autocast:
-        latents = sample_chain(sd, cond, uncond, noise.to(device), steps, args.guidance, args.eta,
+        latents = sample_chain(sd, cond, uncond, noise.to(device), args.sample_steps, args.guidance, args.eta,
                                generator=torch.Generator().manual_seed(args.seed + 1))
         return decode(sd, latents).float()  # (P * n, 3, H, W)
 
@@ -101,8 +107,8 @@ def generate():
 base = generate()
 try:
     load_lora(sd.unet, args.lora)
-except ValueError as e:
-    die(str(e))
+except ValueError as e:  # another model's LoRA: its layers are not this model's
+    die(f"--lora {args.lora}: {e}" + ("" if "another model" in str(e) else "; was it trained on another model?"))
 tuned = generate()
 
 # one row per prompt: n base samples, then n LoRA samples
@@ -110,8 +116,8 @@ rows = torch.cat([base.unflatten(0, (len(args.prompts), args.n)), tuned.unflatte
 labels = [f"{name}: {p}" for p in args.prompts for name in ["base"] * args.n + ["LoRA"] * args.n]
 image_grid(rows.flatten(0, 1), nrow=2 * args.n, labels=labels,
            title=f"{model}: base (left) and {args.lora} (right), same noise").save(out)
-print(f"{model}, {resolution}px, {steps} {'flow' if sd.flow else 'DDIM'} steps, guidance {args.guidance:g}: wrote {out} "
-      "(left: base, right: LoRA)")
+print(f"{model}, {resolution}px, {args.sample_steps} {'flow' if sd.flow else 'DDIM'} steps, guidance "
+      f"{args.guidance:g}: wrote {out} (left: base, right: LoRA)")
 if reward_fn is not None:  # the reward, then each part of a mix
     scores = []
     for images in (base, tuned):

@@ -199,7 +199,8 @@ def backprop_window(backprop, steps, generator=None, check_only=False):
         return 0
     window = (backprop, backprop) if isinstance(backprop, int) else backprop
     if not (isinstance(window, (tuple, list)) and len(window) == 2 and 1 <= window[0] <= window[1] <= steps):
-        raise ValueError(f"{backprop!r}: K must satisfy 1 <= K <= the number of sampling steps ({steps})")
+        raise ValueError(f"{backprop!r}: K must satisfy 1 <= K <= the number of sampling steps ({steps}), "
+                         "and lo <= hi")
     lo, hi = window
     if lo == hi or check_only:
         return lo

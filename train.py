@@ -28,8 +28,7 @@ import torch
 from memory import activations_to_keep, is_out_of_memory, memory_budget, parse_keep, peak_memory, reset_peak_memory
 from model import decode
 from rewards import without_gradient
-from runs import (Run, add_run_flags, average_gradients, check_batch_fits, check_numbers, die, gather, info,
-                  parse_run_args, write_config)
+from runs import Run, add_run_flags, average_gradients, check_numbers, die, gather, info, parse_run_args, write_config
 from sampler import parse_backprop, steps_with_gradient
 
 # -----------------------------------------------------------------------------
@@ -75,9 +74,6 @@ sd, device = run.sd, run.device
 if args.cfg_in_turn and (sd.flux or args.guidance <= 1):
     die("--cfg-in-turn takes CFG's two halves in turn: " + ("FLUX has none (its guidance is an embedding)" if sd.flux
                                                             else f"--guidance {args.guidance:g} runs no CFG"))
-smaller = "lower --batch-size (--grad-accum N keeps the images per step: N micro-batches of --batch-size)"
-per_image = 4 * torch.Size(run.shape).numel() + run.dtype.itemsize * 3 * run.resolution ** 2  # its noise and image
-check_batch_fits(f"--batch-size {args.batch_size}", args.batch_size * per_image, run.device_type, smaller)
 rows = slice(run.rank * args.batch_size, (run.rank + 1) * args.batch_size)  # this rank's rows of a global batch
 global_batch = args.batch_size * args.grad_accum * run.world
 run.start(global_batch=global_batch)
@@ -156,7 +152,8 @@ for step in run.progress(args.reward):
             raise
         run.pbar.close()
         run.undo_start()
-        die(f"--batch-size {args.batch_size} does not fit in memory: the first step ran out of it; {smaller}")
+        die(f"--batch-size {args.batch_size} does not fit in memory: the first step ran out of it; lower --batch-size "
+            "(--grad-accum N keeps the images per step: N micro-batches of --batch-size)")
     rewards = gather(torch.cat(rewards))
     average_gradients(run.params)  # torchrun: one all-reduce per step, none per micro-batch
     run.scaler.unscale_(run.opt)  # so that clipping sees the true gradient norm

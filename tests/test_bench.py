@@ -39,8 +39,8 @@ def bench(tmp_path, monkeypatch, *args):
     (["--flux-blocks", "99,99", "--arch", "flux"], "1 <= D <= 19 double-stream and 1 <= S <= 38 single-stream "
      "blocks, got 99,99"),  # was: a model of 99 + 99 blocks, silently
     (["--flux-blocks", "1,2"], "--flux-blocks D,S needs --arch flux"),
-    (["--resolution", "50"], "--resolution 50 must be a multiple of 8 for tiny"),  # was: model.latent_shape's error
-    (["--resolution", "72", "--model", "tiny-flux"], "--resolution 72 must be a multiple of 16 for tiny-flux"),
+    (["--resolution", "50"], "--resolution 50 is not divisible by 8 (the VAE's downsampling factor)"),  # was: an
+    (["--resolution", "72", "--model", "tiny-flux"], "--resolution 72 is not divisible by 16"),  # AssertionError
     (["--resolution", "-64"], "--resolution must be an integer >= 0, got -64"),
     (["--repeats", "-1"], "--repeats must be an integer >= 0, got -1"),
     (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
@@ -48,7 +48,10 @@ def bench(tmp_path, monkeypatch, *args):
     (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["--memory-budget", "nan"], "--memory-budget must be a finite number >= 0, got nan"),
     (["--memory-budget", "-1"], "--memory-budget must be a finite number >= 0, got -1.0"),
-    (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
+    (["--guidance", "inf"], "--guidance must be a finite number >= 0, got inf"),
+    (["--guidance", "-1"], "--guidance must be a finite number >= 0, got -1.0"),
+    (["--dtype", "fp16"], "--dtype fp16 is a GPU's"),
+    (["--cfg-in-turn", "--model", "tiny-flux"], "FLUX has none (its guidance is an embedding)"),
     (["--keep-activations", "most"], "--keep-activations must be auto or an integer >= 0, got most"),
     (["--reward", "nonsense"], "--reward: unknown reward 'nonsense'"),  # was: a traceback after the model loaded
     (["--reward", "jpeg"], "--reward jpeg has no gradient"),  # was: a traceback from backward

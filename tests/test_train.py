@@ -198,7 +198,7 @@ def prompt_files(tmp_path):
     (["--out", "{tmp}/empty.txt/run"], "empty.txt is a file, not a directory"),
     # /sys takes no files, even from root (whom chmod does not stop): a real refusal, wherever the tests run as
     (["--out", "/sys/alignprop-test/run"], "--out /sys/alignprop-test/run: cannot write in /sys ("),
-    (["--batch-size", "1000000000"], "--batch-size 1000000000 does not fit in memory"),  # after loading, before work
+    (["--batch-size", "1000000000"], "--batch-size 1000000000 at 64 px does not fit in memory"),  # after loading
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]
@@ -547,3 +547,48 @@ def test_a_partial_model_directory_is_one_line_naming_what_is_missing(tmp_path, 
         message = f"{model} is incomplete: no text_encoder/config.json"
     status, stderr = refused("train.py", "--out", tmp_path / "out", "--model", model)
     assert status == 2 and stderr.startswith(f"error: {message}") and len(stderr.strip().splitlines()) == 1, stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ddim-steps", 5000], "--sample-steps 5000: the model's scheduler has 1000 timesteps"),
+    (["--eta", 2], "--eta must be <= 1 on a DDIM model (1 is DDPM-like), got 2"),
+    (["--seed", 2**64], "--seed must be an integer in 0 .. 2^63 - 1"),
+    (["--resolution", 2**17], "--batch-size 2 at 131072 px does not fit in memory"),  # before any tensor of that size
+    (["--out", ""], "--out '': name a directory"),
+    (["--prompts", "{tmp}"], "a directory, not a file"),
+])
+def test_values_that_used_to_crash_are_one_line(tmp_path, args, message):
+    args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
+    out = [] if "--out" in args else ["--out", tmp_path / "o"]
+    status, stderr = refused("train.py", *out, *QUICK, *args)
+    assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_refuses_another_out_the_same_steps_and_another_eval(trained, tmp_path):
+    out, _ = trained
+    before = files(out)
+    for args, message in ((["--out", tmp_path / "elsewhere"], "a run continues where it is"),
+                          (["--steps", 10], "--steps 10: the run in"),
+                          (["--eval-n", 2], "before and after would not compare")):
+        status, stderr = refused("train.py", "--resume", out, *args)
+        assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert files(out) == before and not (tmp_path / "elsewhere").exists()
+
+
+def test_resume_drops_a_metrics_line_a_kill_cut_short(tmp_path):
+    run_here("train.py", "--out", tmp_path, "--steps", 2, "--save-every", 1, "--eval-every", 0, *QUICK)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "reward_me')  # a write a SIGKILL interrupted
+    run_here("train.py", "--resume", tmp_path, "--steps", 3)
+    assert [x["step"] for x in metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_sample_py_refuses_an_output_it_cannot_write_before_sampling(trained, tmp_path):
+    lora = trained[0] / "lora.safetensors"
+    for out, message in ((tmp_path / "grid", "name a .png (or .jpg, .webp) file"),
+                         (tmp_path / "grid.txt", "name a .png (or .jpg, .webp) file")):
+        status, stderr = refused("sample.py", "--lora", lora, "--out", out)
+        assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    status, stderr = refused("sample.py", "--lora", lora, "--out", tmp_path / "c.png", "--sample-steps", 5000)
+    assert status == 2 and "the model's scheduler has 1000 timesteps" in stderr

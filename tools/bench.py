@@ -50,8 +50,7 @@ import torch  # noqa: E402
 from flow import flow_sample  # noqa: E402
 from lora import inject_lora  # noqa: E402
 from memory import activations_to_keep, memory_budget  # noqa: E402
-from model import (ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution,  # noqa: E402
-                   pixel_multiple)
+from model import ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution  # noqa: E402
 from rewards import RewardLoadError, load_reward, parse_reward_spec, without_gradient  # noqa: E402
 from runs import check_numbers, check_writable, die  # noqa: E402
 from sampler import ddim_sample, parse_backprop  # noqa: E402
@@ -125,8 +124,8 @@ p.add_argument("--json", default=None, help="also write the results to this JSON
 args = p.parse_args()
 # every flag checked before any work: a bad value is one line and exit status 2 (die), not a traceback after the model
 # has loaded and the first modes have been timed, nor a table of nonsense
-check_numbers(args, at_least_1=("sample_steps", "batch_size"), finite=("guidance",),
-              at_least_0=("resolution", "repeats", "warmup", "threads", "memory_budget"))
+check_numbers(args, at_least_1=("sample_steps", "batch_size"),
+              at_least_0=("resolution", "repeats", "warmup", "threads", "memory_budget", "guidance"))
 steps_sweep = positive_list("--steps-sweep", args.steps_sweep, int) if args.steps_sweep else []
 budget_sweep = positive_list("--budget-sweep", args.budget_sweep, float) if args.budget_sweep else []
 if steps_sweep and budget_sweep:
@@ -167,6 +166,8 @@ if args.json:  # a file the results can go to, or the whole benchmark runs befor
 device = "cuda" if torch.cuda.is_available() and not args.estimate else "cpu"  # an estimate's fake tensors: "cpu"
 target = args.estimate_device if args.estimate else device  # the device the figures are for
 args.dtype = args.dtype or ("bf16" if target == "cuda" else "fp32")
+if args.dtype == "fp16" and target == "cpu":
+    die("--dtype fp16 is a GPU's: use fp32 or bf16 on a CPU (or --estimate for a GPU's figures)")
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 # torch's default thread count is OMP_NUM_THREADS or the cores it sees; at most the CPUs this process may run on (a
 # container's or a taskset's share): more threads than CPUs take turns on them, many times slower
@@ -185,9 +186,12 @@ try:
 except ModelLoadError as e:
     die(str(e))
 resolution = args.resolution or native_resolution(sd)
-if resolution % pixel_multiple(sd):  # the model's: its VAE's downsampling, times the 2x2 latents of an SD3 / FLUX token
-    die(f"--resolution {resolution} must be a multiple of {pixel_multiple(sd)} for {args.arch or args.model} (its "
-        "VAE's downsampling factor, times 2 for the 2x2 latents an SD3 or FLUX token holds)")
+try:
+    latent_shape(sd, resolution)  # the model's multiple: its VAE's downsampling (times SD3's / FLUX's 2x2 tokens)
+except ValueError as e:
+    die(f"--{e}")
+if args.cfg_in_turn and sd.flux:
+    die("--cfg-in-turn takes CFG's two halves in turn: FLUX has none (its guidance is an embedding)")
 parts = dict(unet=sd.unet, vae=sd.vae, text_encoders=[sd.text_encoder, sd.text_encoder_2, sd.text_encoder_3])
 fake = FakeStep() if args.estimate else contextlib.nullcontext()  # an estimate: every tensor fake from here on
 # an estimate for a GPU: wherever the CPU's autocast is on (the recomputations in backward too), CUDA's policy
