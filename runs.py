@@ -159,15 +159,13 @@ def add_run_flags(p, reward, steps, lr, grad_accum, eta, every, unit="step"):
 def parse_run_args(parser, script):
     """Parse the command line; with --resume DIR, DIR's saved flags are the defaults (this command's win, but for
     FIXED) and --out is DIR. Then every setting left open is decided (settle) and the shared flags are checked."""
-    args, done = parser.parse_args(), 0
-    real = os.path.realpath
+    args, real = parser.parse_args(), os.path.realpath
+    cfg, done = read_run(args.resume, script) if args.resume else ({}, 0)  # damaged, or the other script's: one line
     if args.out is not None and (not args.out.strip() or args.resume and real(args.out) != real(args.resume)):
         die(f"--out {args.out!r}: " + ("a run continues where it is, in --resume's directory" if args.resume else
                                         "name a directory"))
     if args.resume:
-        cfg, done = read_run(args.resume, script)
-        given = vars(args)
-        parser.set_defaults(**{k: v for k, v in cfg.items() if k in given})
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k in vars(args)})
         args = parser.parse_args()
         for name in FIXED:
             if name in cfg and getattr(args, name) != cfg[name]:
