@@ -47,6 +47,10 @@ p.add_argument("--keep-activations", default="auto", help="the last N steps with
 p.add_argument("--cfg-in-turn", action="store_true", help="a recomputed step's backward takes CFG's two halves one "
                "after the other: about half the peak of the chain's backward, for one more batched call per step "
                "(turned on by itself when a step recomputing every step is over --memory-budget)")
+p.add_argument("--checkpoint-blocks", action="store_true", help="checkpointing inside each model call too: in a "
+               "step's recomputation every UNet / transformer block keeps only its input and runs again when backward "
+               "reaches it (the same gradients; one more forward of each block per step; turned on by itself after "
+               "--cfg-in-turn when a step is over --memory-budget)")
 p.add_argument("--memory-budget", type=float, default=0, help="GB (2^30 bytes) a step may use at its peak (CUDA: "
                "allocated; CPU: the process's RSS), spent by --keep-activations auto; 0 = 90%% of the GPU memory "
                "free to this run, half the RAM on a CPU")
@@ -71,6 +75,8 @@ check_numbers(args, at_least_1=("max_skips",), at_least_0=("memory_budget",))
 
 run = Run(args, "train.py")
 sd, device = run.sd, run.device
+if args.checkpoint_blocks:  # diffusers' per-block checkpointing, which acts where the model runs with grad: inside
+    sd.unet.enable_gradient_checkpointing()  # sampler.checkpoint's recomputation of a step, nested in it
 if args.cfg_in_turn and (sd.flux or args.guidance <= 1):
     die("--cfg-in-turn takes CFG's two halves in turn: " + ("FLUX has none (its guidance is an embedding)" if sd.flux
                                                             else f"--guidance {args.guidance:g} runs no CFG"))
@@ -97,24 +103,32 @@ def sample(cond, noise, generator):  # cond (B, L, D), noise (B, C, h, w) -> ima
         return decode(sd, latents)
 
 
+LEVERS = {"cfg_in_turn": "CFG's halves backpropagate in turn (--cfg-in-turn)",  # what a step over --memory-budget
+          "checkpoint_blocks": "the model's blocks are checkpointed (--checkpoint-blocks)"}  # turns on, cheapest first
+
+
 def choose_kept_steps(peak, cond, noise):
     """--keep-activations auto, after a step that recomputed every step and peaked at `peak` bytes: the steps whose
-    activations the budget's rest can keep, measured on this micro-batch. Over the budget already: CFG's halves in
-    turn, measured again on the next step (None); over it still: one line, and the disk as it was."""
+    activations the budget's rest can keep, measured on this micro-batch. Over the budget already: the next lever of
+    LEVERS, measured again on the next step (None); over it with all: one line, and the disk as it was."""
     budget = memory_budget(args.memory_budget, run.device_type)
     if args.memory_budget and peak > budget:
-        if not args.cfg_in_turn and args.guidance > 1 and not sd.flux:  # the next lever, then measure again
-            args.cfg_in_turn = run.config["cfg_in_turn"] = True
+        has_halves = args.guidance > 1 and not sd.flux  # FLUX's guidance is an embedding: one call, no halves
+        usable = [k for k in LEVERS if not getattr(args, k) and (k != "cfg_in_turn" or has_halves)]
+        if usable:  # the next lever, then measure again
+            setattr(args, usable[0], True)
+            run.config[usable[0]] = True
             write_config(args.out, run.config)  # a resumed run keeps it
+            if usable[0] == "checkpoint_blocks":
+                sd.unet.enable_gradient_checkpointing()
             info(f"--memory-budget {args.memory_budget:g} GB: a step recomputing every step peaked at "
-                 f"{peak / 2**30:.2f} GB; from the next step on CFG's halves backpropagate in turn (--cfg-in-turn: "
-                 "the same gradients, one more model call per step), then kept steps are chosen")
+                 f"{peak / 2**30:.2f} GB; from the next step on {LEVERS[usable[0]]}, then kept steps are chosen")
             return None
         run.pbar.close()
-        run.undo_start()  # within this start's first two steps: the disk as it was
-        die(f"--memory-budget {args.memory_budget:g} GB is below what a step needs with every step recomputed "
-            + ("and CFG's halves in turn " if args.cfg_in_turn else "") + f"({peak / 2**30:.2f} GB): raise it, or "
-            "lower --batch-size or --resolution")
+        run.undo_start()  # within this start's first steps: the disk as it was
+        on = "".join(f", {LEVERS[k].split(' (')[0]}" for k in LEVERS if getattr(args, k))
+        die(f"--memory-budget {args.memory_budget:g} GB is below what a step needs with every step recomputed{on} "
+            f"({peak / 2**30:.2f} GB): raise it, or lower --batch-size or --resolution")
     with run.autocast:
         n, per_step = activations_to_keep(sd, cond, run.uncond.expand(len(cond), -1, -1), noise.to(device),
                                           args.sample_steps, args.guidance, args.eta, backprop, peak, budget)

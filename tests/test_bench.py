@@ -142,13 +142,14 @@ def test_bench_measures_memory_without_timing(tmp_path, monkeypatch):
     assert all(math.isnan(row["seconds"]) and row["step_mb"] > 0 for row in res["rows"]), res["rows"]
 
 
-def test_estimate_equals_the_real_step_to_the_byte(tmp_path, monkeypatch):
+@pytest.mark.parametrize("blocks", [[], ["--checkpoint-blocks"]])
+def test_estimate_equals_the_real_step_to_the_byte(tmp_path, monkeypatch, blocks):
     # the same step on fake tensors (--estimate, for this CPU) and for real (--repeats 0: counted, not timed), fp32:
     # the same tensors, so the same bytes at every moment: the same peak in every phase (but the optimiser's, where
     # the real run makes AdamW's state: the estimate counts it apart). At 5 steps the estimate counts 3 and 4 steps
     # (K = 1: 2 and 3) and extends the line to 5: exact too
     common = ["--sample-steps", "5", "--modes", "all,1", "--keep-activations", "0", "--repeats", "0",
-              "--warmup", "0"]  # AdamW's state, made after the first step's peak, is not at its peak
+              "--warmup", "0", *blocks]  # AdamW's state, made after the first step's peak, is not at its peak
     _, real = bench(tmp_path, monkeypatch, *common)
     stdout, fake = bench(tmp_path, monkeypatch, *common, "--estimate", "--estimate-device", "cpu")
     def phases(row):

@@ -113,16 +113,17 @@ def test_a_mix_of_rewards_logs_each(tmp_path):
         assert x["reward_incompress"] == pytest.approx(-x["reward_compress"], rel=1e-6)
 
 
-def test_cfg_in_turn_changes_no_number(tmp_path):
+@pytest.mark.parametrize("lever", ["--cfg-in-turn", "--checkpoint-blocks"])
+def test_memory_levers_change_no_number(tmp_path, lever):
     # the same samples and rewards, gradients to rounding (tests/test_grad.py compares them tensor by tensor)
-    for name, extra in (("batched", []), ("in_turn", ["--cfg-in-turn"])):
+    for name, extra in (("batched", []), ("in_turn", [lever])):
         run_here("train.py", "--out", tmp_path / name, "--steps", 2, "--eval-every", 0, *QUICK, *extra)
     a, b = metrics(tmp_path / "batched"), metrics(tmp_path / "in_turn")
     assert a[0]["reward_mean"] == b[0]["reward_mean"]  # the first step's samples: the same weights, the same forward
     for x, y in zip(a, b):
         assert x["reward_mean"] == pytest.approx(y["reward_mean"], rel=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
-    assert json.loads((tmp_path / "in_turn" / "config.json").read_text())["cfg_in_turn"] is True
+    assert json.loads((tmp_path / "in_turn" / "config.json").read_text())[lever[2:].replace("-", "_")] is True
 
 
 def test_draft_lv_run(tmp_path):
@@ -430,14 +431,15 @@ def test_a_memory_budget_is_kept_and_changes_no_number(tmp_path):
 
 
 def test_a_budget_below_what_a_step_needs_is_one_line(tmp_path):
-    """Over the budget on the first step, the run turns --cfg-in-turn on and measures again; over it still, it stops
-    in one line (the tiny model's peak is its VAE decoder's backward, which CFG's halves do not touch)."""
+    """Over the budget on the first step, the run turns --cfg-in-turn on and measures again, then --checkpoint-blocks;
+    over it still, it stops in one line (the tiny model's peak is its VAE decoder's backward, which neither touches)."""
     proc = run_here("train.py", "--out", tmp_path, "--model", "tiny", "--batch-size", 2, "--ddim-steps", 2, "--eval-n",
                     1, "--steps", 3, "--memory-budget", 0.05, check=False)
     assert "from the next step on CFG's halves backpropagate in turn" in proc.stdout
+    assert "from the next step on the model's blocks are checkpointed" in proc.stdout
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
-        "error: --memory-budget 0.05 GB is below what a step needs with every step recomputed and CFG's halves in "
-        "turn"), proc.stderr
+        "error: --memory-budget 0.05 GB is below what a step needs with every step recomputed, CFG's halves "
+        "backpropagate in turn, the model's blocks are checkpointed ("), proc.stderr
     assert not list(tmp_path.iterdir())  # a start that failed in its first steps leaves the directory as it was
 
 

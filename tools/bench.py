@@ -94,6 +94,8 @@ p.add_argument("--modes", default="sample,all,1,rand,lv:2,drtune:2,onestep:0.6",
                "K, rand (K ~ U{1..T}), lv:N, drtune:N, onestep:F (one call with grad on the sample re-noised to F)")
 p.add_argument("--cfg-in-turn", action="store_true", help="a recomputed step's backward takes CFG's two halves one "
                "after the other (sampler.halves_in_turn): less memory, one more batched call per step")
+p.add_argument("--checkpoint-blocks", action="store_true", help="checkpointing inside a model call too: in a "
+               "step's recomputation each UNet / transformer block keeps its input and is recomputed in backward")
 p.add_argument("--keep-activations", default="auto", help="the last n grad steps keep their activations (faster, "
                "more memory); auto = as many as fit --memory-budget (as train.py); 0 = recompute every step")
 p.add_argument("--memory-budget", type=float, default=0, help="GB for --keep-activations auto; 0 = train.py's "
@@ -202,6 +204,8 @@ if args.estimate:
             fake.fake(m)
 if args.guidance is None:  # each pipeline's default: StableDiffusion3Pipeline's, FluxPipeline's, SD's
     args.guidance = 3.5 if sd.flux else 7.0 if sd.flow else 7.5
+if args.checkpoint_blocks:  # diffusers' own, per block: active wherever the model runs with grad (a recomputation)
+    sd.unet.enable_gradient_checkpointing()
 sample_chain = flow_sample if sd.flow else ddim_sample  # the same arguments: the flow's SDE noise level for eta (0)
 model_mb = sum(t.numel() * t.element_size() for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2,
                                                       sd.text_encoder_3) if m
@@ -386,7 +390,8 @@ def sweep_point(steps, keep, budget=0.0, repeats=1):
              *(["--arch", args.arch] if args.arch else []), *(["--no-tensor-memory"] if not args.tensor_memory else []),
              *(["--flux-blocks", args.flux_blocks] if args.flux_blocks else []),
              *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else []),
-             *(["--cfg-in-turn"] if args.cfg_in_turn else [])]
+             *(["--cfg-in-turn"] if args.cfg_in_turn else []),
+             *(["--checkpoint-blocks"] if args.checkpoint_blocks else [])]
     out = subprocess.run(child + ["--sweep-point", f"{steps},{keep}"], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         sys.exit(f"sweep point T={steps}, keep {keep}, budget {budget} failed:\n{out.stderr[-2000:]}")
