@@ -20,7 +20,7 @@ Black Forest Labs 2024; Flow-GRPO, Liu et al. 2025 (arXiv:2505.05470); Direct-Al
 """
 import torch
 
-from sampler import guidance_context, halves_in_turn, noise_like, run_chain, saved_bytes, step_logprob
+from sampler import guidance_context, halves_in_turn, noise_like, run_chain, step_logprob
 
 
 def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0.0, backprop="all", generator=None,
@@ -38,7 +38,7 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0
         x0    = x_s - s * v                            the predicted clean latents (the last step, s' = 0, lands here)
     The s_i (steps + 1 of them, the last 0) are the model's scheduler's sigmas after set_timesteps(steps), so SD3's
     shift (s -> shift s / (1 + (shift - 1) s), 3.0) comes from its config; FLUX's are FluxPipeline's, shifted by the
-    image's token count (_flow_schedule). v is classifier-free guided, v_u + guidance * (v_c - v_u), both halves in one
+    image's token count (flow_schedule). v is classifier-free guided, v_u + guidance * (v_c - v_u), both halves in one
     batched call (FLUX-dev: one call, guidance embedded). noise_level a > 0 takes the SDE's steps instead
     (flow_transition: the Euler step plus a drift correction and noise z from `generator`); a = 0 is the ODE above.
 
@@ -50,7 +50,7 @@ def flow_sample(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=0
     """
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    sched = _flow_schedule(sd, steps, latents)  # sched.timesteps: t_i = 1000 s_i (steps,), fp32: what the model reads
+    sched = flow_schedule(sd, steps, latents)  # sched.timesteps: t_i = 1000 s_i (steps,), fp32: what the model reads
     coefs = [_sde_coefficients(sched.sigmas, i, noise_level) for i in range(steps)]  # (c_x, c_v, std) per step
     trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
 
@@ -101,7 +101,7 @@ def flow_transition(sd, v, x, t, steps, noise_level):
     """The Gaussian of one step of the SDE, p(x_s' | x_s) = N(mean, std^2 I), from the velocity `v` at x_s, t = 1000 s
     one of the schedule's timesteps (the arguments of sampler.ddim_transition, noise_level for eta). Returns (mean
     (B, 16, h, w), std, a float); std is 0 at noise level 0, the ODE's deterministic step."""
-    sched = _flow_schedule(sd, steps, x)
+    sched = flow_schedule(sd, steps, x)
     i = int((sched.timesteps - t.cpu().float()).abs().argmin())  # which step: t is the schedule's own timestep
     c_x, c_v, std = _sde_coefficients(sched.sigmas, i, noise_level)
     return c_x * x + c_v * v, std
@@ -114,7 +114,7 @@ def flow_rollout(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=
     model that sampled it. Returns (xs (T + 1, B, 16, h, w): x_1 ... x_0, logps (T, B), timesteps (T,))."""
     if not noise_level > 0:
         raise ValueError("a rollout's log-probabilities need noise_level > 0 (0 is the deterministic ODE)")
-    sched = _flow_schedule(sd, steps, latents)
+    sched = flow_schedule(sd, steps, latents)
     context = flow_context(sd, cond, uncond, guidance)
     xs, logps, ts = [latents], [], sched.timesteps.clone()
     for i, t in enumerate(ts):  # the schedule is known here: step i's coefficients, as flow_transition finds them
@@ -126,16 +126,9 @@ def flow_rollout(sd, cond, uncond, latents, steps=28, guidance=7.0, noise_level=
     return torch.stack(xs), torch.stack(logps), ts
 
 
-def flow_step_activation_bytes(sd, cond, uncond, latents, steps, guidance=7.0, noise_level=0.0):
-    """sampler.step_activation_bytes for a flow model: the bytes one step with gradients (the transformer, then the
-    update) holds for backward, from `latents` (B, 16, h, w), in the caller's autocast dtype."""
-    t = _flow_schedule(sd, steps, latents).timesteps[0]
-    context = flow_context(sd, cond, uncond, guidance)
-    return saved_bytes(lambda x: flow_transition(sd, flow_output(sd, x, t, context, guidance), x, t, steps,
-                                                 noise_level), latents, sd.unet)
-
-
-def _flow_schedule(sd, steps, latents):
+def flow_schedule(sd, steps, latents):
+    """The model's flow scheduler set to `steps` for latents like these (FLUX's shift depends on the image's size):
+    sched.sigmas (steps + 1, the last 0) and sched.timesteps = 1000 sigma."""
     sched = sd.scheduler
     if hasattr(sched, "alphas_cumprod"):  # a DDIMScheduler: SD 1.x, 2.x, XL
         raise ValueError(f"a {type(sched).__name__} is a diffusion model's, not a flow's: sample it with ddim_sample")

@@ -7,8 +7,8 @@ recomputation in backward) within a budget. train.py's --keep-activations auto a
     keep, per_step = activations_to_keep(sd, cond, uncond, noise, steps, guidance, eta, backprop, peak,
                                          memory_budget(gb, "cuda"))   # steps to keep, one step's activation bytes
 
-A kept step costs one step's activations (measured by sampler.step_activation_bytes: the bytes autograd saves for
-backward after one step with gradients) for the whole backward; a recomputed one costs its recomputation. The last
+A kept step costs one step's activations (step_activation_bytes: the bytes autograd saves for backward after one step
+with gradients) for the whole backward; a recomputed one costs its recomputation. The last
 steps are kept first (sampler.ddim_sample says why). Figures: docs/speed-and-memory.md.
 """
 import os
@@ -16,8 +16,8 @@ import resource
 
 import torch
 
-from flow import flow_step_activation_bytes
-from sampler import step_activation_bytes, steps_with_gradient
+from flow import flow_context, flow_output, flow_schedule, flow_transition
+from sampler import ddim_schedule, ddim_transition, guidance_context, guided_output, steps_with_gradient
 
 BUDGET_SHARE = {"cuda": 0.9, "cpu": 0.5}  # default budget: of what the GPU has free for us (the rest: CUDA's context
 # and the allocator's fragmentation); of the RAM on a CPU
@@ -91,7 +91,38 @@ def activations_to_keep(sd, cond, uncond, noise, steps, guidance, eta, backprop,
     one step's activation bytes), the latter measured on this batch (cond, uncond (B, L, D), noise (B, C, h, w)) in
     the caller's autocast dtype. eta: DDIM's, or a flow model's SDE noise level."""
     n = backprop[1] if isinstance(backprop, tuple) and backprop[0] == "lv" else 1  # lv:N trains N * B rows
-    measure = flow_step_activation_bytes if sd.flow else step_activation_bytes
-    per_step = measure(sd, cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), noise.repeat(n, 1, 1, 1), steps, guidance,
-                       eta)
+    per_step = step_activation_bytes(sd, cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1), noise.repeat(n, 1, 1, 1), steps,
+                                     guidance, eta)
     return steps_that_fit(budget, peak, per_step, steps_with_gradient(backprop, steps)), per_step
+
+
+def step_activation_bytes(sd, cond, uncond, latents, steps, guidance=7.5, eta=0.0):
+    """What keep_activations costs per kept step, measured rather than assumed: the bytes autograd holds for backward
+    after one step with gradients (the model, then the update: DDIM's, or the flow's Euler / SDE step, eta its noise
+    level) from `latents` (B, C, h, w), in the caller's autocast dtype. Linear in the batch; CFG's halves included."""
+    if sd.flow:
+        t = flow_schedule(sd, steps, latents).timesteps[0]
+        context = flow_context(sd, cond, uncond, guidance)
+        return saved_bytes(lambda x: flow_transition(sd, flow_output(sd, x, t, context, guidance), x, t, steps, eta),
+                           latents, sd.unet)
+    t = ddim_schedule(sd, steps).timesteps[0]
+    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)
+    return saved_bytes(lambda x: ddim_transition(sd, guided_output(sd, x, t, context, guidance), x, t, steps, eta),
+                       latents, sd.unet)
+
+
+def saved_bytes(fn, x, model):
+    """The bytes autograd holds for backward after fn(x) with gradients from x (as in the chain, where x carries the
+    gradient of the steps before), counted with saved_tensors_hooks as the distinct storages the graph saves, the
+    model's weights excluded (they are in memory anyway)."""
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    held = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            held[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x.detach().requires_grad_())
+    return sum(held.values())

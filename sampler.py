@@ -268,7 +268,7 @@ def run_chain(x, context, times, backprop, generator, model, update, noised, cle
     explodes over a long chain); only the N steps of drtune_steps run the model with gradients (checkpointed), the
     others under no_grad: N model backwards per sample whatever the chain's length.
     keep_activations: the last n steps with gradients keep their activations instead of checkpointing (no
-    recomputation in backward; memory grows by step_activation_bytes per step); 0 = flat memory. Why the last ones:
+    recomputation in backward; memory grows by memory.step_activation_bytes per step); 0 = flat memory. Why the last ones:
     every truncation window (random K, DRaFT-K) ends with them, so each kept step saves its recomputation in every
     trajectory; and backward reaches them first, so their memory is freed first. cfg_in_turn: a recomputed step's
     backward takes CFG's two halves one after the other (halves_in_turn): about half the peak of the chain's backward,
@@ -345,7 +345,7 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    sched = _ddim_schedule(sd, steps)
+    sched = ddim_schedule(sd, steps)
     ts = sched.timesteps
     trainable = [p for p in sd.unet.parameters() if p.requires_grad]  # LoRA: gradients flow here
 
@@ -376,34 +376,9 @@ def ddim_sample(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=0.0, back
                      keep_activations, cfg_in_turn)
 
 
-def step_activation_bytes(sd, cond, uncond, latents, steps, guidance=7.5, eta=0.0):
-    """What keep_activations costs per kept step, measured rather than assumed: the bytes autograd holds for backward
-    after one DDIM step with gradients (the UNet, then the update) from `latents` (B, 4, h, w), in the caller's
-    autocast dtype (saved_bytes). Linear in the batch; CFG's two halves are included."""
-    t = _ddim_schedule(sd, steps).timesteps[0]
-    context = guidance_context(cond, uncond, guidance, sd.unet.dtype)
-    return saved_bytes(lambda x: ddim_transition(sd, guided_output(sd, x, t, context, guidance), x, t, steps, eta),
-                       latents, sd.unet)
-
-
-def saved_bytes(fn, x, model):
-    """The bytes autograd holds for backward after fn(x) with gradients from x (as in the chain, where x carries the
-    gradient of the steps before), counted with saved_tensors_hooks as the distinct storages the graph saves, the
-    model's weights excluded (they are in memory anyway)."""
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    held = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            held[storage.data_ptr()] = storage.nbytes()
-        return t
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x.detach().requires_grad_())
-    return sum(held.values())
-
-
-def _ddim_schedule(sd, steps):
+def ddim_schedule(sd, steps):
+    """The model's DDIMScheduler set to `steps` (its timesteps: sched.timesteps); a config this sampler does not
+    follow is a ValueError."""
     sched = sd.scheduler
     if not hasattr(sched, "alphas_cumprod"):  # e.g. SD3's FlowMatchEulerDiscreteScheduler
         raise ValueError(f"a {type(sched).__name__} is a rectified-flow model's: sample it with flow_sample")
@@ -466,7 +441,7 @@ def ddim_rollout(sd, cond, uncond, latents, steps=50, guidance=7.5, eta=1.0, gen
     """Sample like ddim_sample (same noise from `generator`, same images) and keep what policy-gradient RL needs
     (DDPO, Black et al. 2023): every step's latents and the log-probability of each transition under the model that
     sampled it. Returns (xs (T + 1, B, 4, h, w): x_T ... x_0, logps (T, B), timesteps (T,))."""
-    sched = _ddim_schedule(sd, steps)
+    sched = ddim_schedule(sd, steps)
     context = guidance_context(cond, uncond, guidance, sd.unet.dtype)
     xs, logps = [latents], []
     for t in sched.timesteps:

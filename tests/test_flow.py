@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from flow import flow_output, flow_rollout, flow_sample, flow_step_activation_bytes, flow_transition
+from flow import flow_output, flow_rollout, flow_sample, flow_transition
+from memory import step_activation_bytes
 from lora import inject_lora
 from model import encode_prompts, load_sd
 from conftest import held_for_backward, refused, run_here
@@ -103,8 +104,8 @@ def test_a_random_window_s_gradients_match_plain_autograd(tiny_sd3):
     assert_same_gradients(tiny_sd3, params, got, reference(tiny_sd3, x, STEPS, 5.0, k))
 
 
-def test_a_kept_step_holds_what_flow_step_activation_bytes_measures(tiny_sd3):
-    """--keep-activations auto on a flow model budgets with flow_step_activation_bytes: each kept step adds exactly
+def test_a_kept_step_holds_what_step_activation_bytes_measures_on_a_flow_model(tiny_sd3):
+    """--keep-activations auto on a flow model budgets with memory.step_activation_bytes: each kept step adds exactly
     that to what backward holds (4 steps, 0 and 2 kept)."""
     lora(tiny_sd3)
     cond, uncond = conditioning(tiny_sd3)
@@ -112,7 +113,7 @@ def test_a_kept_step_holds_what_flow_step_activation_bytes_measures(tiny_sd3):
     weights = [*tiny_sd3.unet.parameters(), *tiny_sd3.unet.buffers()]
     held = {keep: held_for_backward(lambda: flow_sample(tiny_sd3, cond, uncond, x, STEPS, 5.0, keep_activations=keep),
                                     weights) for keep in (0, 2)}
-    per_step = flow_step_activation_bytes(tiny_sd3, cond, uncond, x, STEPS, 5.0)
+    per_step = step_activation_bytes(tiny_sd3, cond, uncond, x, STEPS, 5.0)
     assert per_step > 50 * x.numel() * x.element_size()  # the transformer's activations, not a latent
     assert held[2] - held[0] == pytest.approx(2 * per_step, rel=0.02)
 

@@ -9,7 +9,7 @@ from conftest import held_for_backward, pipeline
 from grid import image_grid
 from model import ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution
 from sampler import (backprop_window, step_logprob, ddim_rollout, ddim_sample, ddim_transition, drtune_steps,
-                     guidance_context, guided_output, parse_backprop, step_activation_bytes, steps_with_gradient)
+                     guidance_context, guided_output, parse_backprop, steps_with_gradient)
 
 PROMPTS = ["a cat", "a red dog on the grass"]
 
@@ -146,6 +146,7 @@ def test_checkpointing_keeps_one_latent_per_step(tiny):
 
 
 def test_a_kept_step_holds_what_step_activation_bytes_measures(tiny):
+    from memory import step_activation_bytes
     """What --keep-activations auto budgets with: each kept step adds to what backward holds exactly the activation
     bytes measured for one step (the saved storages of a 6-step chain with 0, 2 and 6 steps kept), with LoRA in every
     attention layer, so that backward needs activations throughout the UNet."""

@@ -405,7 +405,7 @@ def test_a_memory_budget_is_kept_and_changes_no_number(tmp_path):
     and AdamW turns rounding-level differences of near-zero gradients into whole steps of lr, so weights are not)."""
     import memory
     from model import encode_prompts, latent_shape, load_sd
-    from sampler import step_activation_bytes
+    from memory import step_activation_bytes
     args = ["--model", "tiny", "--batch-size", 2, "--ddim-steps", 6, "--resolution", 128, "--steps", 2, "--eval-n", 2]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for name, extra in (("all", ["--keep-activations", 0]), ("budget", None)):
