@@ -242,3 +242,12 @@ def test_estimate_runs_the_flow_miniatures(tmp_path, monkeypatch):
         assert [r["mode"] for r in res["rows"]] == [mode], model
         assert all(r["step_mb"] > 0 and r["total_gb"] > 0 for r in res["rows"]), model
         assert "bf16; an estimate for cuda under CUDA's autocast policy" in stdout, stdout
+
+
+def test_the_real_architectures_have_their_published_sizes():
+    """--arch builds the published configs (on the meta device here: shapes without memory): the denoisers' parameter
+    counts are the model cards' (SD 3.5 Large 8.1B, SD 3.5 Medium 2.2B of MMDiT-X)."""
+    from tools.archs import build_arch
+    for arch, billions in (("sd35m", 2.24), ("sd35l", 8.06)):
+        sd = build_arch(arch, "meta", torch.bfloat16)
+        assert sum(p.numel() for p in sd.unet.parameters()) / 1e9 == pytest.approx(billions, abs=0.01), arch

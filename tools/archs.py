@@ -29,9 +29,9 @@ def built_as(device, dtype):
 def build_arch(arch, build_device, dtype, flux_blocks=FLUX_BLOCKS):
     """SD 1.x / 2.x / XL networks at full size with random weights; tokenizers and scheduler from the tiny models (the
     real CLIP vocabulary cannot be built offline; token ids only index the embedding, so speed and memory are the
-    same). sd35m, flux: build_flow_arch. build_device "meta": shapes without memory, for an estimate's fake tensors;
+    same). sd35m, sd35l, flux: build_flow_arch. build_device "meta": shapes without memory, for an estimate's fake tensors;
     flux_blocks: FLUX's (double-stream, single-stream) block counts, fewer for a CPU."""
-    if arch in ("sd35m", "flux"):
+    if arch in ("sd35m", "sd35l", "flux"):
         return build_flow_arch(arch, build_device, dtype, flux_blocks)
     from diffusers import DDIMScheduler
     sd = load_sd("tiny-xl" if arch == "sdxl" else "tiny")
@@ -79,8 +79,8 @@ def build_unet_vae_text(arch):
 
 
 def build_flow_arch(arch, build_device, dtype, flux_blocks=FLUX_BLOCKS):
-    """SD 3.5 Medium's or FLUX.1-dev's transformer and VAE at full size with random weights, from their published
-    configs (stabilityai/stable-diffusion-3.5-medium and black-forest-labs/FLUX.1-dev on the hub: transformer/ and
+    """SD 3.5 Medium's or Large's or FLUX.1-dev's transformer and VAE at full size with random weights, from their
+    published configs (stabilityai/stable-diffusion-3.5-medium / -large, black-forest-labs/FLUX.1-dev: transformer/ and
     vae/config.json; the arguments are diffusers' SD3Transformer2DModel / FluxTransformer2DModel / AutoencoderKL
     ones). The tokenizers and the scheduler come from the miniatures tiny-sd3 / tiny-flux, whose schedulers are the
     real configs already (SD3: shift 3.0; FLUX: dynamic shifting, base 0.5 to max 1.15 over 256 to 4096 tokens).
@@ -118,12 +118,18 @@ def build_flow_arch(arch, build_device, dtype, flux_blocks=FLUX_BLOCKS):
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
             sd.text_encoder = clip(CLIPTextModel, 768, 12)  # CLIP ViT-L/14's text tower: its pooled 768
+        elif arch == "sd35l":  # MMDiT, 8.1B: 38 joint blocks, 38 heads of 64 (2432 wide), QK norm
+            unet = SD3Transformer2DModel(
+                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+                num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm")
         else:  # MMDiT-X, 2.24B: 24 joint blocks, 24 heads of 64 (1536 wide); blocks 0-12 add an image-only attention
             unet = SD3Transformer2DModel(
                 sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
                 num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                 pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
                 qk_norm="rms_norm")
+        if not flux:
             sd.text_encoder = clip(CLIPTextModelWithProjection, 768, 12, projection_dim=768)  # CLIP ViT-L/14
             sd.text_encoder_2 = clip(CLIPTextModelWithProjection, 1280, 20, projection_dim=1280)  # OpenCLIP bigG/14
     sd.unet, sd.vae = unet, vae

@@ -24,7 +24,7 @@ live memory.
 The default reward is a smoothness proxy (minus the mean |difference| of horizontally adjacent pixels, as in the peer
 harness we compare with) that costs nothing, so the figures measure the method's own machinery; --reward NAME uses
 one from rewards.py.
---arch sd35m / flux: the transformer and VAE as published, random weights; the text encoders, which run once per
+--arch sd35m / sd35l / flux: the transformer and VAE as published, random weights; the text encoders, which run once per
 prompt and not per step, are one-layer stand-ins of the real widths (tools/archs.py), so that the conditioning the
 transformer reads has its real shapes.
 """
@@ -73,9 +73,10 @@ def positive_list(flag, text, kind):
 p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default="tiny", help="hub id, local diffusers dir, or a miniature: 'tiny', 'tiny-xl', "
                "'tiny-sd3', 'tiny-flux'")
-p.add_argument("--arch", default=None, choices=["sd15", "sd21", "sdxl", "sd35m", "flux"], help="a real architecture "
-               "with random weights (no download): sd15 = SD 1.x, sd21 = SD 2.x (v-prediction), sdxl = SDXL base, "
-               "sd35m = SD 3.5 Medium, flux = FLUX.1-dev (for these two the text encoders are one-layer stand-ins "
+p.add_argument("--arch", default=None, choices=["sd15", "sd21", "sdxl", "sd35m", "sd35l", "flux"], help="a real "
+               "architecture with random weights (no download): sd15 = SD 1.x, sd21 = SD 2.x (v-prediction), sdxl = "
+               "SDXL base, sd35m / sd35l = SD 3.5 Medium / Large, flux = FLUX.1-dev (for these the text encoders are "
+               "one-layer stand-ins "
                "of the real widths: the conditioning has its real shapes, the per-prompt encoding is not measured); "
                "overrides --model")
 p.add_argument("--flux-blocks", default=None, help="D,S: --arch flux with D of its 19 double-stream and S of its 38 "
