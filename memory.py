@@ -126,3 +126,59 @@ def saved_bytes(fn, x, model):
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(x.detach().requires_grad_())
     return sum(held.values())
+
+
+# -----------------------------------------------------------------------------
+# the frozen base in 8-bit floats (--base-dtype fp8): QLoRA's idea, written out on float8_e4m3fn
+
+FP8_MAX = 448.0  # the largest float8_e4m3fn value
+
+
+class Float8Linear(torch.nn.Linear):
+    """A frozen nn.Linear whose weight is stored as float8_e4m3fn, one byte a weight, with a scale per output row:
+        scale = max_j |W_ij| / 448,   W8 = round_to_fp8(W / scale),   y = x @ (W8 * scale)^T + b
+    dequantized to the input's dtype in forward (a transient copy, one layer at a time). Still an nn.Linear, so
+    lora.inject_lora wraps it as it wraps any (LoRA and everything trained stay in full precision), and the LoRA file,
+    keyed by module path, loads on the unquantized model."""
+
+    def __init__(self, linear):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)  # (out, 1)
+        # buffers, not parameters: frozen, and diffusers' model.dtype (its first floating parameter's) stays the
+        self.register_buffer("weight", (w / scale).to(torch.float8_e4m3fn))  # compute dtype the pipelines cast to
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x):  # in autocast's dtype where it is on, as nn.Linear would run
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return _Float8Matmul.apply(x.to(dtype), self.weight, self.scale, self.bias)
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """y = x (W8 * scale)^T + b, the weight dequantized in forward and again in backward (grad_x = grad_y W), so that
+    autograd keeps the one-byte weight for backward, not a dequantized copy; nothing frozen gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w8, scale, bias):
+        ctx.save_for_backward(w8, scale)
+        return torch.nn.functional.linear(x, w8.to(x.dtype) * scale.to(x.dtype), None if bias is None else
+                                          bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        w8, scale = ctx.saved_tensors
+        return grad @ (w8.to(grad.dtype) * scale.to(grad.dtype)), None, None, None
+
+
+def base_to_fp8(module):
+    """Every nn.Linear of a frozen `module` (a UNet or transformer, before LoRA is injected) becomes a Float8Linear:
+    its weights take half the memory of bf16. Returns the bytes saved."""
+    saved = 0
+    for name, child in list(module.named_modules()):
+        if type(child) is torch.nn.Linear:
+            parent, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, leaf, Float8Linear(child))
+            saved += child.weight.numel() * (child.weight.element_size() - 1)
+    return saved

@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from memory import activations_to_keep, is_out_of_memory, memory_budget, parse_keep, peak_memory, reset_peak_memory
+from memory import (activations_to_keep, base_to_fp8, is_out_of_memory, memory_budget, parse_keep, peak_memory,
+                    reset_peak_memory)
 from model import decode
 from rewards import without_gradient
 from runs import Run, add_run_flags, average_gradients, check_numbers, die, gather, info, parse_run_args, write_config
@@ -51,6 +52,9 @@ p.add_argument("--checkpoint-blocks", action="store_true", help="checkpointing i
                "step's recomputation every UNet / transformer block keeps only its input and runs again when backward "
                "reaches it (the same gradients; one more forward of each block per step; turned on by itself after "
                "--cfg-in-turn when a step is over --memory-budget)")
+p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen model's Linear weights stored in "
+               "float8_e4m3fn with a scale per row, dequantized a layer at a time (memory.Float8Linear); LoRA and the "
+               "computation stay in --dtype (default: the base in --dtype too)")
 p.add_argument("--memory-budget", type=float, default=0, help="GB (2^30 bytes) a step may use at its peak (CUDA: "
                "allocated; CPU: the process's RSS), spent by --keep-activations auto; 0 = 90%% of the GPU memory "
                "free to this run, half the RAM on a CPU")
@@ -77,6 +81,8 @@ run = Run(args, "train.py")
 sd, device = run.sd, run.device
 if args.checkpoint_blocks:  # diffusers' per-block checkpointing, which acts where the model runs with grad: inside
     sd.unet.enable_gradient_checkpointing()  # sampler.checkpoint's recomputation of a step, nested in it
+if args.base_dtype == "fp8":  # the frozen Linears in 8-bit floats (LoRA wraps them as it wrapped the originals)
+    info(f"--base-dtype fp8: {base_to_fp8(sd.unet) / 2**30:.2f} GB of frozen weights saved")
 if args.cfg_in_turn and (sd.flux or args.guidance <= 1):
     die("--cfg-in-turn takes CFG's two halves in turn: " + ("FLUX has none (its guidance is an embedding)" if sd.flux
                                                             else f"--guidance {args.guidance:g} runs no CFG"))

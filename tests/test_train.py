@@ -594,3 +594,17 @@ def test_sample_py_refuses_an_output_it_cannot_write_before_sampling(trained, tm
         assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     status, stderr = refused("sample.py", "--lora", lora, "--out", tmp_path / "c.png", "--sample-steps", 5000)
     assert status == 2 and "the model's scheduler has 1000 timesteps" in stderr
+
+
+def test_an_fp8_base_trains_and_saves_the_same_lora_file(tmp_path):
+    """--base-dtype fp8: the frozen Linears in 8-bit floats; the run trains, and its LoRA file holds the same tensors
+    under the same names as a run on the full-precision base (so it loads on the unquantized model)."""
+    from safetensors.torch import load_file
+    for name, extra in (("full", []), ("fp8", ["--base-dtype", "fp8"])):
+        proc = run_here("train.py", "--out", tmp_path / name, "--steps", 2, "--eval-every", 0, *QUICK, *extra)
+    assert "--base-dtype fp8:" in proc.stdout and "GB of frozen weights saved" in proc.stdout
+    assert all(x["grad_norm"] > 0 for x in metrics(tmp_path / "fp8"))
+    a, b = load_file(tmp_path / "full" / "lora.safetensors"), load_file(tmp_path / "fp8" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    status, stderr = refused("train.py", "--out", tmp_path / "x", "--base-dtype", "fp4", *QUICK)
+    assert status == 2 and "invalid choice: 'fp4'" in stderr

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 from flow import flow_sample  # noqa: E402
 from lora import inject_lora  # noqa: E402
-from memory import activations_to_keep, memory_budget  # noqa: E402
+from memory import activations_to_keep, base_to_fp8, memory_budget  # noqa: E402
 from model import ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution  # noqa: E402
 from rewards import RewardLoadError, load_reward, parse_reward_spec, without_gradient  # noqa: E402
 from runs import check_numbers, check_writable, die  # noqa: E402
@@ -97,6 +97,8 @@ p.add_argument("--cfg-in-turn", action="store_true", help="a recomputed step's b
                "after the other (sampler.halves_in_turn): less memory, one more batched call per step")
 p.add_argument("--checkpoint-blocks", action="store_true", help="checkpointing inside a model call too: in a "
                "step's recomputation each UNet / transformer block keeps its input and is recomputed in backward")
+p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen Linear weights in float8_e4m3fn "
+               "(memory.Float8Linear), as train.py --base-dtype fp8")
 p.add_argument("--keep-activations", default="auto", help="the last n grad steps keep their activations (faster, "
                "more memory); auto = as many as fit --memory-budget (as train.py); 0 = recompute every step")
 p.add_argument("--memory-budget", type=float, default=0, help="GB for --keep-activations auto; 0 = train.py's "
@@ -199,6 +201,8 @@ parts = dict(unet=sd.unet, vae=sd.vae, text_encoders=[sd.text_encoder, sd.text_e
 fake = FakeStep() if args.estimate else contextlib.nullcontext()  # an estimate: every tensor fake from here on
 # an estimate for a GPU: wherever the CPU's autocast is on (the recomputations in backward too), CUDA's policy
 cuda_policy = CudaAutocast() if args.estimate and target == "cuda" else contextlib.nullcontext()
+if args.base_dtype == "fp8":  # before the weights are made fake: quantizing reads them
+    base_to_fp8(sd.unet)
 if args.estimate:
     for m in (sd.unet, sd.vae, *parts["text_encoders"]):
         if m is not None:
@@ -392,7 +396,8 @@ def sweep_point(steps, keep, budget=0.0, repeats=1):
              *(["--flux-blocks", args.flux_blocks] if args.flux_blocks else []),
              *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else []),
              *(["--cfg-in-turn"] if args.cfg_in_turn else []),
-             *(["--checkpoint-blocks"] if args.checkpoint_blocks else [])]
+             *(["--checkpoint-blocks"] if args.checkpoint_blocks else []),
+             *(["--base-dtype", args.base_dtype] if args.base_dtype else [])]
     out = subprocess.run(child + ["--sweep-point", f"{steps},{keep}"], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         sys.exit(f"sweep point T={steps}, keep {keep}, budget {budget} failed:\n{out.stderr[-2000:]}")

@@ -1,0 +1,58 @@
+"""The frozen base in 8-bit floats (memory.Float8Linear, train.py --base-dtype fp8): the same layer to fp8's rounding,
+one byte a weight, LoRA on top trained in full precision and saved under the same names, gradients close to the
+full-precision base's."""
+import math
+
+import pytest
+import torch
+
+from flow import flow_sample
+from lora import inject_lora, lora_layers
+from memory import Float8Linear, base_to_fp8
+from model import decode, encode_prompts, latent_shape, load_sd
+from sampler import ddim_sample
+
+
+def test_a_float8_linear_is_the_layer_with_its_weight_rounded_to_fp8():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    fp8 = Float8Linear(layer)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight.element_size() == 1 and not fp8.weight.requires_grad
+    dequantized = fp8.weight.float() * fp8.scale  # (32, 64): per output row, the largest |w| maps to 448
+    assert torch.allclose(dequantized.abs().amax(1), layer.weight.abs().amax(1), rtol=1e-6)
+    assert ((dequantized - layer.weight).abs() <= layer.weight.abs() / 16 + 1e-6).all()  # 3 mantissa bits
+    x = torch.randn(5, 64, requires_grad=True)
+    y = fp8(x)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, dequantized, layer.bias))
+    y.square().sum().backward()  # the input's gradient through the dequantized weight; nothing frozen gets one
+    torch.testing.assert_close(x.grad, 2 * y.detach() @ dequantized)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp8(x).dtype == torch.bfloat16  # as nn.Linear under autocast
+
+
+@pytest.mark.parametrize("name, min_psnr, min_cosine", [("shapes", 40, 0.99), ("tiny-flux", 40, 0.99),
+                                                         ("tiny-sd3", 38, 0.975)])
+def test_an_fp8_base_draws_and_trains_as_the_full_precision_one(name, min_psnr, min_cosine):
+    """Images against the fp32 base (PSNR, 10 steps) and the LoRA gradient's cosine to the fp32 base's (4 steps,
+    full backprop), the same LoRA init; the LoRA file's names are the same, so it loads on the unquantized model."""
+    images, grads, names = [], [], []
+    for fp8 in (False, True):
+        sd = load_sd(name)
+        if fp8:
+            assert base_to_fp8(sd.unet) > 0
+        torch.manual_seed(0)
+        params = inject_lora(sd.unet, 4, dtype=torch.float32)
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.02)
+        names.append(sorted(lora_layers(sd.unet)))
+        cond, uncond = encode_prompts(sd, ["three red circles", "a blue square"]), encode_prompts(sd, [""] * 2)
+        noise = torch.randn(2, *latent_shape(sd, 64), generator=torch.Generator().manual_seed(1))
+        sample = flow_sample if sd.flow else ddim_sample
+        with torch.no_grad():
+            images.append(decode(sd, sample(sd, cond, uncond, noise, 10, 5.0)))
+        loss = decode(sd, sample(sd, cond, uncond, noise, 4, 5.0, 0.0, "all")).square().mean()
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    psnr = 10 * math.log10(1 / (images[0] - images[1]).square().mean().item())
+    cosine = torch.nn.functional.cosine_similarity(grads[0], grads[1], 0).item()
+    assert names[0] == names[1] and psnr >= min_psnr and cosine >= min_cosine, (psnr, cosine)
