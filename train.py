@@ -79,13 +79,13 @@ check_numbers(args, at_least_1=("max_skips",), at_least_0=("memory_budget",))
 
 run = Run(args, "train.py")
 sd, device = run.sd, run.device
+if args.cfg_in_turn and (sd.flux or args.guidance <= 1):
+    die("--cfg-in-turn takes CFG's two halves in turn: " + ("FLUX has none (its guidance is an embedding)" if sd.flux
+                                                            else f"--guidance {args.guidance:g} runs no CFG"))
 if args.checkpoint_blocks:  # diffusers' per-block checkpointing, which acts where the model runs with grad: inside
     sd.unet.enable_gradient_checkpointing()  # sampler.checkpoint's recomputation of a step, nested in it
 if args.base_dtype == "fp8":  # the frozen Linears in 8-bit floats (LoRA wraps them as it wrapped the originals)
     info(f"--base-dtype fp8: {base_to_fp8(sd.unet) / 2**30:.2f} GB of frozen weights saved")
-if args.cfg_in_turn and (sd.flux or args.guidance <= 1):
-    die("--cfg-in-turn takes CFG's two halves in turn: " + ("FLUX has none (its guidance is an embedding)" if sd.flux
-                                                            else f"--guidance {args.guidance:g} runs no CFG"))
 rows = slice(run.rank * args.batch_size, (run.rank + 1) * args.batch_size)  # this rank's rows of a global batch
 global_batch = args.batch_size * args.grad_accum * run.world
 run.start(global_batch=global_batch)
