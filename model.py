@@ -3,7 +3,7 @@ the UNet's (or SD3's / FLUX's transformer's) conditioning and latents into image
 
     sd = load_sd("tiny", "cpu", torch.float32)          # or "shapes", a hub id, or a local diffusers directory
     cond, uncond = encode_prompts(sd, ["a cat"]), encode_prompts(sd, [""])   # (B, L, D), as diffusers builds them
-    free_text_encoders(sd)                               # then their memory is free: T5-XXL's is 9.5 GB in bf16
+    free_text_encoders(sd)                               # then their memory is free (T5-XXL's the most)
     latents = torch.randn(1, *latent_shape(sd, 64))      # (B, 4, h, w): the sampler (sampler.py) starts here
     images = decode(sd, latents)                         # (B, 3, H, W) in [0, 1]; checkpointed under grad
 
@@ -451,7 +451,7 @@ class FreedTextEncoder:
 
 def free_text_encoders(sd):
     """Drop the text encoders once every prompt is encoded: nothing after encode_prompts needs them, and they are large
-    (SD3's and FLUX's T5-XXL encoder: 4.76 B parameters, 9.5 GB in bf16). Each becomes a FreedTextEncoder, so that its
+    (SD3's and FLUX's T5-XXL encoder: 4.76 B parameters). Each becomes a FreedTextEncoder, so that its
     memory is returned (on a GPU to PyTorch's cache, for the training's activations); encode_prompts then is a
     ValueError. Returns the bytes of parameters and buffers freed."""
     freed = 0

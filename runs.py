@@ -42,7 +42,8 @@ PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GUIDANCE = {"ddim": 7.5, "sd3": 7.0, "flux": 3.5}  # --guidance's default: AlignProp's CFG; SD3's and FLUX's pipelines'
 SCRIPTS = {"train.py": "reward backprop", "ddpo.py": "reinforcement learning"}
-FIXED = ("model", "lora_rank", "lora_targets", "eval_prompts", "eval_n")  # what a resumed run cannot change
+FIXED = {"its LoRA was made for it": ("model", "lora_rank", "lora_targets"),  # what a resumed run cannot change,
+         "before and after would not compare": ("eval_prompts", "eval_n")}  # and why
 
 # -----------------------------------------------------------------------------
 # processes and messages. Under torchrun (RANK in the environment) every process runs the same script on its share of
@@ -167,9 +168,8 @@ def parse_run_args(parser, script):
     if args.resume:
         parser.set_defaults(**{k: v for k, v in cfg.items() if k in vars(args)})
         args = parser.parse_args()
-        for name in FIXED:
-            if name in cfg and getattr(args, name) != cfg[name]:
-                why = "its LoRA was made for it" if name in FIXED[:3] else "before and after would not compare"
+        for why, names in FIXED.items():
+            for name in (n for n in names if n in cfg and getattr(args, n) != cfg[n]):
                 die(f"--resume {args.resume}: the run was trained with --{name.replace('_', '-')} {cfg[name]}, this "
                     f"command says {getattr(args, name)}; {why}: start a new run (--out)")
         args.out = args.resume
@@ -367,13 +367,12 @@ class Run:
             dist.barrier()  # every rank has checked the output directory before rank 0 writes to it
         saved = {}
         try:
+            write_config(args.out, self.config)  # a resumed run's checkpoint was read whole already (read_run)
             if args.resume:
                 saved = self.restore()
                 self.step, self.eval_before = saved.pop("step"), saved.pop("eval_before")
-                write_config(args.out, self.config)
                 info(f"resuming {args.out} at {self.unit} {self.step}")
             else:
-                write_config(args.out, self.config)
                 if self.master:
                     open(os.path.join(args.out, "metrics.jsonl"), "w").close()
                     self.eval_before = self.evaluate(0)
@@ -438,11 +437,13 @@ class Run:
     def snapshot_start(self, made):
         """What undo_start needs: the first directory this start creates, else what is in the run directory now."""
         out = self.args.out
-        self.made, self.names, self.files = made, set(os.listdir(out)) if made is None else set(), {}
-        for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "lora.safetensors") * (made is None):
-            if os.path.isfile(os.path.join(out, name)):
-                with open(os.path.join(out, name), "rb") as f:
-                    self.files[name] = f.read()
+        self.made, self.names, self.files = made, set(), {}
+        if made is None:  # the directory exists: what is in it, and the bytes of what a start rewrites
+            self.names = set(os.listdir(out))
+            for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "lora.safetensors"):
+                if os.path.isfile(os.path.join(out, name)):
+                    with open(os.path.join(out, name), "rb") as f:
+                        self.files[name] = f.read()
 
     def undo_start(self):
         """A start that fails in its first steps leaves the disk as it found it: made files gone, the rest back."""

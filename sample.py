@@ -93,7 +93,7 @@ autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
 with torch.no_grad(), autocast:  # once for both models: the LoRA is on the denoiser, not on the text encoders
     cond, uncond = encode_prompts(sd, prompts), encode_prompts(sd, [""] * len(prompts))
-free_text_encoders(sd)  # their memory (T5-XXL: 9.5 GB in bf16) is free for sampling
+free_text_encoders(sd)  # their memory (T5-XXL's above all) is free for sampling
 
 
 @torch.no_grad()
