@@ -490,12 +490,17 @@ def native_resolution(sd):
     return sd.unet.config.sample_size * vae_scale_factor(sd)
 
 
-def decode(sd, latents):
+def decode(sd, latents, tile=0):
     """Latents (B, 4, h, w) (SD3: (B, 16, h, w), scaled and shifted back) -> images (B, 3, H, W) in [0, 1]. With grad
     enabled the VAE decoder is checkpointed stage by stage (its mid block, each ResNet block and upsampler of its up
     blocks, the output head), so backward holds one stage's activations at a time: at full resolution the decoder's are
     the largest in the whole model. Each stage is an autograd node of its own, so its saved input is freed as soon as
-    its backward is done (docs/speed-and-memory.md measures both choices)."""
+    its backward is done (docs/speed-and-memory.md measures both choices).
+
+    tile > 0 (pixels; with grad, and an image larger than a tile): the latents are decoded in overlapping tiles, as
+    diffusers' AutoencoderKL.tiled_decode does (a quarter of a tile overlaps its neighbour, blended linearly), each
+    tile recomputed on its own in backward, so that the decoder's backward holds one tile's activations. Not the
+    untiled decode: each tile's GroupNorms see only the tile (docs/speed-and-memory.md measures how far it is)."""
     z = latents / sd.vae.config.scaling_factor
     if getattr(sd.vae.config, "shift_factor", None):
         z = z + sd.vae.config.shift_factor
@@ -503,19 +508,66 @@ def decode(sd, latents):
     # the VAE runs in its own dtype with autocast off, as diffusers' pipelines run it: under autocast a bf16 VAE would
     # run its GroupNorms in fp32 (CUDA's policy) and hold fp32 copies of full-resolution activations, and an fp32 VAE
     # in a half-precision run (an SDXL VAE that load_sd keeps in fp32) would be halved again
-    native = torch.autocast(z.device.type, enabled=False)
-    if not torch.is_grad_enabled():
-        with native:
-            return (sd.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
-    vae, dec = sd.vae, sd.vae.decoder  # diffusers' AutoencoderKL.decode, written out as a sequence of stages
+    with torch.autocast(z.device.type, enabled=False):
+        if not torch.is_grad_enabled():
+            x = sd.vae.decode(z).sample
+        elif tile and max(z.shape[-2:]) * vae_scale_factor(sd) > tile:
+            x = _tiled_decode(sd.vae, z, tile, tile // vae_scale_factor(sd))
+        else:
+            x = _staged_decode(sd.vae, z)
+    return (x.float() / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
+
+
+def check_decode_tile(sd, tile):
+    """decode(tile=...)'s tile, in pixels: 0 (off) or a multiple of 4 latent pixels (so that a quarter overlap and
+    the tile's stride are whole latent pixels), at least 8 of them. Raises ValueError saying what would be."""
+    unit = 4 * vae_scale_factor(sd)
+    if tile and (tile < 2 * unit or tile % unit):
+        raise ValueError(f"must be 0 (off) or a multiple of {unit} pixels, at least {2 * unit} (a latent pixel is "
+                         f"{vae_scale_factor(sd)} here, and a tile overlaps its neighbours by a quarter), got {tile}")
+
+
+def _staged_decode(vae, z):
+    """diffusers' AutoencoderKL.decode, written out as a sequence of stages, each a checkpointed node."""
+    dec = vae.decoder
     stages = [lambda z: dec.mid_block(dec.conv_in(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)),
               *(stage for block in dec.up_blocks for stage in _up_block_stages(block)),
-              lambda x: dec.conv_out(dec.conv_act(dec.conv_norm_out(x))).float()]
-    weights, x = [p for p in vae.parameters() if p.requires_grad], z
-    with native:
-        for stage in stages:  # a node per stage: each input, at full resolution, is freed once its backward is done
-            x = checkpoint([stage], x, weights)
-    return (x / 2 + 0.5).clamp(0, 1)
+              lambda x: dec.conv_out(dec.conv_act(dec.conv_norm_out(x)))]
+    x = z
+    for stage in stages:  # a node per stage: each input, at full resolution, is freed once its backward is done
+        x = checkpoint([stage], x, _trainable(vae))
+    return x
+
+
+def _trainable(module):
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+TILE_OVERLAP = 0.25  # of a tile, shared with each neighbour: diffusers' AutoencoderKL.tile_overlap_factor
+
+
+def _tiled_decode(vae, z, tile, t):
+    """diffusers' AutoencoderKL.tiled_decode, each tile a node of its own: decode(tile=...). Tiles of `tile` image
+    pixels, `t` latent pixels, one starting every `stride` latent pixels."""
+    stride, blend = int(t * (1 - TILE_OVERLAP)), int(tile * TILE_OVERLAP)  # blend: the image pixels shared
+    rows = [[checkpoint([functools.partial(_staged_decode, vae)], z[:, :, i:i + t, j:j + t], _trainable(vae))
+             for j in range(0, z.shape[3], stride)] for i in range(0, z.shape[2], stride)]
+    for i, row in enumerate(rows):  # each tile blended into the one above and the one left (both blended already)
+        for j in range(len(row)):
+            if i > 0:
+                row[j] = _blend(rows[i - 1][j], row[j], blend, dim=2)
+            if j > 0:
+                row[j] = _blend(row[j - 1], row[j], blend, dim=3)
+    keep = tile - blend  # each tile's own part: the next tile's overlap is blended into the next tile
+    return torch.cat([torch.cat([x[:, :, :keep, :keep] for x in row], dim=3) for row in rows], dim=2)
+
+
+def _blend(a, b, n, dim):
+    """b with its first n rows (dim=2) or columns (dim=3) faded in from a's last n: a (1 - r) + b r, r = 0, 1/n, ..."""
+    n = min(a.shape[dim], b.shape[dim], n)
+    r = (torch.arange(n, device=b.device) / n).view(-1, *[1] * (b.dim() - dim - 1)).to(b.dtype)
+    head = a.narrow(dim, a.shape[dim] - n, n) * (1 - r) + b.narrow(dim, 0, n) * r
+    return torch.cat([head, b.narrow(dim, n, b.shape[dim] - n)], dim=dim)
 
 
 def _up_block_stages(block):

@@ -27,7 +27,7 @@ import torch
 
 from memory import (activations_to_keep, base_to_fp8, is_out_of_memory, memory_budget, parse_keep, peak_memory,
                     reset_peak_memory)
-from model import decode
+from model import check_decode_tile, decode, vae_scale_factor
 from rewards import without_gradient
 from runs import Run, add_run_flags, average_gradients, check_numbers, die, gather, info, parse_run_args, write_config
 from sampler import parse_backprop, steps_with_gradient
@@ -55,6 +55,10 @@ p.add_argument("--checkpoint-blocks", action="store_true", help="checkpointing i
 p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen model's Linear weights stored in "
                "float8_e4m3fn with a scale per row, dequantized a layer at a time (memory.Float8Linear); LoRA and the "
                "computation stay in --dtype (default: the base in --dtype too)")
+p.add_argument("--decode-tile", type=int, default=0, help="PX: the VAE decodes the images to be scored in "
+               "overlapping tiles of PX pixels (diffusers' tiled decode), each recomputed on its own in backward: "
+               "the decoder's backward holds one tile. Not the exact decode: each tile's GroupNorms see only the "
+               "tile (docs/speed-and-memory.md). Eval grids decode whole. 0 = off (default)")
 p.add_argument("--memory-budget", type=float, default=0, help="GB (2^30 bytes) a step may use at its peak (CUDA: "
                "allocated; CPU: the process's RSS), spent by --keep-activations auto; 0 = 90%% of the GPU memory "
                "free to this run, half the RAM on a CPU")
@@ -82,6 +86,10 @@ sd, device = run.sd, run.device
 if args.cfg_in_turn and (sd.flux or args.guidance <= 1):
     die("--cfg-in-turn takes CFG's two halves in turn: " + ("FLUX has none (its guidance is an embedding)" if sd.flux
                                                             else f"--guidance {args.guidance:g} runs no CFG"))
+try:
+    check_decode_tile(sd, args.decode_tile)
+except ValueError as e:
+    die(f"--decode-tile {e}")
 if args.checkpoint_blocks:  # diffusers' per-block checkpointing, which acts where the model runs with grad: inside
     sd.unet.enable_gradient_checkpointing()  # sampler.checkpoint's recomputation of a step, nested in it
 if args.base_dtype == "fp8":  # the frozen Linears in 8-bit floats (LoRA wraps them as it wrapped the originals)
@@ -106,11 +114,22 @@ def sample(cond, noise, generator):  # cond (B, L, D), noise (B, C, h, w) -> ima
     with run.autocast:
         latents = run.sample(sd, cond, run.uncond.expand(len(cond), -1, -1), noise.to(device), args.sample_steps,
                              args.guidance, args.eta, backprop, generator, keep or 0, args.cfg_in_turn)
-        return decode(sd, latents)
+        return decode(sd, latents, args.decode_tile)  # tiled, if --decode-tile: the tiles' blend
 
 
 LEVERS = {"cfg_in_turn": "CFG's halves backpropagate in turn (--cfg-in-turn)",  # what a step over --memory-budget
-          "checkpoint_blocks": "the model's blocks are checkpointed (--checkpoint-blocks)"}  # turns on, cheapest first
+          "checkpoint_blocks": "the model's blocks are checkpointed (--checkpoint-blocks)",  # turns on, cheapest
+          "decode_tile": "the decoder runs in tiles (--decode-tile; not the exact decode)"}  # first
+
+
+def next_lever():
+    """(flag, value) of the first of LEVERS still off that applies here, or None: --cfg-in-turn where CFG has halves
+    (FLUX's guidance is an embedding), --decode-tile a tile of half the image where such a tile is allowed."""
+    unit = 4 * vae_scale_factor(sd)  # a tile's unit: check_decode_tile
+    tile = run.resolution // 2 // unit * unit
+    values = {"cfg_in_turn": args.guidance > 1 and not sd.flux, "checkpoint_blocks": True,
+              "decode_tile": tile if tile >= 2 * unit else 0}
+    return next(((k, values[k]) for k in LEVERS if not getattr(args, k) and values[k]), None)
 
 
 def choose_kept_steps(peak, cond, noise):
@@ -119,16 +138,16 @@ def choose_kept_steps(peak, cond, noise):
     LEVERS, measured again on the next step (None); over it with all: one line, and the disk as it was."""
     budget = memory_budget(args.memory_budget, run.device_type)
     if args.memory_budget and peak > budget:
-        has_halves = args.guidance > 1 and not sd.flux  # FLUX's guidance is an embedding: one call, no halves
-        usable = [k for k in LEVERS if not getattr(args, k) and (k != "cfg_in_turn" or has_halves)]
-        if usable:  # the next lever, then measure again
-            setattr(args, usable[0], True)
-            run.config[usable[0]] = True
+        lever = next_lever()
+        if lever:  # the next lever, then measure again
+            setattr(args, *lever)
+            run.config[lever[0]] = lever[1]
             write_config(args.out, run.config)  # a resumed run keeps it
-            if usable[0] == "checkpoint_blocks":
+            if lever[0] == "checkpoint_blocks":
                 sd.unet.enable_gradient_checkpointing()
             info(f"--memory-budget {args.memory_budget:g} GB: a step recomputing every step peaked at "
-                 f"{peak / 2**30:.2f} GB; from the next step on {LEVERS[usable[0]]}, then kept steps are chosen")
+                 f"{peak / 2**30:.2f} GB; from the next step on {LEVERS[lever[0]]}"
+                 + (f" of {lever[1]} px" if lever[0] == "decode_tile" else "") + ", then kept steps are chosen")
             return None
         run.pbar.close()
         run.undo_start()  # within this start's first steps: the disk as it was

@@ -142,21 +142,22 @@ def test_bench_measures_memory_without_timing(tmp_path, monkeypatch):
     assert all(math.isnan(row["seconds"]) and row["step_mb"] > 0 for row in res["rows"]), res["rows"]
 
 
-@pytest.mark.parametrize("blocks", [[], ["--checkpoint-blocks"]])
-def test_estimate_equals_the_real_step_to_the_byte(tmp_path, monkeypatch, blocks):
+@pytest.mark.parametrize("levers", [[], ["--checkpoint-blocks"], ["--resolution", "128", "--decode-tile", "64"]])
+def test_estimate_equals_the_real_step_to_the_byte(tmp_path, monkeypatch, levers):
     # the same step on fake tensors (--estimate, for this CPU) and for real (--repeats 0: counted, not timed), fp32:
     # the same tensors, so the same bytes at every moment: the same peak in every phase (but the optimiser's, where
     # the real run makes AdamW's state: the estimate counts it apart). At 5 steps the estimate counts 3 and 4 steps
     # (K = 1: 2 and 3) and extends the line to 5: exact too
     common = ["--sample-steps", "5", "--modes", "all,1", "--keep-activations", "0", "--repeats", "0",
-              "--warmup", "0", *blocks]  # AdamW's state, made after the first step's peak, is not at its peak
+              "--warmup", "0", *levers]  # AdamW's state, made after the first step's peak, is not at its peak
     _, real = bench(tmp_path, monkeypatch, *common)
     stdout, fake = bench(tmp_path, monkeypatch, *common, "--estimate", "--estimate-device", "cpu")
     def phases(row):
         return {name: mb for name, mb in row["phases_mb"].items() if name != "optimiser step"}
     assert [(r["mode"], phases(r), r["step_mb"], r["peak_in"]) for r in fake["rows"]] == \
         [(r["mode"], phases(r), r["step_mb"], r["peak_in"]) for r in real["rows"][1:]]  # [0]: sampling
-    assert [r["peak_in"] for r in fake["rows"]] == ["decoder backward", "decoder backward"]
+    peak_in = "chain backward" if "--decode-tile" in levers else "decoder backward"  # a tile's backward is small
+    assert [r["peak_in"] for r in fake["rows"]] == [peak_in, peak_in]
     assert "an estimate for cpu" in stdout and "Not counted: the CUDA context" in stdout
 
 
@@ -251,3 +252,18 @@ def test_the_real_architectures_have_their_published_sizes():
     for arch, billions in (("sd35m", 2.24), ("sd35l", 8.06)):
         sd = build_arch(arch, "meta", torch.bfloat16)
         assert sum(p.numel() for p in sd.unet.parameters()) / 1e9 == pytest.approx(billions, abs=0.01), arch
+
+
+def test_a_tiled_decode_holds_one_tile_in_backward():
+    """decode(tile=...): the decoder's backward recomputes one tile at a time, so its peak follows the tile's area,
+    not the image's (the tiny model at 256 px: 16 tiles of 64 px, each a sixteenth of the image's area)."""
+    from model import decode, latent_shape, load_sd
+    sd = load_sd("tiny")
+    latents = torch.randn(1, *latent_shape(sd, 256))
+    peaks = {}
+    for tile in (0, 64):
+        x = latents.clone().requires_grad_()
+        with TensorMemory() as mem:
+            decode(sd, x, tile).mean().backward()
+        peaks[tile] = mem.peak
+    assert peaks[64] < peaks[0] / 4, peaks

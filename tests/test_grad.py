@@ -223,3 +223,21 @@ def test_checkpointed_blocks_give_the_same_gradient_with_less_memory(name):
     assert torch.equal(a, b) and g_a.abs().sum() > 0
     assert ((g_b - g_a).norm() / g_a.norm()).item() <= 1e-6
     assert peak_b < peak_a, (peak_b, peak_a)
+
+
+def test_tiled_decode_is_diffusers_tiled_decode_with_its_gradient(tiny):
+    """decode(tile=...) (each tile a checkpointed node) gives diffusers' own tiled decode (AutoencoderKL.enable_tiling,
+    its tile sizes set) and the same gradient as plain autograd through it; it is not the untiled decode."""
+    vae = tiny.vae
+    z = torch.randn(2, *latent_shape(tiny, 128), generator=torch.Generator().manual_seed(3)) * vae.config.scaling_factor
+    z_ours, z_ref = z.clone().requires_grad_(), z.clone().requires_grad_()
+    ours = decode(tiny, z_ours, tile=64)  # 128 px in 3 x 3 tiles of 64 px (8 latent pixels, one every 6)
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 64, 8
+    ref = (vae.decode(z_ref / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    vae.disable_tiling()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    g_ours, g_ref = (grads([x], -compress(images).mean())[0] for x, images in ((z_ours, ours), (z_ref, ref)))
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-8)
+    with torch.no_grad():
+        assert (decode(tiny, z) - ours).abs().max() > 1e-3  # the tiles' GroupNorms see only the tile

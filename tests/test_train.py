@@ -200,6 +200,9 @@ def prompt_files(tmp_path):
     # /sys takes no files, even from root (whom chmod does not stop): a real refusal, wherever the tests run as
     (["--out", "/sys/alignprop-test/run"], "--out /sys/alignprop-test/run: cannot write in /sys ("),
     (["--batch-size", "1000000000"], "--batch-size 1000000000 at 64 px does not fit in memory"),  # after loading
+    (["--decode-tile", "48"], "--decode-tile must be 0 (off) or a multiple of 32 pixels, at least 64 (a latent "
+     "pixel is 8 here"),  # after loading: the VAE says
+    (["--decode-tile", "-64"], "--decode-tile must be 0 (off) or a multiple of 32 pixels, at least 64"),
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]
@@ -456,6 +459,21 @@ def test_a_step_over_the_budget_turns_cfg_halves_in_turn_on_then_keeps_steps(tmp
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["cfg_in_turn"] is True and cfg["kept_steps"] == 3 and cfg["peak_gb_recomputing_all"] == 1.0
     assert [x["kept_steps"] for x in metrics(tmp_path)] == [0, 0, 3]
+
+
+def test_a_step_over_the_budget_with_every_exact_lever_decodes_in_tiles(tmp_path, monkeypatch):
+    """Over the budget with CFG's halves in turn and the blocks checkpointed (peaks replaced, as above), the run
+    decodes in tiles of half the image from the next step on, and says so in its log and config.json."""
+    import memory
+    peaks = iter([3 * 2**30] * 3 + [2**30] * 2)
+    monkeypatch.setattr(memory, "peak_memory", lambda device_type: next(peaks))
+    proc = run_here("train.py", "--out", tmp_path, "--model", "tiny", "--resolution", 128, "--batch-size", 1,
+                    "--ddim-steps", 2, "--eval-n", 1, "--steps", 5, "--memory-budget", 2)
+    assert "from the next step on the decoder runs in tiles (--decode-tile; not the exact decode) of 64 px" \
+        in proc.stdout
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["cfg_in_turn"] is True and cfg["checkpoint_blocks"] is True and cfg["decode_tile"] == 64
+    assert [x["kept_steps"] for x in metrics(tmp_path)] == [0, 0, 0, 0, 2]
 
 
 def test_loading_a_model_says_nothing_about_accelerate(monkeypatch):

@@ -50,7 +50,8 @@ import torch  # noqa: E402
 from flow import flow_sample  # noqa: E402
 from lora import inject_lora  # noqa: E402
 from memory import activations_to_keep, base_to_fp8, memory_budget  # noqa: E402
-from model import ModelLoadError, decode, encode_prompts, latent_shape, load_sd, native_resolution  # noqa: E402
+from model import (ModelLoadError, check_decode_tile, decode, encode_prompts, latent_shape, load_sd,  # noqa: E402
+                   native_resolution)
 from rewards import RewardLoadError, load_reward, parse_reward_spec, without_gradient  # noqa: E402
 from runs import check_numbers, check_writable, die  # noqa: E402
 from sampler import ddim_sample, parse_backprop  # noqa: E402
@@ -99,6 +100,8 @@ p.add_argument("--checkpoint-blocks", action="store_true", help="checkpointing i
                "step's recomputation each UNet / transformer block keeps its input and is recomputed in backward")
 p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen Linear weights in float8_e4m3fn "
                "(memory.Float8Linear), as train.py --base-dtype fp8")
+p.add_argument("--decode-tile", type=int, default=0, help="PX: the decode with gradients in overlapping tiles of PX "
+               "pixels, each recomputed on its own (model.decode; not the exact decode), as train.py --decode-tile")
 p.add_argument("--keep-activations", default="auto", help="the last n grad steps keep their activations (faster, "
                "more memory); auto = as many as fit --memory-budget (as train.py); 0 = recompute every step")
 p.add_argument("--memory-budget", type=float, default=0, help="GB for --keep-activations auto; 0 = train.py's "
@@ -195,6 +198,10 @@ try:
     latent_shape(sd, resolution)  # the model's multiple: its VAE's downsampling (times SD3's / FLUX's 2x2 tokens)
 except ValueError as e:
     die(f"--{e}")
+try:
+    check_decode_tile(sd, args.decode_tile)
+except ValueError as e:
+    die(f"--decode-tile {e}")
 if args.cfg_in_turn and sd.flux:
     die("--cfg-in-turn takes CFG's two halves in turn: FLUX has none (its guidance is an embedding)")
 parts = dict(unet=sd.unet, vae=sd.vae, text_encoders=[sd.text_encoder, sd.text_encoder_2, sd.text_encoder_3])
@@ -259,7 +266,7 @@ def run(mode, steps, keep_activations):
                                args.cfg_in_turn)
         latents.register_hook(lambda grad: phase("chain backward"))  # the decoder's backward is done
         phase("decoder forward")
-        images = decode(sd, latents)
+        images = decode(sd, latents, args.decode_tile)
         phase("reward")
         loss = -reward_fn(images.float(), prompts * (len(images) // len(prompts))).mean()
     phase("decoder backward")
@@ -397,7 +404,8 @@ def sweep_point(steps, keep, budget=0.0, repeats=1):
              *(["--compile"] if args.compile else []), *(["--channels-last"] if args.channels_last else []),
              *(["--cfg-in-turn"] if args.cfg_in_turn else []),
              *(["--checkpoint-blocks"] if args.checkpoint_blocks else []),
-             *(["--base-dtype", args.base_dtype] if args.base_dtype else [])]
+             *(["--base-dtype", args.base_dtype] if args.base_dtype else []),
+             "--decode-tile", str(args.decode_tile)]
     out = subprocess.run(child + ["--sweep-point", f"{steps},{keep}"], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         sys.exit(f"sweep point T={steps}, keep {keep}, budget {budget} failed:\n{out.stderr[-2000:]}")
