@@ -78,6 +78,15 @@ def memory_budget(gb, device_type):
     return BUDGET_SHARE["cpu"] * device_memory("cpu")
 
 
+def check_fits(need, device_type):
+    """A ValueError if `need` bytes (what a batch's tensors alone take: a lower bound) exceed the device's memory, so
+    that a caller says so in one line before any work, rather than the allocator's error later."""
+    have = device_memory(device_type)
+    if need > have:
+        raise ValueError(f"does not fit in memory: its latents and images alone take {need / 2**30:,.1f} GB, and this "
+                         f"{'GPU' if device_type == 'cuda' else 'machine'} has {have / 2**30:,.1f} GB")
+
+
 def steps_that_fit(budget, peak, per_step, most):
     """How many steps may keep their activations: (budget - peak) / (OVERHEAD * per_step) - 1, in 0..most. `peak`: a
     step's peak with every step recomputed (flat memory, the least a step needs); `per_step`: one step's activations.

@@ -60,6 +60,12 @@ class SD:
         """FLUX.1 (a FluxTransformer2DModel in `unet`): CLIP in text_encoder, T5 in text_encoder_3."""
         return type(self.unet).__name__ == "FluxTransformer2DModel"
 
+    @property
+    def text_encoders(self):
+        """The text encoders this model has and still holds (free_text_encoders drops them)."""
+        encoders = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        return [m for m in encoders if isinstance(m, torch.nn.Module)]
+
 
 SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionXLPipeline": "SDXL",
              "StableDiffusion3Pipeline": "SD3 / SD3.5", "FluxPipeline": "FLUX.1-dev / -schnell"}
@@ -99,9 +105,7 @@ def load_sd(model=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     else:
         sd = _from_pretrained(model, dtype)
     upcast_vae = sd.text_encoder_2 is not None and sd.vae.config.get("force_upcast") and dtype == torch.float16
-    for m in (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2, sd.text_encoder_3):
-        if m is None:
-            continue
+    for m in (sd.unet, sd.vae, *sd.text_encoders):
         m.requires_grad_(False).eval().to(device)
         want = torch.float32 if m is sd.vae and upcast_vae else dtype
         if next(m.parameters()).dtype != want:

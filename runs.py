@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from flow import flow_sample
 from grid import image_grid, reward_plot
 from lora import TARGET_SETS, inject_lora, parse_targets, save_lora
-from memory import device_memory
+from memory import base_to_fp8, check_fits
 from model import (DEFAULT_MODEL, SHAPES_DIR, SHAPES_FLOW_DIR, ModelLoadError, decode, encode_prompts,
                    free_text_encoders, latent_shape, load_sd, native_resolution)
 from rewards import REWARDS, RewardLoadError, check_prompts, load_reward, parse_reward_spec
@@ -148,6 +149,9 @@ def add_run_flags(p, reward, steps, lr, grad_accum, eta, every, unit="step"):
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="precision of the frozen model and autocast "
                    "(default: bf16 on CUDA, fp32 on a CPU); LoRA weights stay fp32")
+    p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen denoiser's Linear weights "
+                   "stored in float8_e4m3fn with a scale per row, dequantized a layer at a time (memory.Float8Linear); "
+                   "LoRA and the computation stay in --dtype (default: the base in --dtype too)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 = no clipping")
     p.add_argument("--seed", type=int, default=0, help="seeds the LoRA init, prompts, noise and eval images")
     p.add_argument("--out", default=None, help="output directory (default: out/<reward>, ddpo.py out/ddpo-<reward>)")
@@ -286,13 +290,11 @@ def load_model(model, device, dtype, resolution=0):
         die(f"--{e}")
 
 
-def check_batch_fits(flag, need, device_type, advice):
-    """One line, exit 2, before any work, if a batch's tensors alone (`need` bytes: a lower bound, the caller counts
-    its latents and images) exceed the device's memory, rather than the allocator's error later."""
-    have = device_memory(device_type)
-    if need > have:
-        die(f"{flag} does not fit in memory: its latents and images alone take {need / 2**30:,.1f} GB, and this "
-            f"{'GPU' if device_type == 'cuda' else 'machine'} has {have / 2**30:,.1f} GB; {advice}")
+def check_batch_fits(flag, need, device_type, advice):  # memory.check_fits: one line, exit 2, before any work
+    try:
+        check_fits(need, device_type)
+    except ValueError as e:
+        die(f"{flag} {e}; {advice}")
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +325,9 @@ class Run:
         warn_unknown_words(args.model, self.prompts + eval_prompts)
         self.eval_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(args.eval_n)]
         self.dtype = DTYPES[args.dtype]
-        self.sd, self.resolution, self.shape = load_model(args.model, self.device, self.dtype, args.resolution)
+        # loaded on the CPU, each part moved to the device when it is needed: the device never holds the text encoders
+        # (SD3's and FLUX's T5-XXL: 4.76B parameters) beside the denoiser, nor a denoiser that --base-dtype shrinks
+        self.sd, self.resolution, self.shape = load_model(args.model, "cpu", self.dtype, args.resolution)
         settle(args, self.script, self.sd)
         per_image = 4 * torch.Size(self.shape).numel() + self.dtype.itemsize * 3 * self.resolution ** 2  # noise, image
         check_batch_fits(f"--batch-size {args.batch_size} at {self.resolution} px", args.batch_size * per_image,
@@ -334,6 +338,18 @@ class Run:
         except RewardLoadError as e:
             die(str(e))
         self.sample = flow_sample if self.sd.flow else ddim_sample  # the same arguments; eta: a flow's SDE noise
+        self.autocast = torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with torch.no_grad(), self.autocast:  # the text encoders are frozen: every prompt encoded once
+            for encoder in self.sd.text_encoders:
+                encoder.to(self.device)
+            self.cond_all = encode_prompts(self.sd, self.prompts)  # (N, L, D)
+            self.eval_cond = encode_prompts(self.sd, self.eval_prompts)
+            self.uncond = encode_prompts(self.sd, [""])  # (1, L, D)
+        self.freed = free_text_encoders(self.sd)  # needed no more: SD3's and FLUX's T5-XXL is the largest of them
+        torch.cuda.empty_cache()  # on a GPU their memory back to the driver, and to this run's peak-memory budget
+        if args.base_dtype == "fp8":  # the frozen Linears in 8-bit floats, on the CPU (LoRA wraps them as any)
+            info(f"--base-dtype fp8: {base_to_fp8(self.sd.unet) / 2**30:.2f} GB of the denoiser's weights saved")
+        self.sd.unet.to(self.device), self.sd.vae.to(self.device)
 
         torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
         try:  # the only trainable weights, kept in fp32 whatever the frozen model's dtype
@@ -342,15 +358,7 @@ class Run:
         except ValueError as e:  # a target that names no layer of this model
             die(f"--lora-targets {e}")
         self.opt = torch.optim.AdamW(self.params, lr=args.lr)
-        self.autocast = torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)  # fp16 underflows
-        with torch.no_grad(), self.autocast:  # the text encoders are frozen: every prompt encoded once
-            self.cond_all = encode_prompts(self.sd, self.prompts)  # (N, L, D)
-            self.eval_cond = encode_prompts(self.sd, self.eval_prompts)
-            self.uncond = encode_prompts(self.sd, [""])  # (1, L, D)
-        self.freed = free_text_encoders(self.sd)  # needed no more: SD3's and FLUX's T5-XXL is the largest of them
-        if self.device_type == "cuda":
-            torch.cuda.empty_cache()  # their memory back to the driver, and to this run's peak-memory budget
         self.eval_noise = torch.randn(args.eval_n, *self.shape, generator=torch.Generator().manual_seed(args.seed + 1))
         self.rng = torch.Generator().manual_seed(args.seed)
         self.step, self.eval_before = 0, None
@@ -430,8 +438,7 @@ class Run:
         torch.set_rng_state(state.pop("torch_rng"))
         if self.master:  # a line a kill cut short is dropped with the steps after the checkpoint
             kept = [m for m in read_metrics(self.args.out) if m["step"] <= state["step"]]
-            with open(os.path.join(self.args.out, "metrics.jsonl"), "w") as f:
-                f.writelines(json.dumps(m) + "\n" for m in kept)
+            Path(self.args.out, "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
         return state
 
     def snapshot_start(self, made):
@@ -440,10 +447,8 @@ class Run:
         self.made, self.names, self.files = made, set(), {}
         if made is None:  # the directory exists: what is in it, and the bytes of what a start rewrites
             self.names = set(os.listdir(out))
-            for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "lora.safetensors"):
-                if os.path.isfile(os.path.join(out, name)):
-                    with open(os.path.join(out, name), "rb") as f:
-                        self.files[name] = f.read()
+            self.files = {name: Path(out, name).read_bytes() for name in ("config.json", "metrics.jsonl",
+                          "checkpoint.pt", "lora.safetensors") if os.path.isfile(os.path.join(out, name))}
 
     def undo_start(self):
         """A start that fails in its first steps leaves the disk as it found it: made files gone, the rest back."""
@@ -456,8 +461,7 @@ class Run:
             path = os.path.join(self.args.out, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         for name, data in self.files.items():
-            with open(os.path.join(self.args.out, name), "wb") as f:
-                f.write(data)
+            Path(self.args.out, name).write_bytes(data)
 
     def progress(self, desc):  # tqdm over the steps left (rank 0 draws it), counted from 0
         self.pbar = tqdm(range(self.step, self.args.steps), initial=self.step, total=self.args.steps, desc=desc,
@@ -504,8 +508,7 @@ def read_run(out, script):
     if not os.path.isfile(os.path.join(out, "checkpoint.pt")) or not os.path.isfile(cfg_path):
         die(f"--resume {out}: no checkpoint.pt and config.json there")
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        cfg = json.loads(Path(cfg_path).read_text())
     except (ValueError, UnicodeDecodeError) as e:
         die(f"{cfg_path} is damaged or not a config of this project ({e})")
     other = cfg.get("script") if isinstance(cfg, dict) else None
@@ -541,8 +544,7 @@ def check_writable(flag, value, directory):
 def write_config(out, config):  # config.json: the flags of the latest start, and what the run chose
     if is_master():
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+        Path(out, "config.json").write_text(json.dumps(config, indent=2))
 
 
 def atomic_save(save, path):  # a crash mid-write leaves the previous file intact
@@ -586,8 +588,7 @@ def log_metrics(out, log):
 
 
 def read_metrics(out):  # metrics.jsonl's lines, but for one a kill cut short
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.rstrip().endswith("}")]
+    return [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
 
 
 def plot_rewards(out, title, eval_before=None):

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from memory import (activations_to_keep, base_to_fp8, is_out_of_memory, memory_budget, parse_keep, peak_memory,
+from memory import (activations_to_keep, is_out_of_memory, memory_budget, parse_keep, peak_memory,
                     reset_peak_memory)
 from model import check_decode_tile, decode, vae_scale_factor
 from rewards import without_gradient
@@ -52,9 +52,6 @@ p.add_argument("--checkpoint-blocks", action="store_true", help="checkpointing i
                "step's recomputation every UNet / transformer block keeps only its input and runs again when backward "
                "reaches it (the same gradients; one more forward of each block per step; turned on by itself after "
                "--cfg-in-turn when a step is over --memory-budget)")
-p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen model's Linear weights stored in "
-               "float8_e4m3fn with a scale per row, dequantized a layer at a time (memory.Float8Linear); LoRA and the "
-               "computation stay in --dtype (default: the base in --dtype too)")
 p.add_argument("--decode-tile", type=int, default=0, help="PX: the VAE decodes the images to be scored in "
                "overlapping tiles of PX pixels (diffusers' tiled decode), each recomputed on its own in backward: "
                "the decoder's backward holds one tile. Not the exact decode: each tile's GroupNorms see only the "
@@ -92,8 +89,6 @@ except ValueError as e:
     die(f"--decode-tile {e}")
 if args.checkpoint_blocks:  # diffusers' per-block checkpointing, which acts where the model runs with grad: inside
     sd.unet.enable_gradient_checkpointing()  # sampler.checkpoint's recomputation of a step, nested in it
-if args.base_dtype == "fp8":  # the frozen Linears in 8-bit floats (LoRA wraps them as it wrapped the originals)
-    info(f"--base-dtype fp8: {base_to_fp8(sd.unet) / 2**30:.2f} GB of frozen weights saved")
 rows = slice(run.rank * args.batch_size, (run.rank + 1) * args.batch_size)  # this rank's rows of a global batch
 global_batch = args.batch_size * args.grad_accum * run.world
 run.start(global_batch=global_batch)
