@@ -221,3 +221,12 @@ def test_help_shows_the_defaults():
     text = " ".join(run_here("ddpo.py", "-h").stdout.split())  # argparse wraps the lines
     assert "rounds in total (default 20)" in text and "AdamW learning rate (default 0.0003)" in text
     assert "the reward queries (default 32; DDPO: 256 per epoch over 8 GPUs)" in text
+
+
+def test_an_fp8_base_runs_under_ddpo_too(tmp_path):
+    """--base-dtype fp8 is a shared flag (runs.Run quantizes the denoiser before it goes to the device): a round of
+    RL on the fp8 base trains the LoRA and says what it saved."""
+    proc = run_here("ddpo.py", "--reward", "jpeg", "--out", tmp_path / "r", "--steps", 1, "--samples-per-step", 4,
+                    "--grad-accum", 2, "--base-dtype", "fp8", *FAST)
+    assert "--base-dtype fp8:" in proc.stdout and "GB of the denoiser's weights saved" in proc.stdout
+    assert metrics(tmp_path / "r")[0]["grad_norm"] > 0
