@@ -141,11 +141,21 @@ def saved_bytes(fn, x, model):
 # the frozen base in 8-bit floats (--base-dtype fp8): QLoRA's idea, written out on float8_e4m3fn
 
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
+LATENT_CHANNELS = 16  # the most a latent has (SD 1.5's and SDXL's 4, SD3's and FLUX's 16)
+
+
+def to_fp8(w):
+    """A weight in float8_e4m3fn and its scale per output row (dim 0: a Linear's row, a convolution's output channel):
+        scale = max |W_i...| / 448,   W8 = round_to_fp8(W / scale),   W ~ W8 * scale
+    scale in fp32, shaped to broadcast against the weight: (out, 1) for a Linear, (out, 1, 1, 1) for a Conv2d."""
+    w = w.detach().float()
+    scale = (w.abs().amax(tuple(range(1, w.dim())), keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return (w / scale).to(torch.float8_e4m3fn), scale
 
 
 class Float8Linear(torch.nn.Linear):
-    """A frozen nn.Linear whose weight is stored as float8_e4m3fn, one byte a weight, with a scale per output row:
-        scale = max_j |W_ij| / 448,   W8 = round_to_fp8(W / scale),   y = x @ (W8 * scale)^T + b
+    """A frozen nn.Linear whose weight is stored as float8_e4m3fn, one byte a weight, with a scale per output row
+    (to_fp8):  y = x @ (W8 * scale)^T + b,
     dequantized to the input's dtype in forward (a transient copy, one layer at a time). Still an nn.Linear, so
     lora.inject_lora wraps it as it wraps any (LoRA and everything trained stay in full precision), and the LoRA file,
     keyed by module path, loads on the unquantized model."""
@@ -153,10 +163,9 @@ class Float8Linear(torch.nn.Linear):
     def __init__(self, linear):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().float()
-        scale = (w.abs().amax(1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)  # (out, 1)
+        w8, scale = to_fp8(linear.weight)  # scale (out, 1)
         # buffers, not parameters: frozen, and diffusers' model.dtype (its first floating parameter's) stays the
-        self.register_buffer("weight", (w / scale).to(torch.float8_e4m3fn))  # compute dtype the pipelines cast to
+        self.register_buffer("weight", w8)  # compute dtype the pipelines cast to
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = linear.bias
 
@@ -181,13 +190,63 @@ class _Float8Matmul(torch.autograd.Function):
         return grad @ (w8.to(grad.dtype) * scale.to(grad.dtype)), None, None, None
 
 
+class Float8Conv2d(torch.nn.Conv2d):
+    """A frozen nn.Conv2d stored as Float8Linear stores its weight: float8_e4m3fn with a scale per output channel
+    (to_fp8, over the channel's in x kh x kw kernel),  y = conv2d(x, W8 * scale) + b,  with the layer's stride,
+    padding, dilation and groups. Still an nn.Conv2d, so lora.inject_lora wraps it (lora.LoRAConv2d)."""
+
+    def __init__(self, conv):
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("Float8Conv2d pads with zeros by a number of pixels (as every SD denoiser convolution)")
+        torch.nn.Module.__init__(self)
+        for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                  "output_padding", "groups", "padding_mode"):
+            setattr(self, k, getattr(conv, k))
+        w8, scale = to_fp8(conv.weight)  # scale (out, 1, 1, 1)
+        self.register_buffer("weight", w8)  # buffers, as Float8Linear's
+        self.register_buffer("scale", scale.to(conv.weight.dtype))
+        self.bias = conv.bias
+
+    def forward(self, x):  # in autocast's dtype where it is on, as nn.Conv2d would run
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return _Float8Conv.apply(x.to(dtype), self.weight, self.scale, self.bias,
+                                 (self.stride, self.padding, self.dilation, self.groups))
+
+
+class _Float8Conv(torch.autograd.Function):
+    """y = conv2d(x, W8 * scale) + b, as _Float8Matmul: the weight dequantized in forward and again in backward, for
+    the input's gradient alone (the transposed convolution of grad_y); autograd keeps the one-byte weight."""
+
+    @staticmethod
+    def forward(ctx, x, w8, scale, bias, geometry):  # geometry: (stride, padding, dilation, groups)
+        ctx.save_for_backward(w8, scale)
+        ctx.x_shape, ctx.geometry = x.shape, geometry
+        return torch.nn.functional.conv2d(x, w8.to(x.dtype) * scale.to(x.dtype), None if bias is None else
+                                          bias.to(x.dtype), *geometry)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w8, scale = ctx.saved_tensors
+        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w8.to(grad.dtype) * scale.to(grad.dtype), grad, *ctx.geometry)
+        return grad_x, None, None, None, None
+
+
 def base_to_fp8(module):
-    """Every nn.Linear of a frozen `module` (a UNet or transformer, before LoRA is injected) becomes a Float8Linear:
-    its weights take half the memory of bf16. Returns the bytes saved."""
+    """Every nn.Linear and nn.Conv2d of a frozen `module` (a UNet or transformer, before LoRA is injected) becomes a
+    Float8Linear / Float8Conv2d: its weights take half the memory of bf16. Returns the bytes saved. Convolutions that
+    stay as they are: those into and out of the latent, LATENT_CHANNELS or fewer channels on a side (a UNet's conv_in
+    and conv_out, SD3's patch embedding), whose few KB are not worth their share of the rounding error
+    (docs/speed-and-memory.md), and any that pads with other than zeros or by a string ("same"; none in SD's models)."""
     saved = 0
     for name, child in list(module.named_modules()):
         if type(child) is torch.nn.Linear:
-            parent, _, leaf = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, leaf, Float8Linear(child))
-            saved += child.weight.numel() * (child.weight.element_size() - 1)
+            fp8 = Float8Linear(child)
+        elif (type(child) is torch.nn.Conv2d and min(child.in_channels, child.out_channels) > LATENT_CHANNELS
+              and child.padding_mode == "zeros" and not isinstance(child.padding, str)):
+            fp8 = Float8Conv2d(child)
+        else:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, leaf, fp8)
+        saved += child.weight.numel() * (child.weight.element_size() - 1)
     return saved

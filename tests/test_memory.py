@@ -1,6 +1,6 @@
-"""The frozen base in 8-bit floats (memory.Float8Linear, train.py --base-dtype fp8): the same layer to fp8's rounding,
-one byte a weight, LoRA on top trained in full precision and saved under the same names, gradients close to the
-full-precision base's."""
+"""The frozen base in 8-bit floats (memory.Float8Linear and Float8Conv2d, train.py --base-dtype fp8): the same layer to
+fp8's rounding, one byte a weight, LoRA on top trained in full precision and saved under the same names, gradients
+close to the full-precision base's."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from flow import flow_sample
 from lora import inject_lora, lora_layers
-from memory import Float8Linear, base_to_fp8
+from memory import Float8Conv2d, Float8Linear, base_to_fp8
 from model import decode, encode_prompts, latent_shape, load_sd
 from sampler import ddim_sample
 
@@ -28,6 +28,41 @@ def test_a_float8_linear_is_the_layer_with_its_weight_rounded_to_fp8():
     torch.testing.assert_close(x.grad, 2 * y.detach() @ dequantized)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fp8(x).dtype == torch.bfloat16  # as nn.Linear under autocast
+
+
+def test_a_float8_conv_is_the_convolution_with_its_weight_rounded_to_fp8():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 24, 3, stride=2, padding=1)
+    fp8 = Float8Conv2d(conv)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.scale.shape == (24, 1, 1, 1) and not fp8.weight.requires_grad
+    dequantized = fp8.weight.float() * fp8.scale  # per output channel, the largest |w| of its kernel maps to 448
+    assert torch.allclose(dequantized.abs().amax((1, 2, 3)), conv.weight.abs().amax((1, 2, 3)), rtol=1e-6)
+    assert ((dequantized - conv.weight).abs() <= conv.weight.abs() / 16 + 1e-6).all()  # 3 mantissa bits
+    x = torch.randn(2, 32, 9, 11, requires_grad=True)
+    plain = x.detach().requires_grad_()  # plain autograd through the dequantized weight: the same output and grad_x
+    y, y_plain = fp8(x), torch.nn.functional.conv2d(plain, dequantized, conv.bias, stride=2, padding=1)
+    torch.testing.assert_close(y, y_plain, rtol=1e-6, atol=1e-6)
+    grad_y = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, grad_y)[0], torch.autograd.grad(y_plain, plain, grad_y)[0],
+                               rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp8(x).dtype == torch.bfloat16  # as nn.Conv2d under autocast
+
+
+def test_lora_wraps_the_fp8_layers_and_trains_through_them():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.Conv2d(32, 32, 3, padding=1),
+                                torch.nn.Flatten(), torch.nn.Linear(32 * 8 * 8, 16))
+    assert base_to_fp8(model) == (32 * 32 * 9 + 2048 * 16) * 3  # fp32 -> one byte; the latent's conv (4 in) stays
+    assert [type(m) for m in model] == [torch.nn.Conv2d, Float8Conv2d, torch.nn.Flatten, Float8Linear]
+    params = inject_lora(model, 2, targets=("1", "3"), dtype=torch.float32)
+    assert {name: type(m.base) for name, m in lora_layers(model).items()} == {"1": Float8Conv2d, "3": Float8Linear}
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.02)
+    model(torch.randn(2, 4, 8, 8)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == {"1.down", "1.up", "3.down", "3.up"}
 
 
 @pytest.mark.parametrize("name, min_psnr, min_cosine", [("shapes", 40, 0.99), ("tiny-flux", 40, 0.99),
