@@ -149,9 +149,9 @@ def add_run_flags(p, reward, steps, lr, grad_accum, eta, every, unit="step"):
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="precision of the frozen model and autocast "
                    "(default: bf16 on CUDA, fp32 on a CPU); LoRA weights stay fp32")
-    p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen denoiser's Linear weights "
-                   "stored in float8_e4m3fn with a scale per row, dequantized a layer at a time (memory.Float8Linear); "
-                   "LoRA and the computation stay in --dtype (default: the base in --dtype too)")
+    p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen denoiser's Linear and conv "
+                   "weights stored in float8_e4m3fn with a scale per output channel, dequantized a layer at a time "
+                   "(memory.Float8Linear, Float8Conv2d); LoRA and the computation stay in --dtype (default: --dtype)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 = no clipping")
     p.add_argument("--seed", type=int, default=0, help="seeds the LoRA init, prompts, noise and eval images")
     p.add_argument("--out", default=None, help="output directory (default: out/<reward>, ddpo.py out/ddpo-<reward>)")
@@ -347,7 +347,7 @@ class Run:
             self.uncond = encode_prompts(self.sd, [""])  # (1, L, D)
         self.freed = free_text_encoders(self.sd)  # needed no more: SD3's and FLUX's T5-XXL is the largest of them
         torch.cuda.empty_cache()  # on a GPU their memory back to the driver, and to this run's peak-memory budget
-        if args.base_dtype == "fp8":  # the frozen Linears in 8-bit floats, on the CPU (LoRA wraps them as any)
+        if args.base_dtype == "fp8":  # frozen Linears and convs in 8-bit floats, on the CPU (LoRA wraps them)
             info(f"--base-dtype fp8: {base_to_fp8(self.sd.unet) / 2**30:.2f} GB of the denoiser's weights saved")
         self.sd.unet.to(self.device), self.sd.vae.to(self.device)
 

@@ -98,8 +98,8 @@ p.add_argument("--cfg-in-turn", action="store_true", help="a recomputed step's b
                "after the other (sampler.halves_in_turn): less memory, one more batched call per step")
 p.add_argument("--checkpoint-blocks", action="store_true", help="checkpointing inside a model call too: in a "
                "step's recomputation each UNet / transformer block keeps its input and is recomputed in backward")
-p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen Linear weights in float8_e4m3fn "
-               "(memory.Float8Linear), as train.py --base-dtype fp8")
+p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen Linear and conv weights in "
+               "float8_e4m3fn (memory.Float8Linear, Float8Conv2d), as train.py --base-dtype fp8")
 p.add_argument("--decode-tile", type=int, default=0, help="PX: the decode with gradients in overlapping tiles of PX "
                "pixels, each recomputed on its own (model.decode; not the exact decode), as train.py --decode-tile")
 p.add_argument("--keep-activations", default="auto", help="the last n grad steps keep their activations (faster, "
