@@ -153,6 +153,11 @@ def to_fp8(w):
     return (w / scale).to(torch.float8_e4m3fn), scale
 
 
+def compute_dtype(x):
+    """The dtype a layer computes x in: autocast's where it is on, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 class Float8Linear(torch.nn.Linear):
     """A frozen nn.Linear whose weight is stored as float8_e4m3fn, one byte a weight, with a scale per output row
     (to_fp8):  y = x @ (W8 * scale)^T + b,
@@ -170,8 +175,7 @@ class Float8Linear(torch.nn.Linear):
         self.bias = linear.bias
 
     def forward(self, x):  # in autocast's dtype where it is on, as nn.Linear would run
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return _Float8Matmul.apply(x.to(dtype), self.weight, self.scale, self.bias)
+        return _Float8Matmul.apply(x.to(compute_dtype(x)), self.weight, self.scale, self.bias)
 
 
 class _Float8Matmul(torch.autograd.Function):
@@ -195,8 +199,12 @@ class Float8Conv2d(torch.nn.Conv2d):
     (to_fp8, over the channel's in x kh x kw kernel),  y = conv2d(x, W8 * scale) + b,  with the layer's stride,
     padding, dilation and groups. Still an nn.Conv2d, so lora.inject_lora wraps it (lora.LoRAConv2d)."""
 
+    @staticmethod
+    def takes(conv):  # zeros padding by a number of pixels, as every SD denoiser convolution ("same": none)
+        return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
     def __init__(self, conv):
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not Float8Conv2d.takes(conv):
             raise ValueError("Float8Conv2d pads with zeros by a number of pixels (as every SD denoiser convolution)")
         torch.nn.Module.__init__(self)
         for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
@@ -208,8 +216,7 @@ class Float8Conv2d(torch.nn.Conv2d):
         self.bias = conv.bias
 
     def forward(self, x):  # in autocast's dtype where it is on, as nn.Conv2d would run
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return _Float8Conv.apply(x.to(dtype), self.weight, self.scale, self.bias,
+        return _Float8Conv.apply(x.to(compute_dtype(x)), self.weight, self.scale, self.bias,
                                  (self.stride, self.padding, self.dilation, self.groups))
 
 
@@ -242,7 +249,7 @@ def base_to_fp8(module):
         if type(child) is torch.nn.Linear:
             fp8 = Float8Linear(child)
         elif (type(child) is torch.nn.Conv2d and min(child.in_channels, child.out_channels) > LATENT_CHANNELS
-              and child.padding_mode == "zeros" and not isinstance(child.padding, str)):
+              and Float8Conv2d.takes(child)):
             fp8 = Float8Conv2d(child)
         else:
             continue

@@ -522,6 +522,13 @@ def decode(sd, latents, tile=0):
     return (x.float() / 2 + 0.5).clamp(0, 1)  # the VAE works in [-1, 1]
 
 
+def largest_decode_tile(sd, most):
+    """The largest tile check_decode_tile allows of at most `most` pixels, 0 if none is."""
+    unit = 4 * vae_scale_factor(sd)
+    tile = most // unit * unit
+    return tile if tile >= 2 * unit else 0
+
+
 def check_decode_tile(sd, tile):
     """decode(tile=...)'s tile, in pixels: 0 (off) or a multiple of 4 latent pixels (so that a quarter overlap and
     the tile's stride are whole latent pixels), at least 8 of them. Raises ValueError saying what would be."""
@@ -537,13 +544,13 @@ def _staged_decode(vae, z):
     stages = [lambda z: dec.mid_block(dec.conv_in(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)),
               *(stage for block in dec.up_blocks for stage in _up_block_stages(block)),
               lambda x: dec.conv_out(dec.conv_act(dec.conv_norm_out(x)))]
-    x = z
+    x, weights = z, _trainable(vae)
     for stage in stages:  # a node per stage: each input, at full resolution, is freed once its backward is done
-        x = checkpoint([stage], x, _trainable(vae))
+        x = checkpoint([stage], x, weights)
     return x
 
 
-def _trainable(module):
+def _trainable(module):  # what sampler.checkpoint must pass gradients to (none in a frozen VAE)
     return [p for p in module.parameters() if p.requires_grad]
 
 
@@ -554,8 +561,9 @@ def _tiled_decode(vae, z, tile, t):
     """diffusers' AutoencoderKL.tiled_decode, each tile a node of its own: decode(tile=...). Tiles of `tile` image
     pixels, `t` latent pixels, one starting every `stride` latent pixels."""
     stride, blend = int(t * (1 - TILE_OVERLAP)), int(tile * TILE_OVERLAP)  # blend: the image pixels shared
-    rows = [[checkpoint([functools.partial(_staged_decode, vae)], z[:, :, i:i + t, j:j + t], _trainable(vae))
-             for j in range(0, z.shape[3], stride)] for i in range(0, z.shape[2], stride)]
+    decode_tile, weights = functools.partial(_staged_decode, vae), _trainable(vae)
+    rows = [[checkpoint([decode_tile], z[:, :, i:i + t, j:j + t], weights) for j in range(0, z.shape[3], stride)]
+            for i in range(0, z.shape[2], stride)]
     for i, row in enumerate(rows):  # each tile blended into the one above and the one left (both blended already)
         for j in range(len(row)):
             if i > 0:

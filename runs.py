@@ -325,8 +325,7 @@ class Run:
         warn_unknown_words(args.model, self.prompts + eval_prompts)
         self.eval_prompts = [eval_prompts[i % len(eval_prompts)] for i in range(args.eval_n)]
         self.dtype = DTYPES[args.dtype]
-        # loaded on the CPU, each part moved to the device when it is needed: the device never holds the text encoders
-        # (SD3's and FLUX's T5-XXL: 4.76B parameters) beside the denoiser, nor a denoiser that --base-dtype shrinks
+        # on the CPU first, each part moved to the device when needed: never the text encoders beside the denoiser
         self.sd, self.resolution, self.shape = load_model(args.model, "cpu", self.dtype, args.resolution)
         settle(args, self.script, self.sd)
         per_image = 4 * torch.Size(self.shape).numel() + self.dtype.itemsize * 3 * self.resolution ** 2  # noise, image
@@ -349,7 +348,8 @@ class Run:
         torch.cuda.empty_cache()  # on a GPU their memory back to the driver, and to this run's peak-memory budget
         if args.base_dtype == "fp8":  # frozen Linears and convs in 8-bit floats, on the CPU (LoRA wraps them)
             info(f"--base-dtype fp8: {base_to_fp8(self.sd.unet) / 2**30:.2f} GB of the denoiser's weights saved")
-        self.sd.unet.to(self.device), self.sd.vae.to(self.device)
+        for part in (self.sd.unet, self.sd.vae):  # the device's from here on
+            part.to(self.device)
 
         torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
         try:  # the only trainable weights, kept in fp32 whatever the frozen model's dtype

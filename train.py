@@ -27,7 +27,7 @@ import torch
 
 from memory import (activations_to_keep, is_out_of_memory, memory_budget, parse_keep, peak_memory,
                     reset_peak_memory)
-from model import check_decode_tile, decode, vae_scale_factor
+from model import check_decode_tile, decode, largest_decode_tile
 from rewards import without_gradient
 from runs import Run, add_run_flags, average_gradients, check_numbers, die, gather, info, parse_run_args, write_config
 from sampler import parse_backprop, steps_with_gradient
@@ -109,7 +109,7 @@ def sample(cond, noise, generator):  # cond (B, L, D), noise (B, C, h, w) -> ima
     with run.autocast:
         latents = run.sample(sd, cond, run.uncond.expand(len(cond), -1, -1), noise.to(device), args.sample_steps,
                              args.guidance, args.eta, backprop, generator, keep or 0, args.cfg_in_turn)
-        return decode(sd, latents, args.decode_tile)  # tiled, if --decode-tile: the tiles' blend
+        return decode(sd, latents, args.decode_tile)  # in tiles with --decode-tile: the reward sees their blend
 
 
 LEVERS = {"cfg_in_turn": "CFG's halves backpropagate in turn (--cfg-in-turn)",  # what a step over --memory-budget
@@ -120,10 +120,8 @@ LEVERS = {"cfg_in_turn": "CFG's halves backpropagate in turn (--cfg-in-turn)",  
 def next_lever():
     """(flag, value) of the first of LEVERS still off that applies here, or None: --cfg-in-turn where CFG has halves
     (FLUX's guidance is an embedding), --decode-tile a tile of half the image where such a tile is allowed."""
-    unit = 4 * vae_scale_factor(sd)  # a tile's unit: check_decode_tile
-    tile = run.resolution // 2 // unit * unit
     values = {"cfg_in_turn": args.guidance > 1 and not sd.flux, "checkpoint_blocks": True,
-              "decode_tile": tile if tile >= 2 * unit else 0}
+              "decode_tile": largest_decode_tile(sd, run.resolution // 2)}
     return next(((k, values[k]) for k in LEVERS if not getattr(args, k) and values[k]), None)
 
 
