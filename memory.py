@@ -239,13 +239,17 @@ class _Float8Conv(torch.autograd.Function):
 
 
 def base_to_fp8(module):
-    """Every nn.Linear and nn.Conv2d of a frozen `module` (a UNet or transformer, before LoRA is injected) becomes a
-    Float8Linear / Float8Conv2d: its weights take half the memory of bf16. Returns the bytes saved. Convolutions that
-    stay as they are: those into and out of the latent, LATENT_CHANNELS or fewer channels on a side (a UNet's conv_in
-    and conv_out, SD3's patch embedding), whose few KB are not worth their share of the rounding error
-    (docs/speed-and-memory.md), and any that pads with other than zeros or by a string ("same"; none in SD's models)."""
-    saved = 0
+    """Every nn.Linear and nn.Conv2d of a frozen `module` (a UNet or transformer before LoRA is injected, or a text
+    encoder) becomes a Float8Linear / Float8Conv2d: its weights take half the memory of bf16. Returns the bytes saved.
+    What stays as it is: the layers the model itself keeps in full precision (transformers' _keep_in_fp32_modules:
+    T5's `wo`, whose dtype T5 casts its input to); convolutions into and out of the latent, LATENT_CHANNELS or fewer
+    channels on a side (a UNet's conv_in and conv_out, SD3's patch embedding), whose few KB are not worth their share
+    of the rounding error (docs/speed-and-memory.md); any that pads with other than zeros or by a string ("same")."""
+    saved, keep = 0, set(getattr(module, "_keep_in_fp32_modules", None) or ())
     for name, child in list(module.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        if leaf in keep:
+            continue
         if type(child) is torch.nn.Linear:
             fp8 = Float8Linear(child)
         elif (type(child) is torch.nn.Conv2d and min(child.in_channels, child.out_channels) > LATENT_CHANNELS
@@ -253,7 +257,6 @@ def base_to_fp8(module):
             fp8 = Float8Conv2d(child)
         else:
             continue
-        parent, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, leaf, fp8)
         saved += child.weight.numel() * (child.weight.element_size() - 1)
     return saved

@@ -149,9 +149,9 @@ def add_run_flags(p, reward, steps, lr, grad_accum, eta, every, unit="step"):
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="precision of the frozen model and autocast "
                    "(default: bf16 on CUDA, fp32 on a CPU); LoRA weights stay fp32")
-    p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen denoiser's Linear and conv "
-                   "weights stored in float8_e4m3fn with a scale per output channel, dequantized a layer at a time "
-                   "(memory.Float8Linear, Float8Conv2d); LoRA and the computation stay in --dtype (default: --dtype)")
+    p.add_argument("--base-dtype", default=None, choices=["fp8"], help="fp8: the frozen denoiser's and text encoders' "
+                   "Linear and conv weights in float8_e4m3fn, dequantized a layer at a time (memory.Float8Linear, "
+                   "Float8Conv2d); LoRA and the computation stay in --dtype (default: --dtype)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip; 0 = no clipping")
     p.add_argument("--seed", type=int, default=0, help="seeds the LoRA init, prompts, noise and eval images")
     p.add_argument("--out", default=None, help="output directory (default: out/<reward>, ddpo.py out/ddpo-<reward>)")
@@ -338,6 +338,9 @@ class Run:
             die(str(e))
         self.sample = flow_sample if self.sd.flow else ddim_sample  # the same arguments; eta: a flow's SDE noise
         self.autocast = torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        if args.base_dtype == "fp8":  # frozen Linears and convs in 8-bit floats, on the CPU (LoRA wraps them)
+            saved = sum(base_to_fp8(m) for m in (self.sd.unet, *self.sd.text_encoders))
+            info(f"--base-dtype fp8: {saved / 2**30:.2f} GB of frozen weights saved (the denoiser, the text encoders)")
         with torch.no_grad(), self.autocast:  # the text encoders are frozen: every prompt encoded once
             for encoder in self.sd.text_encoders:
                 encoder.to(self.device)
@@ -346,11 +349,8 @@ class Run:
             self.uncond = encode_prompts(self.sd, [""])  # (1, L, D)
         self.freed = free_text_encoders(self.sd)  # needed no more: SD3's and FLUX's T5-XXL is the largest of them
         torch.cuda.empty_cache()  # on a GPU their memory back to the driver, and to this run's peak-memory budget
-        if args.base_dtype == "fp8":  # frozen Linears and convs in 8-bit floats, on the CPU (LoRA wraps them)
-            info(f"--base-dtype fp8: {base_to_fp8(self.sd.unet) / 2**30:.2f} GB of the denoiser's weights saved")
         for part in (self.sd.unet, self.sd.vae):  # the device's from here on
             part.to(self.device)
-
         torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew
         try:  # the only trainable weights, kept in fp32 whatever the frozen model's dtype
             self.params = inject_lora(self.sd.unet, rank=args.lora_rank, targets=parse_targets(args.lora_targets),

@@ -254,6 +254,15 @@ def test_the_real_architectures_have_their_published_sizes():
         assert sum(p.numel() for p in sd.unet.parameters()) / 1e9 == pytest.approx(billions, abs=0.01), arch
 
 
+def test_the_flow_archs_text_encoders_at_full_depth_have_their_published_sizes():
+    """What --estimate counts for encoding the prompts on SD3.5 / FLUX (their --arch has one-layer stand-ins): CLIP
+    ViT-L/14's text tower 123M parameters, OpenCLIP bigG/14's 695M, T5-XXL's encoder 4.76B (8.87 GB in bf16)."""
+    from tools.archs import build_arch, full_depth_text_encoders
+    for arch, millions in (("sd35m", [124, 695, 4762]), ("flux", [123, 4762])):
+        encoders = full_depth_text_encoders(build_arch(arch, "meta", torch.bfloat16), torch.bfloat16)
+        assert [round(sum(p.numel() for p in m.parameters()) / 1e6) for m in encoders] == millions, arch
+
+
 def test_a_tiled_decode_holds_one_tile_in_backward():
     """decode(tile=...): the decoder's backward recomputes one tile at a time, so its peak follows the tile's area,
     not the image's (the tiny model at 256 px: 16 tiles of 64 px, each a sixteenth of the image's area)."""

@@ -228,5 +228,5 @@ def test_an_fp8_base_runs_under_ddpo_too(tmp_path):
     RL on the fp8 base trains the LoRA and says what it saved."""
     proc = run_here("ddpo.py", "--reward", "jpeg", "--out", tmp_path / "r", "--steps", 1, "--samples-per-step", 4,
                     "--grad-accum", 2, "--base-dtype", "fp8", *FAST)
-    assert "--base-dtype fp8:" in proc.stdout and "GB of the denoiser's weights saved" in proc.stdout
+    assert "--base-dtype fp8:" in proc.stdout and "GB of frozen weights saved" in proc.stdout
     assert metrics(tmp_path / "r")[0]["grad_norm"] > 0

@@ -91,3 +91,21 @@ def test_an_fp8_base_draws_and_trains_as_the_full_precision_one(name, min_psnr, 
     psnr = 10 * math.log10(1 / (images[0] - images[1]).square().mean().item())
     cosine = torch.nn.functional.cosine_similarity(grads[0], grads[1], 0).item()
     assert names[0] == names[1] and psnr >= min_psnr and cosine >= min_cosine, (psnr, cosine)
+
+
+@pytest.mark.parametrize("name", ["shapes", "tiny-xl", "tiny-sd3", "tiny-flux"])
+def test_fp8_text_encoders_give_the_conditioning_to_rounding(name):
+    """--base-dtype fp8 quantizes the text encoders too (before they go to the device: T5-XXL is SD3's and FLUX's
+    largest part while the prompts are encoded); T5's `wo`, which transformers keeps in fp32 and whose dtype T5 casts
+    its input to, stays as it is. The conditioning stays within fp8's rounding of the full-precision one."""
+    sd = load_sd(name)
+    prompts = ["two red circles", "a cat on a mat"]
+    with torch.no_grad():
+        full = encode_prompts(sd, prompts)
+        assert sum(base_to_fp8(m) for m in sd.text_encoders) > 0
+        fp8 = encode_prompts(sd, prompts)
+    assert torch.nn.functional.cosine_similarity(full.flatten(), fp8.flatten(), 0) > 0.998
+    for encoder in sd.text_encoders:
+        kept = [n for n, m in encoder.named_modules() if n.rpartition(".")[2] == "wo"]
+        assert all(type(encoder.get_submodule(n)) is torch.nn.Linear for n in kept)
+        assert bool(kept) == (type(encoder).__name__ == "T5EncoderModel")

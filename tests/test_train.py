@@ -620,7 +620,7 @@ def test_an_fp8_base_trains_and_saves_the_same_lora_file(tmp_path):
     from safetensors.torch import load_file
     for name, extra in (("full", []), ("fp8", ["--base-dtype", "fp8"])):
         proc = run_here("train.py", "--out", tmp_path / name, "--steps", 2, "--eval-every", 0, *QUICK, *extra)
-    assert "--base-dtype fp8:" in proc.stdout and "GB of the denoiser's weights saved" in proc.stdout
+    assert "--base-dtype fp8:" in proc.stdout and "GB of frozen weights saved" in proc.stdout
     assert all(x["grad_norm"] > 0 for x in metrics(tmp_path / "fp8"))
     a, b = load_file(tmp_path / "full" / "lora.safetensors"), load_file(tmp_path / "fp8" / "lora.safetensors")
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)

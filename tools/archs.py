@@ -6,12 +6,16 @@ encoders of the real widths (build_flow_arch says why). Speed and memory are the
     sd = build_arch("flux", "meta", torch.bfloat16)          # shapes only: for bench.py --estimate's fake tensors
 """
 import contextlib
+import copy
 
 import torch
 
 from model import load_sd
 
 FLUX_BLOCKS = (19, 38)  # FLUX.1-dev's double-stream and single-stream transformer blocks
+FLOW_ARCHS = ("sd35m", "sd35l", "flux")  # built with one-layer stand-ins of their text encoders
+TEXT_DEPTH = {768: (12, 49408), 1280: (32, 49408), 4096: (24, 32128)}  # width -> (layers, vocabulary): CLIP ViT-L/14,
+# OpenCLIP bigG/14, T5-XXL's encoder
 
 
 @contextlib.contextmanager
@@ -31,7 +35,7 @@ def build_arch(arch, build_device, dtype, flux_blocks=FLUX_BLOCKS):
     real CLIP vocabulary cannot be built offline; token ids only index the embedding, so speed and memory are the
     same). sd35m, sd35l, flux: build_flow_arch. build_device "meta": shapes without memory, for an estimate's fake tensors;
     flux_blocks: FLUX's (double-stream, single-stream) block counts, fewer for a CPU."""
-    if arch in ("sd35m", "sd35l", "flux"):
+    if arch in FLOW_ARCHS:
         return build_flow_arch(arch, build_device, dtype, flux_blocks)
     from diffusers import DDIMScheduler
     sd = load_sd("tiny-xl" if arch == "sdxl" else "tiny")
@@ -137,3 +141,16 @@ def build_flow_arch(arch, build_device, dtype, flux_blocks=FLUX_BLOCKS):
         if m is not None:
             m.requires_grad_(False).eval().to(build_device, dtype)
     return sd
+
+
+def full_depth_text_encoders(sd, dtype):
+    """A flow arch's text encoders (build_flow_arch's one-layer stand-ins, on the tiny models' vocabularies) at their
+    real depth and vocabulary, on the meta device: shapes without memory, for counting what encoding the prompts holds
+    (T5-XXL's encoder: 4.76B parameters). T5's num_layers answers to num_hidden_layers too."""
+    full = []
+    for encoder in sd.text_encoders:
+        config = copy.deepcopy(encoder.config)
+        config.num_hidden_layers, config.vocab_size = TEXT_DEPTH[getattr(config, "d_model", None) or config.hidden_size]
+        with built_as("meta", dtype):
+            full.append(type(encoder)(config))
+    return full

@@ -55,7 +55,7 @@ from model import (ModelLoadError, check_decode_tile, decode, encode_prompts, la
 from rewards import RewardLoadError, load_reward, parse_reward_spec, without_gradient  # noqa: E402
 from runs import check_numbers, check_writable, die  # noqa: E402
 from sampler import ddim_sample, parse_backprop  # noqa: E402
-from tools.archs import FLUX_BLOCKS, build_arch  # noqa: E402
+from tools.archs import FLOW_ARCHS, FLUX_BLOCKS, build_arch, full_depth_text_encoders  # noqa: E402
 from tools.step_memory import CudaAutocast, FakeStep, TensorMemory, phase  # noqa: E402
 
 
@@ -208,8 +208,9 @@ parts = dict(unet=sd.unet, vae=sd.vae, text_encoders=[sd.text_encoder, sd.text_e
 fake = FakeStep() if args.estimate else contextlib.nullcontext()  # an estimate: every tensor fake from here on
 # an estimate for a GPU: wherever the CPU's autocast is on (the recomputations in backward too), CUDA's policy
 cuda_policy = CudaAutocast() if args.estimate and target == "cuda" else contextlib.nullcontext()
-if args.base_dtype == "fp8":  # before the weights are made fake: quantizing reads them
-    base_to_fp8(sd.unet)
+if args.base_dtype == "fp8":  # before the weights are made fake: quantizing reads them. As train.py: the text encoders
+    for m in (sd.unet, *sd.text_encoders):  # too
+        base_to_fp8(m)
 if args.estimate:
     for m in (sd.unet, sd.vae, *parts["text_encoders"]):
         if m is not None:
@@ -420,7 +421,10 @@ if args.estimate:
     lora_mb = mb(params)
     unet_mb = mb([*sd.unet.parameters(), *sd.unet.buffers()]) - lora_mb
     vae_mb = mb([*sd.vae.parameters(), *sd.vae.buffers()])
-    text_mb = mb(t for m in parts["text_encoders"] if m is not None for t in [*m.parameters(), *m.buffers()])
+    encoders = full_depth_text_encoders(sd, dtype) if args.arch in FLOW_ARCHS else sd.text_encoders
+    for m in encoders if args.base_dtype == "fp8" and args.arch in FLOW_ARCHS else ():
+        base_to_fp8(m)
+    text_mb = mb(t for m in encoders for t in [*m.parameters(), *m.buffers()])  # alone on the device, encoding
     fake.real_scalars = True
     with fake:
         for w in params:  # AdamW's state as a first step leaves it: two fp32 moments per LoRA weight
@@ -434,10 +438,10 @@ if args.estimate:
           f"{'guidance (embedded)' if sd.flux else 'CFG'} {args.guidance}, {args.dtype}; an estimate for {target}"
           f"{policy_note}, on fake tensors; "
           f"--keep-activations {kept}")
-    print(f"weights: UNet {unet_mb:.0f} MB, VAE {vae_mb:.0f} MB; the text encoders' {text_mb:.0f} MB are not counted "
-          f"below (they encode the prompts once; train.py frees them). LoRA rank 4 {lora_mb:.1f} MB, AdamW state "
-          f"{state_mb:.1f} MB")
-    print(f"{'mode':>11} {'backprop':>18} {'kept':>5} {'step MB':>9} {'peak in':>17} {'total GB':>9}")
+    print(f"weights: UNet {unet_mb:.0f} MB, VAE {vae_mb:.0f} MB, LoRA rank 4 {lora_mb:.1f} MB, AdamW state "
+          f"{state_mb:.1f} MB; the text encoders' {text_mb:.0f} MB are on the device alone, before the rest, while "
+          f"they encode the prompts (train.py then frees them)")
+    print(f"{'mode':>11} {'backprop':>18} {'kept':>5} {'step MB':>9} {'peak in':>17} {'total GB':>9} {'whole GB':>9}")
 
     def counted(mode, steps, keep):
         """Each phase's peak bytes in one step of `mode` with `steps` sampling steps, on fake tensors."""
@@ -480,13 +484,15 @@ if args.estimate:
         peak_in = max(peaks, key=peaks.get)
         peak = peaks[peak_in]
         total = (unet_mb + vae_mb + lora_mb + state_mb + peak / 2**20) / 2**10
+        whole = max(total, text_mb / 2**10)  # the step's total or the prompt encoding's weights, the larger
         results["rows"].append(dict(mode=mode, backprop=what, kept=keep, step_mb=peak / 2**20, peak_in=peak_in,
-                                    total_gb=total, phases_mb=mb_by_phase(peaks)))
-        print(f"{mode:>11} {what:>18} {keep:>5} {peak / 2**20:>9.1f} {peak_in:>17} {total:>9.2f}")
+                                    total_gb=total, whole_run_gb=whole, phases_mb=mb_by_phase(peaks)))
+        print(f"{mode:>11} {what:>18} {keep:>5} {peak / 2**20:>9.1f} {peak_in:>17} {total:>9.2f} {whole:>9.2f}")
     results.update(weights_mb=dict(unet=unet_mb, vae=vae_mb, text_encoders=text_mb, lora=lora_mb, adamw=state_mb))
-    print("total: UNet + VAE + LoRA + AdamW + the step's peak, in GB (2^30 bytes). Not counted: the CUDA context, "
-          "cuDNN / cuBLAS workspaces, the allocator's rounding and cache (reserved above allocated), the text encoders "
-          "if they stay")
+    print("total: UNet + VAE + LoRA + AdamW + the step's peak, in GB (2^30 bytes); whole: the run's, the larger of "
+          "total and the text encoders' weights" + (" (at their real depth: --arch builds one-layer stand-ins)" if
+          args.arch in FLOW_ARCHS else "") + ". Not counted: the CUDA context, cuDNN / cuBLAS workspaces, the "
+          "allocator's rounding and cache (reserved above allocated), the encoding's activations")
 
 elif budget_sweep:
     print(header)
