@@ -529,13 +529,17 @@ def largest_decode_tile(sd, most):
     return tile if tile >= 2 * unit else 0
 
 
-def check_decode_tile(sd, tile):
+def check_decode_tile(sd, tile, resolution):
     """decode(tile=...)'s tile, in pixels: 0 (off) or a multiple of 4 latent pixels (so that a quarter overlap and
-    the tile's stride are whole latent pixels), at least 8 of them. Raises ValueError saying what would be."""
+    the tile's stride are whole latent pixels), at least 8 of them, smaller than the image (else it would decode
+    whole). Raises ValueError saying what would be."""
     unit = 4 * vae_scale_factor(sd)
     if tile and (tile < 2 * unit or tile % unit):
         raise ValueError(f"must be 0 (off) or a multiple of {unit} pixels, at least {2 * unit} (a latent pixel is "
                          f"{vae_scale_factor(sd)} here, and a tile overlaps its neighbours by a quarter), got {tile}")
+    if tile >= resolution:
+        raise ValueError(f"{tile}: a tile of the whole {resolution}-px image or more decodes it whole; give a smaller "
+                         "one, or 0")
 
 
 def _staged_decode(vae, z):

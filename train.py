@@ -53,12 +53,15 @@ p.add_argument("--checkpoint-blocks", action="store_true", help="checkpointing i
                "reaches it (the same gradients; one more forward of each block per step; turned on by itself after "
                "--cfg-in-turn when a step is over --memory-budget)")
 p.add_argument("--decode-tile", type=int, default=0, help="PX: the VAE decodes the images to be scored in "
-               "overlapping tiles of PX pixels (diffusers' tiled decode), each recomputed on its own in backward: "
-               "the decoder's backward holds one tile. Not the exact decode: each tile's GroupNorms see only the "
-               "tile (docs/speed-and-memory.md). Eval grids decode whole. 0 = off (default)")
+               "overlapping tiles of PX pixels (diffusers' tiled decode; a multiple of 4 latent pixels, 32 px on SD, "
+               "at least 8 of them, below the image's size), each recomputed on its own in backward: the decoder's "
+               "backward holds one tile. Not the exact decode: each tile's GroupNorms see only the tile "
+               "(docs/speed-and-memory.md). Eval grids decode whole. 0 = off (default; turned on, at half the image, "
+               "after --checkpoint-blocks when a step is over --memory-budget)")
 p.add_argument("--memory-budget", type=float, default=0, help="GB (2^30 bytes) a step may use at its peak (CUDA: "
-               "allocated; CPU: the process's RSS), spent by --keep-activations auto; 0 = 90%% of the GPU memory "
-               "free to this run, half the RAM on a CPU")
+               "allocated; CPU: the process's RSS), spent by --keep-activations auto, which first turns on "
+               "--cfg-in-turn, --checkpoint-blocks, then --decode-tile while a step is over it; 0 = 90%% of the GPU "
+               "memory free to this run, half the RAM on a CPU")
 p.add_argument("--max-skips", type=int, default=5, help="stop after this many steps in a row with a non-finite "
                "loss or gradient (each one is skipped: no update)")
 args = parse_run_args(p, "train.py")  # --resume, every default the command leaves open (runs.settle), checks
@@ -73,7 +76,7 @@ try:
     keep = parse_keep(args.keep_activations)  # None: auto, chosen after the first step
 except ValueError as e:
     die(f"--keep-activations {e}")
-check_numbers(args, at_least_1=("max_skips",), at_least_0=("memory_budget",))
+check_numbers(args, at_least_1=("max_skips",), at_least_0=("memory_budget", "decode_tile"))
 
 # -----------------------------------------------------------------------------
 # setup: the model, reward, LoRA and optimiser, the prompts encoded once (runs.Run)
@@ -84,7 +87,7 @@ if args.cfg_in_turn and (sd.flux or args.guidance <= 1):
     die("--cfg-in-turn takes CFG's two halves in turn: " + ("FLUX has none (its guidance is an embedding)" if sd.flux
                                                             else f"--guidance {args.guidance:g} runs no CFG"))
 try:
-    check_decode_tile(sd, args.decode_tile)
+    check_decode_tile(sd, args.decode_tile, run.resolution)
 except ValueError as e:
     die(f"--decode-tile {e}")
 if args.checkpoint_blocks:  # diffusers' per-block checkpointing, which acts where the model runs with grad: inside
@@ -96,6 +99,7 @@ n_params = sum(p.numel() for p in run.params)
 info(f"{args.model}: {run.resolution}px, {len(run.params) // 2} LoRA layers ({n_params / 1e6:.2f}M params), "
      f"{run.device_type} {args.dtype}, global batch {global_batch} images/step = {args.batch_size} x "
      f"{args.grad_accum} grad-accum x {run.world} processes, text encoders freed ({run.freed / 2**30:.2f} GB)"
+     + (f", decoded in {args.decode_tile}-px tiles" if args.decode_tile else "")
      + (f", eval reward {run.eval_before:.4f}" if run.master else ""))
 
 

@@ -57,6 +57,8 @@ def bench(tmp_path, monkeypatch, *args):
     (["--reward", "jpeg"], "--reward jpeg has no gradient"),  # was: a traceback from backward
     (["--estimate", "--reward", "compress"], "--estimate takes the smooth reward and the mode table"),
     (["--model", "{tmp}/no/such/dir"], "no such model directory"),
+    (["--decode-tile", "48"], "--decode-tile must be 0 (off) or a multiple of 32 pixels, at least 64"),
+    (["--decode-tile", "64"], "--decode-tile 64: a tile of the whole 64-px image or more decodes it whole"),
 ])
 def test_bad_flags_are_one_line_and_exit_2_before_any_work(tmp_path, monkeypatch, args, message):
     # each refused before anything is timed (nothing on stdout: no header, no row), most before the model loads

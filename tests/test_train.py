@@ -202,7 +202,8 @@ def prompt_files(tmp_path):
     (["--batch-size", "1000000000"], "--batch-size 1000000000 at 64 px does not fit in memory"),  # after loading
     (["--decode-tile", "48"], "--decode-tile must be 0 (off) or a multiple of 32 pixels, at least 64 (a latent "
      "pixel is 8 here"),  # after loading: the VAE says
-    (["--decode-tile", "-64"], "--decode-tile must be 0 (off) or a multiple of 32 pixels, at least 64"),
+    (["--decode-tile", "-64"], "--decode-tile must be an integer >= 0, got -64"),  # before loading
+    (["--decode-tile", "64"], "--decode-tile 64: a tile of the whole 64-px image or more decodes it whole"),
 ])
 def test_bad_input_is_one_line_and_exit_2(prompt_files, args, message):
     args = [a.replace("{tmp}", str(prompt_files)) for a in args]

@@ -199,7 +199,7 @@ try:
 except ValueError as e:
     die(f"--{e}")
 try:
-    check_decode_tile(sd, args.decode_tile)
+    check_decode_tile(sd, args.decode_tile, resolution)
 except ValueError as e:
     die(f"--decode-tile {e}")
 if args.cfg_in_turn and sd.flux:
