@@ -1,5 +1,6 @@
-"""Memory: what a training step uses at its peak, and how many denoising steps may keep their activations (skip the
-recomputation in backward) within a budget. train.py's --keep-activations auto and --memory-budget.
+"""Memory: what a training step uses at its peak, how many denoising steps may keep their activations (skip the
+recomputation in backward) within a budget, the levers a step over it turns on (LEVERS, next_lever), and the frozen
+base in 8-bit floats (base_to_fp8). train.py's --keep-activations auto, --memory-budget and --base-dtype.
 
     reset_peak_memory("cuda")                   # each step: the peak counted afresh
     ...                                         # one training step that recomputes every denoising step
@@ -17,6 +18,7 @@ import resource
 import torch
 
 from flow import flow_context, flow_output, flow_schedule, flow_transition
+from model import largest_decode_tile
 from sampler import ddim_schedule, ddim_transition, guidance_context, guided_output, steps_with_gradient
 
 BUDGET_SHARE = {"cuda": 0.9, "cpu": 0.5}  # default budget: of what the GPU has free for us (the rest: CUDA's context
@@ -85,6 +87,19 @@ def check_fits(need, device_type):
     if need > have:
         raise ValueError(f"does not fit in memory: its latents and images alone take {need / 2**30:,.1f} GB, and this "
                          f"{'GPU' if device_type == 'cuda' else 'machine'} has {have / 2**30:,.1f} GB")
+
+
+LEVERS = {"cfg_in_turn": "CFG's halves backpropagate in turn (--cfg-in-turn)",  # what a step over --memory-budget
+          "checkpoint_blocks": "the model's blocks are checkpointed (--checkpoint-blocks)",  # turns on, the exact
+          "decode_tile": "the decoder runs in tiles (--decode-tile; not the exact decode)"}  # ones first
+
+
+def next_lever(args, sd, resolution):
+    """(flag, value) of the first of LEVERS still off in `args` that applies to this model, or None: --cfg-in-turn
+    where CFG has halves (FLUX's guidance is an embedding), --decode-tile a tile of half the image where one fits."""
+    values = {"cfg_in_turn": args.guidance > 1 and not sd.flux, "checkpoint_blocks": True,
+              "decode_tile": largest_decode_tile(sd, resolution // 2)}
+    return next(((k, values[k]) for k in LEVERS if not getattr(args, k) and values[k]), None)
 
 
 def steps_that_fit(budget, peak, per_step, most):

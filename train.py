@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from memory import (activations_to_keep, is_out_of_memory, memory_budget, parse_keep, peak_memory,
+from memory import (LEVERS, activations_to_keep, is_out_of_memory, memory_budget, next_lever, parse_keep, peak_memory,
                     reset_peak_memory)
-from model import check_decode_tile, decode, largest_decode_tile
+from model import check_decode_tile, decode
 from rewards import without_gradient
 from runs import Run, add_run_flags, average_gradients, check_numbers, die, gather, info, parse_run_args, write_config
 from sampler import parse_backprop, steps_with_gradient
@@ -116,26 +116,13 @@ def sample(cond, noise, generator):  # cond (B, L, D), noise (B, C, h, w) -> ima
         return decode(sd, latents, args.decode_tile)  # in tiles with --decode-tile: the reward sees their blend
 
 
-LEVERS = {"cfg_in_turn": "CFG's halves backpropagate in turn (--cfg-in-turn)",  # what a step over --memory-budget
-          "checkpoint_blocks": "the model's blocks are checkpointed (--checkpoint-blocks)",  # turns on, cheapest
-          "decode_tile": "the decoder runs in tiles (--decode-tile; not the exact decode)"}  # first
-
-
-def next_lever():
-    """(flag, value) of the first of LEVERS still off that applies here, or None: --cfg-in-turn where CFG has halves
-    (FLUX's guidance is an embedding), --decode-tile a tile of half the image where such a tile is allowed."""
-    values = {"cfg_in_turn": args.guidance > 1 and not sd.flux, "checkpoint_blocks": True,
-              "decode_tile": largest_decode_tile(sd, run.resolution // 2)}
-    return next(((k, values[k]) for k in LEVERS if not getattr(args, k) and values[k]), None)
-
-
 def choose_kept_steps(peak, cond, noise):
     """--keep-activations auto, after a step that recomputed every step and peaked at `peak` bytes: the steps whose
     activations the budget's rest can keep, measured on this micro-batch. Over the budget already: the next lever of
     LEVERS, measured again on the next step (None); over it with all: one line, and the disk as it was."""
     budget = memory_budget(args.memory_budget, run.device_type)
     if args.memory_budget and peak > budget:
-        lever = next_lever()
+        lever = next_lever(args, sd, run.resolution)
         if lever:  # the next lever, then measure again
             setattr(args, *lever)
             run.config[lever[0]] = lever[1]
