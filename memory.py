@@ -91,15 +91,24 @@ def check_fits(need, device_type):
 
 LEVERS = {"cfg_in_turn": "CFG's halves backpropagate in turn (--cfg-in-turn)",  # what a step over --memory-budget
           "checkpoint_blocks": "the model's blocks are checkpointed (--checkpoint-blocks)",  # turns on, the exact
-          "decode_tile": "the decoder runs in tiles (--decode-tile; not the exact decode)"}  # ones first
+          "base_dtype": "the frozen base is in 8-bit floats (--base-dtype fp8)",  # ones first, then the least
+          "decode_tile": "the decoder runs in tiles (--decode-tile; not the exact decode)"}  # change to the numbers
 
 
 def next_lever(args, sd, resolution):
     """(flag, value) of the first of LEVERS still off in `args` that applies to this model, or None: --cfg-in-turn
     where CFG has halves (FLUX's guidance is an embedding), --decode-tile a tile of half the image where one fits."""
-    values = {"cfg_in_turn": args.guidance > 1 and not sd.flux, "checkpoint_blocks": True,
+    values = {"cfg_in_turn": args.guidance > 1 and not sd.flux, "checkpoint_blocks": True, "base_dtype": "fp8",
               "decode_tile": largest_decode_tile(sd, resolution // 2)}
     return next(((k, values[k]) for k in LEVERS if not getattr(args, k) and values[k]), None)
+
+
+def over_budget(module, gb):
+    """Whether a module's weights alone take more than `gb` GB (0: no budget): a denoiser so large in --dtype could
+    not even be loaded within --memory-budget, so train.py quantizes it (--base-dtype fp8) before it goes to the
+    device."""
+    weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return bool(gb) and weights > gb * 2**30
 
 
 def steps_that_fit(budget, peak, per_step, most):

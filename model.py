@@ -456,14 +456,15 @@ class FreedTextEncoder:
 def free_text_encoders(sd):
     """Drop the text encoders once every prompt is encoded: nothing after encode_prompts needs them, and they are large
     (SD3's and FLUX's T5-XXL encoder: 4.76 B parameters). Each becomes a FreedTextEncoder, so that its
-    memory is returned (on a GPU to PyTorch's cache, for the training's activations); encode_prompts then is a
-    ValueError. Returns the bytes of parameters and buffers freed."""
+    memory is returned (on a GPU to the driver, for the training's activations and its peak-memory budget);
+    encode_prompts then is a ValueError. Returns the bytes of parameters and buffers freed."""
     freed = 0
     for field in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         encoder = getattr(sd, field)
         if isinstance(encoder, torch.nn.Module):
             freed += sum(t.numel() * t.element_size() for t in [*encoder.parameters(), *encoder.buffers()])
             setattr(sd, field, FreedTextEncoder(encoder.config))
+    torch.cuda.empty_cache()  # nothing to do without CUDA
     return freed
 
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from flow import flow_sample
 from grid import image_grid, reward_plot
 from lora import TARGET_SETS, inject_lora, parse_targets, save_lora
-from memory import base_to_fp8, check_fits
+from memory import base_to_fp8, check_fits, over_budget
 from model import (DEFAULT_MODEL, SHAPES_DIR, SHAPES_FLOW_DIR, ModelLoadError, decode, encode_prompts,
                    free_text_encoders, latent_shape, load_sd, native_resolution)
 from rewards import REWARDS, RewardLoadError, check_prompts, load_reward, parse_reward_spec
@@ -330,14 +330,15 @@ class Run:
         settle(args, self.script, self.sd)
         per_image = 4 * torch.Size(self.shape).numel() + self.dtype.itemsize * 3 * self.resolution ** 2  # noise, image
         check_batch_fits(f"--batch-size {args.batch_size} at {self.resolution} px", args.batch_size * per_image,
-                         self.device_type, "lower --batch-size (--grad-accum N keeps the images per step) or "
-                         "--resolution")
+                         self.device_type, "lower --batch-size (--grad-accum N keeps a step's images) or --resolution")
         try:
             self.reward_fn = load_reward(args.reward, self.device, self.dtype)
         except RewardLoadError as e:
             die(str(e))
         self.sample = flow_sample if self.sd.flow else ddim_sample  # the same arguments; eta: a flow's SDE noise
         self.autocast = torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        if not args.base_dtype and over_budget(self.sd.unet, getattr(args, "memory_budget", 0)):  # train.py's
+            args.base_dtype = "fp8"  # a denoiser over --memory-budget in --dtype would not even load: fp8 it is
         if args.base_dtype == "fp8":  # frozen Linears and convs in 8-bit floats, on the CPU (LoRA wraps them)
             saved = sum(base_to_fp8(m) for m in (self.sd.unet, *self.sd.text_encoders))
             info(f"--base-dtype fp8: {saved / 2**30:.2f} GB of frozen weights saved (the denoiser, the text encoders)")
@@ -348,7 +349,6 @@ class Run:
             self.eval_cond = encode_prompts(self.sd, self.eval_prompts)
             self.uncond = encode_prompts(self.sd, [""])  # (1, L, D)
         self.freed = free_text_encoders(self.sd)  # needed no more: SD3's and FLUX's T5-XXL is the largest of them
-        torch.cuda.empty_cache()  # on a GPU their memory back to the driver, and to this run's peak-memory budget
         for part in (self.sd.unet, self.sd.vae):  # the device's from here on
             part.to(self.device)
         torch.manual_seed(args.seed)  # the LoRA init depends on the seed alone, not on what loading drew

@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from memory import (LEVERS, activations_to_keep, is_out_of_memory, memory_budget, next_lever, parse_keep, peak_memory,
-                    reset_peak_memory)
+from memory import (LEVERS, activations_to_keep, base_to_fp8, is_out_of_memory, memory_budget, next_lever, parse_keep,
+                    peak_memory, reset_peak_memory)
 from model import check_decode_tile, decode
 from rewards import without_gradient
 from runs import Run, add_run_flags, average_gradients, check_numbers, die, gather, info, parse_run_args, write_config
@@ -57,11 +57,12 @@ p.add_argument("--decode-tile", type=int, default=0, help="PX: the VAE decodes t
                "at least 8 of them, below the image's size), each recomputed on its own in backward: the decoder's "
                "backward holds one tile. Not the exact decode: each tile's GroupNorms see only the tile "
                "(docs/speed-and-memory.md). Eval grids decode whole. 0 = off (default; turned on, at half the image, "
-               "after --checkpoint-blocks when a step is over --memory-budget)")
+               "last of the levers, when a step is over --memory-budget)")
 p.add_argument("--memory-budget", type=float, default=0, help="GB (2^30 bytes) a step may use at its peak (CUDA: "
                "allocated; CPU: the process's RSS), spent by --keep-activations auto, which first turns on "
-               "--cfg-in-turn, --checkpoint-blocks, then --decode-tile while a step is over it; 0 = 90%% of the GPU "
-               "memory free to this run, half the RAM on a CPU")
+               "--cfg-in-turn, --checkpoint-blocks, --base-dtype fp8 (at loading if the denoiser alone is over it), "
+               "then --decode-tile while a step is over it; 0 = 90%% of the GPU memory free to this run, half the RAM "
+               "on a CPU")
 p.add_argument("--max-skips", type=int, default=5, help="stop after this many steps in a row with a non-finite "
                "loss or gradient (each one is skipped: no update)")
 args = parse_run_args(p, "train.py")  # --resume, every default the command leaves open (runs.settle), checks
@@ -129,6 +130,8 @@ def choose_kept_steps(peak, cond, noise):
             write_config(args.out, run.config)  # a resumed run keeps it
             if lever[0] == "checkpoint_blocks":
                 sd.unet.enable_gradient_checkpointing()
+            if lever[0] == "base_dtype":  # LoRA's own weights are Parameters, not layers: only the frozen ones change
+                info(f"--base-dtype fp8: {base_to_fp8(sd.unet) / 2**30:.2f} GB of frozen weights saved")
             info(f"--memory-budget {args.memory_budget:g} GB: a step recomputing every step peaked at "
                  f"{peak / 2**30:.2f} GB; from the next step on {LEVERS[lever[0]]}"
                  + (f" of {lever[1]} px" if lever[0] == "decode_tile" else "") + ", then kept steps are chosen")

@@ -435,15 +435,18 @@ def test_a_memory_budget_is_kept_and_changes_no_number(tmp_path):
 
 
 def test_a_budget_below_what_a_step_needs_is_one_line(tmp_path):
-    """Over the budget on the first step, the run turns --cfg-in-turn on and measures again, then --checkpoint-blocks;
-    over it still, it stops in one line (the tiny model's peak is its VAE decoder's backward, which neither touches)."""
+    """Over the budget on the first step, the run turns --cfg-in-turn on and measures again, then --checkpoint-blocks,
+    then the fp8 base (no tile is smaller than the tiny model's 64 px); over it still, it stops in one line (the tiny
+    model's peak is its VAE decoder's backward, which none of them touches)."""
     proc = run_here("train.py", "--out", tmp_path, "--model", "tiny", "--batch-size", 2, "--ddim-steps", 2, "--eval-n",
-                    1, "--steps", 3, "--memory-budget", 0.05, check=False)
+                    1, "--steps", 4, "--memory-budget", 0.05, check=False)
     assert "from the next step on CFG's halves backpropagate in turn" in proc.stdout
     assert "from the next step on the model's blocks are checkpointed" in proc.stdout
+    assert "from the next step on the frozen base is in 8-bit floats" in proc.stdout
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "error: --memory-budget 0.05 GB is below what a step needs with every step recomputed, CFG's halves "
-        "backpropagate in turn, the model's blocks are checkpointed ("), proc.stderr
+        "backpropagate in turn, the model's blocks are checkpointed, the frozen base is in 8-bit floats ("), \
+        proc.stderr
     assert not list(tmp_path.iterdir())  # a start that failed in its first steps leaves the directory as it was
 
 
@@ -462,19 +465,30 @@ def test_a_step_over_the_budget_turns_cfg_halves_in_turn_on_then_keeps_steps(tmp
     assert [x["kept_steps"] for x in metrics(tmp_path)] == [0, 0, 3]
 
 
-def test_a_step_over_the_budget_with_every_exact_lever_decodes_in_tiles(tmp_path, monkeypatch):
-    """Over the budget with CFG's halves in turn and the blocks checkpointed (peaks replaced, as above), the run
-    decodes in tiles of half the image from the next step on, and says so in its log and config.json."""
+def test_a_step_over_the_budget_with_every_other_lever_decodes_in_tiles(tmp_path, monkeypatch):
+    """Over the budget with CFG's halves in turn, the blocks checkpointed and the base in fp8 (peaks replaced, as
+    above), the run decodes in tiles of half the image from the next step on, and says so in its log and config."""
     import memory
-    peaks = iter([3 * 2**30] * 3 + [2**30] * 2)
+    peaks = iter([3 * 2**30] * 4 + [2**30] * 2)
     monkeypatch.setattr(memory, "peak_memory", lambda device_type: next(peaks))
     proc = run_here("train.py", "--out", tmp_path, "--model", "tiny", "--resolution", 128, "--batch-size", 1,
-                    "--ddim-steps", 2, "--eval-n", 1, "--steps", 5, "--memory-budget", 2)
+                    "--ddim-steps", 2, "--eval-n", 1, "--steps", 6, "--memory-budget", 2)
+    assert "--base-dtype fp8: " in proc.stdout
     assert "from the next step on the decoder runs in tiles (--decode-tile; not the exact decode) of 64 px" \
         in proc.stdout
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["cfg_in_turn"] is True and cfg["checkpoint_blocks"] is True and cfg["decode_tile"] == 64
-    assert [x["kept_steps"] for x in metrics(tmp_path)] == [0, 0, 0, 0, 2]
+    assert cfg["cfg_in_turn"] is True and cfg["checkpoint_blocks"] is True and cfg["base_dtype"] == "fp8"
+    assert cfg["decode_tile"] == 64
+    assert [x["kept_steps"] for x in metrics(tmp_path)] == [0, 0, 0, 0, 0, 2]
+
+
+def test_a_denoiser_over_the_budget_loads_in_fp8(tmp_path):
+    """A denoiser whose weights alone exceed --memory-budget in --dtype could not even be loaded there: the run
+    quantizes it on the CPU first (--base-dtype fp8, as FLUX.1-dev's 22.7 GB in bf16 on a 16 GB card), and says so."""
+    proc = run_here("train.py", "--out", tmp_path, "--model", "tiny", "--batch-size", 1, "--ddim-steps", 2,
+                    "--eval-n", 1, "--steps", 1, "--memory-budget", 1e-5)  # tiny's UNet: about 1 MB
+    assert 0 <= proc.stdout.find("--base-dtype fp8: ") < proc.stdout.find("LoRA layers")  # at loading, before the run
+    assert json.loads((tmp_path / "config.json").read_text())["base_dtype"] == "fp8"
 
 
 def test_loading_a_model_says_nothing_about_accelerate(monkeypatch):
