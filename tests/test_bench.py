@@ -144,7 +144,8 @@ def test_bench_measures_memory_without_timing(tmp_path, monkeypatch):
     assert all(math.isnan(row["seconds"]) and row["step_mb"] > 0 for row in res["rows"]), res["rows"]
 
 
-@pytest.mark.parametrize("levers", [[], ["--checkpoint-blocks"], ["--resolution", "128", "--decode-tile", "64"]])
+@pytest.mark.parametrize("levers", [[], ["--checkpoint-blocks"], ["--resolution", "128", "--decode-tile", "64"],
+                                    ["--base-dtype", "fp8"]])
 def test_estimate_equals_the_real_step_to_the_byte(tmp_path, monkeypatch, levers):
     # the same step on fake tensors (--estimate, for this CPU) and for real (--repeats 0: counted, not timed), fp32:
     # the same tensors, so the same bytes at every moment: the same peak in every phase (but the optimiser's, where
